@@ -1,0 +1,35 @@
+"""sparo-fast: a fast, faithful SPARO read-out (ECCV 2024) for CLIP, with Triton kernels."""
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="sparo-fast",
+    version="0.1.0",
+    description="Fused Triton kernels and a bf16 FSDP trainer for SPARO CLIP read-outs",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The repository keeps `kernels/` and `training/` at the top level; they are installed
+    # under specific names so that no generic `kernels` or `training` lands in site-packages.
+    packages=["sparo_fast", "sparo_fast.clip", "sparo_fast_kernels", "sparo_fast_training"],
+    package_dir={
+        "sparo_fast": "sparo_fast",
+        "sparo_fast.clip": "sparo_fast/clip",
+        "sparo_fast_kernels": "kernels",
+        "sparo_fast_training": "training",
+    },
+    install_requires=["torch>=2.5", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.1"],
+        "clip": ["open_clip_torch>=2.24", "torchvision", "pillow"],
+        "train": ["open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86"],
+        "bench": ["pytest>=7", "pytest-benchmark>=4"],
+        "dev": [
+            "open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86",
+            "pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6",
+        ],
+    },
+)

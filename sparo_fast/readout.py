@@ -1,0 +1,149 @@
+"""``SparoReadout``: drop-in for the published SPARO module, with selectable backends."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import backends
+from .validation import check_config, check_input
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` would compute in: autocast's for float32 input, else x's own."""
+    dev = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class SparoReadout(nn.Module):
+    """SPARO read-out: L single-query attention slots over the tokens of an encoder.
+
+    Same constructor, parameter names, shapes, init order (so the same seed gives the same
+    weights) and state-dict keys as the published ``SPARO`` module. ``forward(x, eos_indices)``
+    returns ``(out [B, L, V], attn [B, L, N])``; ``attn`` is ``None`` when ``need_weights`` is
+    off.
+
+    Backends: ``"reference"`` (published math, keys and values materialised), ``"torch"``
+    (absorbed formulation, PyTorch ops), ``"triton"`` (fused kernels) and ``"auto"`` (triton
+    on CUDA tensors, torch otherwise).
+
+    Dtypes follow ``nn.Linear``: x must have the parameters' dtype, except under
+    ``torch.autocast`` where float32 inputs and parameters are cast to the autocast dtype;
+    outputs (``attn`` too) have the compute dtype.
+
+    ``check_inputs`` (default on) validates ``eos_indices`` values, which costs one host sync
+    per call with ``eos_indices``; ``check_finite`` (default off, it reads all of x) rejects
+    NaN/inf in x. Both are plain attributes and skipped under ``torch.compile``.
+    """
+
+    def __init__(self, dim: int, L: int, V: int, attn_dim: int, value_dim: Optional[int] = None,
+                 num_heads: Optional[int] = None, share_kv: bool = True, *, backend: str = "auto",
+                 need_weights: bool = True, device=None, dtype=None):
+        super().__init__()
+        value_dim = attn_dim if value_dim is None else value_dim
+        num_heads = L if num_heads is None else num_heads
+        check_config(dim, L, V, attn_dim, value_dim, num_heads, share_kv)
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"unknown SPARO backend {backend!r}; choose one of {backends.BACKENDS}")
+        factory = {"device": device, "dtype": dtype}
+        self.dim = dim
+        self.L = L
+        self.V = V
+        self.attn_dim = attn_dim
+        self.value_dim = value_dim
+        self.num_heads = num_heads
+        self.num_subheads = L // num_heads
+        self.share_kv = share_kv
+        self.scale = attn_dim**-0.5
+        self.backend = backend
+        self.need_weights = need_weights
+        self.check_inputs = True
+        self.check_finite = False
+
+        # Same creation and init calls, in the same order, as the published module.
+        self.q_emb = nn.Parameter(torch.randn(1, num_heads, self.num_subheads, 1, attn_dim, **factory))
+        self.k = nn.Linear(dim, num_heads * attn_dim, **factory)
+        nn.init.xavier_uniform_(self.k.weight)
+        nn.init.zeros_(self.k.bias)
+        if not share_kv:
+            self.v = nn.Linear(dim, num_heads * value_dim, **factory)
+            nn.init.xavier_uniform_(self.v.weight)
+            nn.init.zeros_(self.v.bias)
+        else:
+            self.v = self.k  # one module under two names: both key sets appear in the state dict
+        self.proj = nn.Linear(value_dim, V, **factory)
+        nn.init.zeros_(self.proj.bias)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, L={self.L}, V={self.V}, attn_dim={self.attn_dim}, "
+                f"value_dim={self.value_dim}, num_heads={self.num_heads}, share_kv={self.share_kv}, "
+                f"backend={self.backend!r}, need_weights={self.need_weights}")
+
+    def params(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, ...]:
+        """(q_emb, k.weight, k.bias, v.weight, v.bias, proj.weight, proj.bias), optionally cast."""
+        ps = (self.q_emb, self.k.weight, self.k.bias, self.v.weight, self.v.bias,
+              self.proj.weight, self.proj.bias)
+        if dtype is None:
+            return ps
+        return tuple(p if p.dtype == dtype else p.to(dtype) for p in ps)
+
+    def forward(self, x: Tensor, eos_indices: Optional[Tensor] = None,
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        compiling = torch.compiler.is_compiling()
+        check_input(x, self.dim, eos_indices, check_values=self.check_inputs and not compiling,
+                    check_finite=self.check_finite and not compiling)
+        dtype = _compute_dtype(x)
+        if dtype == x.dtype and x.dtype != self.q_emb.dtype:
+            raise TypeError(f"SparoReadout: x is {x.dtype} but the parameters are {self.q_emb.dtype}; "
+                            "cast one of them, or run under torch.autocast")
+        if x.device != self.q_emb.device:
+            raise ValueError(f"SparoReadout: x is on {x.device} but the parameters are on {self.q_emb.device}")
+        name = backends.resolve(self.backend, x.device)
+        if x.shape[0] == 0:
+            name = "torch"  # an empty batch needs no kernel, only correctly shaped outputs
+        fn = backends.get(name)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x.to(dtype), eos_indices, *self.params(dtype), need_weights=self.need_weights)
+
+    @classmethod
+    def from_published(cls, module: nn.Module, **kwargs) -> "SparoReadout":
+        """A ``SparoReadout`` sharing the published module's own parameters (no copy)."""
+        q = module.q_emb
+        new = cls(module.k.in_features, module.L, module.proj.out_features, module.attn_dim,
+                  module.value_dim, module.num_heads, module.share_kv, device="meta", **kwargs)
+        new.q_emb = q
+        new.k = module.k
+        new.v = module.v
+        new.proj = module.proj
+        return new
+
+
+def is_published_sparo(module: nn.Module) -> bool:
+    """Recognise a published-style SPARO module by its attributes and parameters."""
+    if isinstance(module, SparoReadout):
+        return False
+    q = getattr(module, "q_emb", None)
+    lin = [getattr(module, n, None) for n in ("k", "v", "proj")]
+    attrs = ("L", "attn_dim", "value_dim", "num_heads", "share_kv")
+    return (isinstance(q, nn.Parameter) and q.dim() == 5 and all(isinstance(m, nn.Linear) for m in lin)
+            and all(hasattr(module, a) for a in attrs))
+
+
+def convert(model: nn.Module, **kwargs) -> nn.Module:
+    """Replace, in place, every published-style SPARO module in ``model`` by a ``SparoReadout``.
+
+    The new modules hold the very same parameter tensors, so optimizers and state dicts keep
+    working. Returns ``model`` (or the new module when ``model`` itself is a SPARO module).
+    Keyword arguments (``backend``, ``need_weights``) go to ``SparoReadout``.
+    """
+    if is_published_sparo(model):
+        return SparoReadout.from_published(model, **kwargs)
+    targets = [(name, m) for name, m in model.named_modules() if is_published_sparo(m)]
+    for name, m in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, SparoReadout.from_published(m, **kwargs))
+    return model

@@ -30,6 +30,7 @@ setup(
         "dev": [
             "open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86",
             "pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6",
+            "triton>=3.1; platform_system == 'Linux'",
         ],
     },
 )

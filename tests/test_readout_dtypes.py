@@ -1,0 +1,68 @@
+"""Dtypes behave like nn.Linear: low precision, autocast, float64, and empty batches."""
+import pytest
+import torch
+
+from sparo_fast import SparoReadout
+
+
+def _pair(backend, **kw):
+    torch.manual_seed(0)
+    m = SparoReadout(16, 6, 5, 4, num_heads=3, backend=backend, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(std=0.3)
+    return m
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_low_precision_modules(backend, dtype, tol):
+    m = _pair(backend)
+    x = torch.randn(3, 10, 16)
+    eos = torch.tensor([9, 0, 4])
+    ref_out, ref_attn = m.double()(x.double(), eos)
+    m = m.to(dtype)
+    out, attn = m(x.to(dtype), eos)
+    assert out.dtype == dtype and attn.dtype == dtype
+    assert ((out.double() - ref_out).norm() / ref_out.norm()) < tol
+    assert ((attn.double() - ref_attn).norm() / ref_attn.norm()) < tol
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_autocast_casts_like_linear(backend):
+    m = _pair(backend)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    lin = torch.nn.Linear(16, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, attn = m(x)
+        expected = lin(x).dtype
+    assert out.dtype == expected == torch.bfloat16 and attn.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and m.q_emb.grad.dtype == torch.float32
+    ref_out, _ = m(x)
+    assert ((out.float() - ref_out).norm() / ref_out.norm()) < 3e-2
+
+
+def test_need_weights_off_returns_none():
+    m = SparoReadout(8, 4, 3, 2, need_weights=False)
+    out, attn = m(torch.randn(2, 5, 8))
+    assert attn is None and out.shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+def test_empty_batch(backend):
+    m = SparoReadout(8, 4, 3, 2, backend=backend)
+    x = torch.randn(0, 5, 8, requires_grad=True)
+    out, attn = m(x, torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, 4, 3) and attn.shape == (0, 4, 5)
+    out.sum().backward()  # still part of the graph
+    assert x.grad.shape == x.shape
+
+
+def test_non_contiguous_input():
+    m = _pair("torch")
+    y = torch.randn(10, 3, 16)  # [N, B, D], as a sequence-first transformer emits it
+    out, attn = m(y.permute(1, 0, 2))
+    ref = m(y.permute(1, 0, 2).contiguous())
+    torch.testing.assert_close(out, ref[0])
+    torch.testing.assert_close(attn, ref[1])

@@ -21,6 +21,7 @@ setup(
         "sparo_fast_kernels": "kernels",
         "sparo_fast_training": "training",
     },
+    package_data={"sparo_fast.clip": ["model_configs/*.json"]},
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "triton": ["triton>=3.1"],

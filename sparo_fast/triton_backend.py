@@ -1,13 +1,108 @@
-"""The ``triton`` backend: fused kernels from ``sparo_fast_kernels`` (filled in by the kernels work)."""
+"""The ``triton`` backend: fused kernels from ``sparo_fast_kernels`` behind PyTorch ops.
+
+``sparo_triton`` computes the absorbed query ``qt = W_K[h]^T q_l / sqrt(A)`` with PyTorch
+(weight-only, tiny, differentiated by autograd) and calls ``torch.ops.sparo_fast.readout_fwd``
+(two Triton launches; its registered backward is one Triton launch plus cuBLAS GEMMs). See
+``kernels/sparo_fwd.py`` and ``kernels/sparo_bwd.py`` for the design.
+
+Inputs the kernels cannot take (a dtype other than float16/bfloat16/float32, more than
+``MAX_SLOTS`` slots, a value width over ``MAX_VALUE_DIM``, a device without Triton) fall
+back to the torch backend (``sparo_fast.functional.sparo_absorbed``) with a one-time
+warning per reason: never a wrong answer.
+"""
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+from typing import Optional, Tuple
+
 import torch
+from torch import Tensor
+
+from .functional import absorbed_query, sparo_absorbed
+
+_warned: set = set()
+_KERNELS_MODULE = "sparo_fast_kernels.ops"
 
 
-def is_available(device: torch.device) -> bool:
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def is_available(device) -> bool:
+    """True on CUDA when Triton imports; on CPU only under ``TRITON_INTERPRET=1``.
+
+    Never queries the device. On CPU the kernels must also have been (or be about to be)
+    defined under the interpreter: the variable is read when the kernel module is imported.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _triton_importable()
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1" or not _triton_importable():
+            return False
+        mod = sys.modules.get(_KERNELS_MODULE)
+        return mod is None or bool(mod.INTERPRETED)
     return False
 
 
-def sparo_triton(*args, **kwargs):
-    raise RuntimeError("SparoReadout: the 'triton' backend is not available in this build; "
-                       "use backend='torch' or 'auto'")
+def _ops():
+    from sparo_fast_kernels import ops
+
+    return ops
+
+
+def unsupported_reason(x: Tensor, q_emb: Tensor, v_weight: Tensor) -> Optional[str]:
+    """Why the kernels cannot take these inputs, or None when they can."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {x.dtype} (the kernels take float16, bfloat16, float32)"
+    if not is_available(x.device):
+        return f"device {x.device} (Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
+    ops = _ops()
+    _, n_heads, n_sub, _, _ = q_emb.shape
+    L = n_heads * n_sub
+    if L > ops.MAX_SLOTS:
+        return f"L={L} slots (the kernels take at most {ops.MAX_SLOTS})"
+    vd = v_weight.shape[0] // n_heads
+    if vd > ops.MAX_VALUE_DIM:
+        return f"value_dim={vd} (the kernels take at most {ops.MAX_VALUE_DIM})"
+    return None
+
+
+def _warn_once(reason: str) -> None:
+    if reason in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add(reason)
+    warnings.warn(f"SparoReadout: the triton backend cannot take {reason}; "
+                  "falling back to the torch backend", RuntimeWarning, stacklevel=3)
+
+
+def sparo_triton(
+    x: Tensor,
+    eos_indices: Optional[Tensor],
+    q_emb: Tensor,
+    k_weight: Tensor,
+    k_bias: Tensor,
+    v_weight: Tensor,
+    v_bias: Tensor,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    need_weights: bool = True,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """SPARO read-out through the fused Triton kernels; same contract as ``sparo_absorbed``."""
+    reason = unsupported_reason(x, q_emb, v_weight)
+    if reason is not None:
+        _warn_once(reason)
+        return sparo_absorbed(x, eos_indices, q_emb, k_weight, k_bias, v_weight, v_bias,
+                              proj_weight, proj_bias, need_weights=need_weights)
+    _ops()  # registers torch.ops.sparo_fast.*
+    n_heads = q_emb.shape[1]
+    qt = absorbed_query(q_emb, k_weight)
+    out, attn, _, _, _ = torch.ops.sparo_fast.readout_fwd(
+        x, eos_indices, qt, k_bias, v_weight, v_bias, proj_weight, proj_bias, n_heads, bool(need_weights))
+    return out, (attn if need_weights else None)

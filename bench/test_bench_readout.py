@@ -1,0 +1,227 @@
+"""Read-out forward and forward+backward, every implementation side by side.
+
+``pytest bench/`` times each case (pytest-benchmark) and writes ``bench/results/<device>.json``;
+``pytest bench/ --benchmark-disable`` runs each case once on a tiny batch and checks its output
+and gradients against the published math in float64.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+
+import pytest
+import torch
+
+import sparo_bench as sb
+from sparo_fast import SparoReadout
+from sparo_fast.functional import sparo_reference
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+# On a CPU smoke run each torch.compile costs seconds: compile one shape only (text_b, the one
+# with the EOS mask); a timed run compiles every shape.
+CPU_SMOKE_COMPILE_SHAPES = ("text_b",)
+
+
+class Case:
+    """Parameters, rotating input buffers and the float64 reference for one shape."""
+
+    def __init__(self, shape: sb.Shape, batch: int, n_tokens: int, device, dtype, n_sets: int):
+        torch.manual_seed(0)
+        self.shape, self.batch, self.N, self.device, self.dtype = shape, batch, n_tokens, device, dtype
+        self.master = SparoReadout(shape.D, sb.L_SLOTS, sb.OUT_DIM, sb.ATTN_DIM, sb.VALUE_DIM,
+                                   sb.NUM_HEADS, sb.SHARE_KV, need_weights=False).to(device, dtype)
+        self.names, self.params = zip(*self.master.named_parameters())  # k/v shared: listed once
+        gen = torch.Generator(device="cpu").manual_seed(1)
+
+        def rand(*size):
+            return torch.randn(*size, generator=gen).to(device, dtype)
+
+        self.xs = [rand(batch, n_tokens, shape.D).requires_grad_() for _ in range(n_sets)]
+        self.gs = [rand(batch, sb.L_SLOTS, sb.OUT_DIM) for _ in range(n_sets)]
+        self.eos = [torch.randint(1, n_tokens, (batch,), generator=gen).to(device) if shape.eos else None
+                    for _ in range(n_sets)]
+        self._ref = None
+
+    def reference(self):
+        """(y, {name: grad}) of the published math in float64 on set 0."""
+        if self._ref is None:
+            x = self.xs[0].detach().double().requires_grad_()
+            ps = {n: p.detach().double().requires_grad_() for n, p in zip(self.names, self.params)}
+            args = [ps[n] for n in ("q_emb", "k.weight", "k.bias")]
+            args += [ps["k.weight"], ps["k.bias"]] if sb.SHARE_KV else [ps["v.weight"], ps["v.bias"]]
+            args += [ps["proj.weight"], ps["proj.bias"]]
+            y, _ = sparo_reference(x, self.eos[0], *args, need_weights=False)
+            grads = torch.autograd.grad(y, [x, *ps.values()], self.gs[0].double())
+            self._ref = (y.detach(), dict(zip(("x", *ps), grads)))
+        return self._ref
+
+
+_CASE: dict = {}
+
+
+def get_case(env, shape: sb.Shape, batch: int, n_tokens: int) -> Case:
+    key = (shape.name, batch, n_tokens)
+    if key not in _CASE:
+        _CASE.clear()  # one shape's buffers at a time
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
+        es = torch.empty((), dtype=env.dtype).element_size()
+        per_set = (batch * n_tokens * shape.D + batch * sb.L_SLOTS * sb.OUT_DIM) * es
+        n_sets = 1 if env.smoke else sb.rotation_count(per_set, env.device)
+        _CASE[key] = Case(shape, batch, n_tokens, env.device, env.dtype, n_sets)
+    return _CASE[key]
+
+
+def make_impl(impl: str, case: Case):
+    """A callable (x, eos) -> y [B, L, V] sharing the case's parameters."""
+    base, _, compiled = impl.partition("+")
+    if base in ("reference", "torch", "triton"):
+        m = SparoReadout.from_published(case.master, backend=base, need_weights=False)
+        m.check_inputs = False  # no host sync on eos_indices: the peers do not check either
+        if compiled:
+            torch._dynamo.reset()  # a fresh cache per case: no recompile limit across cases
+            m = torch.compile(m, dynamic=False)
+        return lambda x, eos: m(x, eos)[0]
+    params = case.master.params()
+    fn = {"sdpa": sb.sparo_sdpa, "xformers": sb.sparo_xformers}[base]
+    return lambda x, eos: fn(x, eos, *params)
+
+
+def skip_reason(env, shape: sb.Shape, impl: str) -> str | None:
+    if impl.endswith("+compile") and env.smoke and env.device.type == "cpu" \
+            and shape.name not in CPU_SMOKE_COMPILE_SHAPES:
+        return ("smoke mode on CPU: torch.compile is checked on text_b only (seconds per "
+                "compile on 2 cores); a timed run compiles every shape")
+    if impl == "xformers":
+        if env.device.type != "cuda":
+            return "xformers: GPU only, and this run has no GPU"
+        try:
+            import xformers.ops  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            return f"xformers does not import: {type(e).__name__}: {e}"
+    if impl == "triton":
+        try:
+            from sparo_fast import triton_backend
+
+            usable = triton_backend.is_available(env.device)
+        except Exception as e:  # noqa: BLE001
+            return f"triton backend does not import: {type(e).__name__}: {e}"
+        if not usable:
+            return f"triton backend not available on {env.device.type} in this build"
+        if env.device.type != "cuda" and not env.smoke:
+            return "no GPU: the Triton interpreter is not a speed measurement"
+    return None
+
+
+def check(case: Case, f, pass_: str) -> None:
+    y_ref, g_ref = case.reference()
+    x, eos, g = case.xs[0], case.eos[0], case.gs[0]
+    tol = TOL[case.dtype]
+    if pass_ == "fwd":
+        with torch.no_grad():
+            y = f(x, eos)
+        got = {"y": y}
+    else:
+        y = f(x, eos)
+        grads = torch.autograd.grad(y, [x, *case.params], g)
+        got = {"y": y, **dict(zip(("x", *case.names), grads))}
+    want = {"y": y_ref, **g_ref}
+    assert got["y"].shape == y_ref.shape and got["y"].dtype == case.dtype
+    errs = {k: sb.rel_err(v, want[k]) for k, v in got.items()}
+    bad = {k: e for k, e in errs.items() if not e <= tol}
+    assert not bad, f"relative error above {tol:g} against the float64 reference: {bad}"
+
+
+def make_step(case: Case, f, pass_: str):
+    order = itertools.cycle(range(len(case.xs)))
+    if pass_ == "fwd":
+        def step():
+            i = next(order)
+            with torch.no_grad():
+                return f(case.xs[i], case.eos[i])
+    else:
+        def step():
+            i = next(order)
+            y = f(case.xs[i], case.eos[i])
+            return torch.autograd.grad(y, [case.xs[i], *case.params], case.gs[i])
+    return step
+
+
+def time_case(benchmark, env, step) -> dict:
+    """Warm up (compiles happen here), size the rounds, time with pytest-benchmark."""
+    dev = env.device
+    gpu = dev.type == "cuda"
+    for _ in range(10 if gpu else 2):
+        step()
+    sb.sync(dev)
+    n_probe = 5 if gpu else 1
+    t0 = time.perf_counter()
+    for _ in range(n_probe):
+        step()
+    sb.sync(dev)
+    t_call = max((time.perf_counter() - t0) / n_probe, 1e-7)
+    # GPU: several calls per round, one sync at the end, so that the sync is not timed per call
+    reps = max(1, math.ceil(2e-3 / t_call)) if gpu else 1
+    rounds = int(min(100, max(10 if gpu else 5, math.ceil((1.0 if gpu else 2.0) / (reps * t_call)))))
+
+    def one_round():
+        for _ in range(reps):
+            step()
+        sb.sync(dev)
+
+    benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=1)
+    return {"median_ms": benchmark.stats.stats.median / reps * 1e3, "rounds": rounds, "reps": reps}
+
+
+@pytest.mark.parametrize("pass_", sb.PASSES)
+@pytest.mark.parametrize("impl", sb.IMPLS)
+@pytest.mark.parametrize("shape_name", list(sb.SHAPES))
+def test_readout(benchmark, bench_env, shape_name, impl, pass_):
+    env = bench_env
+    shape = sb.SHAPES[shape_name]
+    dtype_name = str(env.dtype).replace("torch.", "")
+    reason = skip_reason(env, shape, impl)
+    if reason:
+        env.skipped.append({"shape": shape.name, "dtype": dtype_name, "impl": impl, "pass": pass_,
+                            "reason": reason})
+        pytest.skip(reason)
+    batch, n_tokens = env.batch(shape), shape.N
+    if impl == "triton" and env.device.type != "cuda":  # the interpreter, smoke only
+        batch, n_tokens = sb.INTERPRETER_SMOKE["batch"], min(shape.N, sb.INTERPRETER_SMOKE["max_tokens"])
+    case = get_case(env, shape, batch, n_tokens)
+    if impl == "triton":  # the backend falls back to torch on inputs its kernels cannot take
+        from sparo_fast import triton_backend
+
+        why = getattr(triton_backend, "unsupported_reason", lambda *a: None)(
+            case.xs[0], case.master.q_emb, case.master.v.weight)
+        if why:
+            reason = f"the triton backend would fall back to the torch backend: {why}"
+            env.skipped.append({"shape": shape.name, "dtype": dtype_name, "impl": impl,
+                                "pass": pass_, "reason": reason})
+            pytest.skip(reason)
+    f = make_impl(impl, case)
+    check(case, f, pass_)  # outputs and gradients agree with the reference, in both modes
+    step = make_step(case, f, pass_)
+    benchmark.group = f"{shape.name} {pass_}"
+    benchmark.extra_info.update(shape=shape.name, impl=impl, pass_=pass_, batch=batch)
+    if env.smoke:
+        benchmark(step)  # disabled: runs once
+        return
+    timing = time_case(benchmark, env, step)
+    peak, _ = sb.peak_memory_bytes(step, env.device)
+    bw, _ = env.bandwidth
+    fb = sb.floor_bytes(shape, batch, env.dtype, pass_)
+    floor_ms = fb / bw * 1e3
+    row = {
+        "shape": shape.name, "dtype": dtype_name, "impl": impl, "pass": pass_,
+        "median_ms": round(timing["median_ms"], 5), "floor_ms": round(floor_ms, 5),
+        "peak_mem_mb": round(peak / 2**20, 3) if peak is not None else None,
+        "batch": batch, "N": shape.N, "D": shape.D, "eos": shape.eos,
+        "ratio_to_floor": round(timing["median_ms"] / floor_ms, 2), "floor_bytes": fb,
+        "rounds": timing["rounds"], "reps": timing["reps"],
+        "load1": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None, **env.tags(),
+    }
+    benchmark.extra_info.update({k: row[k] for k in ("median_ms", "floor_ms", "peak_mem_mb")})
+    env.rows.append(row)

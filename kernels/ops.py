@@ -1,0 +1,191 @@
+"""PyTorch operators over the SPARO Triton kernels: ``torch.ops.sparo_fast.readout_fwd/bwd``.
+
+Both are ``torch.library.triton_op`` with explicit schemas; every output (and scratch) is
+allocated here, outside the kernels, and the kernels are launched through ``wrap_triton``,
+so ``torch.compile`` traces them without graph breaks (Inductor sees the kernels on CUDA).
+``readout_fwd`` has an autograd formula (``register_autograd``) that calls
+``readout_bwd``; both have allocation-only fake implementations.
+
+Under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set before this module is
+imported) the kernels are ``InterpretedFunction`` objects, which cannot be traced; there
+the ops are kept opaque under ``torch.compile`` (the FunctionalTensorMode decomposition is
+replaced by a plain redispatch), so compiled code calls the op eagerly, which runs the
+kernels in the interpreter.
+
+``readout_fwd(x, eos_indices, qt, k_bias, v_weight, v_bias, proj_weight, proj_bias,
+num_heads, need_weights) -> (out, attn, p, xp, o)``: ``qt`` is the absorbed query [L, D]
+(computed by PyTorch, so autograd carries dqt to ``q_emb`` and ``k.weight``); ``k_bias`` is
+only there to receive its (exactly zero) gradient; ``attn`` is an empty tensor when
+``need_weights`` is false; ``p`` (fp32 softmax), ``xp`` (pooled tokens) and ``o`` (pooled
+values) are the state saved for the backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from .sparo_bwd import _bwd_token_kernel, batch_group, bwd_blocks
+from .sparo_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision, pool_blocks, proj_blocks
+
+try:
+    from triton.runtime.jit import JITFunction as _JITFunction
+except ImportError:  # pragma: no cover
+    _JITFunction = ()
+
+#: True when the kernels were defined under the Triton CPU interpreter.
+INTERPRETED = not isinstance(_fwd_pool_kernel, _JITFunction)
+
+MAX_SLOTS = 128      # all slots of a sample live in one block in the backward kernel
+MAX_VALUE_DIM = 256  # the pooled value row o [BM, Vd] lives in registers in the projection kernel
+
+_FWD_SCHEMA = ("(Tensor x, Tensor? eos_indices, Tensor qt, Tensor k_bias, Tensor v_weight, "
+               "Tensor v_bias, Tensor proj_weight, Tensor proj_bias, int num_heads, bool need_weights) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor? grad_attn, Tensor x, Tensor qt, Tensor v_weight, "
+               "Tensor proj_weight, Tensor p, Tensor xp, Tensor o, int num_heads) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@triton_op("sparo_fast::readout_fwd", mutates_args=(), schema=_FWD_SCHEMA)
+def readout_fwd(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, k_bias: Tensor, v_weight: Tensor,
+                v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor, num_heads: int,
+                need_weights: bool):
+    B, N, D = x.shape
+    L = qt.shape[0]
+    vd = v_weight.shape[0] // num_heads
+    V = proj_weight.shape[0]
+    S = L // num_heads
+    qt = qt.contiguous()
+    v_weight, v_bias = v_weight.contiguous(), v_bias.contiguous()
+    proj_weight, proj_bias = proj_weight.contiguous(), proj_bias.contiguous()
+    p = torch.empty((B, L, N), device=x.device, dtype=torch.float32)
+    attn = torch.empty((B, L, N) if need_weights else (0,), device=x.device, dtype=x.dtype)
+    xp = torch.empty((B, L, D), device=x.device, dtype=x.dtype)
+    o = torch.empty((B, L, vd), device=x.device, dtype=x.dtype)
+    out = torch.empty((B, L, V), device=x.device, dtype=x.dtype)
+    has_eos = eos_indices is not None
+    eos = eos_indices.contiguous() if has_eos else qt
+    prec = dot_precision(x.dtype)
+    BL, BN, BD = pool_blocks(L, N, D)
+    wrap_triton(_fwd_pool_kernel)[(B, triton.cdiv(L, BL))](
+        x, eos, qt, p, attn if need_weights else p, xp,
+        N, D, L,
+        x.stride(0), x.stride(1), x.stride(2),
+        HAS_EOS=has_eos, NEED_WEIGHTS=need_weights,
+        BL=BL, BN=BN, BD=BD, DOT_PREC=prec, num_warps=4 if BL * BD <= 4096 else 8,
+    )
+    M = B * S
+    BM, BD2, BVD, BV = proj_blocks(M, D, vd, V)
+    wrap_triton(_fwd_proj_kernel)[(triton.cdiv(M, BM), num_heads)](
+        xp, v_weight, v_bias, proj_weight, proj_bias, o, out,
+        M, S, L, D, vd, V,
+        BM=BM, BD=BD2, BVD=BVD, BVO=BV, DOT_PREC=prec, num_warps=4 if BVD <= 64 else 8,
+    )
+    return out, attn, p, xp, o
+
+
+@triton_op("sparo_fast::readout_bwd", mutates_args=(), schema=_BWD_SCHEMA)
+def readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, qt: Tensor, v_weight: Tensor,
+                proj_weight: Tensor, p: Tensor, xp: Tensor, o: Tensor, num_heads: int):
+    B, N, D = x.shape
+    L = qt.shape[0]
+    H = num_heads
+    S = L // H
+    vd = v_weight.shape[0] // H
+    V = proj_weight.shape[0]
+    g = grad_out
+    # slot-level GEMMs (cuBLAS): output projection and per-head value projection
+    go = torch.matmul(g, proj_weight)  # [B, L, Vd]
+    dwo = torch.matmul(g.reshape(B * L, V).t(), o.reshape(B * L, vd))
+    dbo = g.sum(dim=(0, 1))
+    go_h = go.reshape(B, H, S, vd).permute(1, 0, 2, 3).reshape(H, B * S, vd)
+    xp_h = xp.reshape(B, H, S, D).permute(1, 0, 2, 3).reshape(H, B * S, D)
+    dwv = torch.bmm(go_h.transpose(1, 2), xp_h).reshape(H * vd, D)
+    dbv = go_h.sum(dim=1).reshape(H * vd)
+    gxp = torch.bmm(go_h, v_weight.reshape(H, vd, D))
+    gxp = gxp.reshape(H, B, S, D).permute(1, 0, 2, 3).reshape(B, L, D).contiguous()
+    qt = qt.contiguous()
+    # token-level work (Triton)
+    G = batch_group(B, x.device)
+    P = triton.cdiv(B, G)
+    gs = torch.empty((B, L, N), device=x.device, dtype=torch.float32)
+    dx = torch.empty((B, N, D), device=x.device, dtype=x.dtype)
+    part = torch.empty((P, L, D), device=x.device, dtype=torch.float32)
+    has_ga = grad_attn is not None
+    ga = grad_attn if has_ga else p
+    BL, BN, BD = bwd_blocks(L, N, D)
+    wrap_triton(_bwd_token_kernel)[(P,)](
+        x, p, ga, gxp, qt, gs, dx, part,
+        B, N, D, L, G,
+        x.stride(0), x.stride(1), x.stride(2),
+        ga.stride(0), ga.stride(1), ga.stride(2),
+        HAS_GA=has_ga, BL=BL, BN=BN, BD=BD, DOT_PREC=dot_precision(x.dtype),
+        num_warps=8 if BL >= 64 else 4,
+    )
+    dqt = part.sum(dim=0).to(qt.dtype)  # deterministic batch-wide reduction
+    return dx, dqt, dwv, dbv, dwo, dbo
+
+
+# ----------------------------------------------------------------------------- fake impls
+@readout_fwd.register_fake
+def _readout_fwd_fake(x, eos_indices, qt, k_bias, v_weight, v_bias, proj_weight, proj_bias, num_heads,
+                      need_weights):
+    B, N, D = x.shape
+    L = qt.shape[0]
+    vd = v_weight.shape[0] // num_heads
+    V = proj_weight.shape[0]
+    return (x.new_empty((B, L, V)), x.new_empty((B, L, N) if need_weights else (0,)),
+            x.new_empty((B, L, N), dtype=torch.float32), x.new_empty((B, L, D)), x.new_empty((B, L, vd)))
+
+
+@readout_bwd.register_fake
+def _readout_bwd_fake(grad_out, grad_attn, x, qt, v_weight, proj_weight, p, xp, o, num_heads):
+    B, N, D = x.shape
+    return (x.new_empty((B, N, D)), qt.new_empty(qt.shape), grad_out.new_empty(v_weight.shape),
+            grad_out.new_empty((v_weight.shape[0],)), grad_out.new_empty(proj_weight.shape),
+            grad_out.new_empty((proj_weight.shape[0],)))
+
+
+# ----------------------------------------------------------------------------- autograd
+def _setup_context(ctx, inputs, output):
+    x, eos_indices, qt, k_bias, v_weight, v_bias, proj_weight, proj_bias, num_heads, need_weights = inputs
+    _, _, p, xp, o = output
+    ctx.save_for_backward(x, qt, v_weight, proj_weight, p, xp, o)
+    ctx.num_heads = num_heads
+    ctx.need_weights = need_weights
+    ctx.k_bias_meta = (k_bias.shape, k_bias.dtype)
+    ctx.mark_non_differentiable(p, xp, o)
+
+
+def _backward(ctx, g_out, g_attn, _gp, _gxp, _go):
+    x, qt, v_weight, proj_weight, p, xp, o = ctx.saved_tensors
+    B, N, _ = x.shape
+    L = qt.shape[0]
+    if g_out is None:
+        g_out = x.new_zeros((B, L, proj_weight.shape[0]))
+    if not ctx.need_weights or g_attn is None:
+        g_attn = None
+    dx, dqt, dwv, dbv, dwo, dbo = torch.ops.sparo_fast.readout_bwd(
+        g_out, g_attn, x, qt, v_weight, proj_weight, p, xp, o, ctx.num_heads)
+    shape, dtype = ctx.k_bias_meta
+    dkb = torch.zeros(shape, dtype=dtype, device=x.device)  # the key bias cancels in the softmax
+    return dx, None, dqt, dkb, dwv, dbv, dwo, dbo, None, None
+
+
+readout_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _keep_opaque(mode, op, types, args, kwargs):
+    return mode.__torch_dispatch__(op, types, args, kwargs)
+
+
+if INTERPRETED:
+    # Interpreted kernels cannot be traced into a graph: keep the ops opaque for compile.
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    readout_fwd.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+    readout_bwd.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)

@@ -1,0 +1,31 @@
+"""Shared helpers of the trainer tests: run ``torchrun`` in a subprocess, CPU-only and quiet."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN = REPO / "training" / "main.py"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def env(extra=None):
+    e = dict(os.environ)
+    e.update({"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    e.update(extra or {})
+    return e
+
+
+def torchrun(nproc, script, args, timeout=300, extra_env=None, check=True):
+    cmd = TORCHRUN + [f"--nproc_per_node={nproc}", str(script)] + [str(a) for a in args]
+    res = subprocess.run(cmd, env=env(extra_env), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+def tiny_args(tmp, name, cache, *extra):
+    """Common trainer flags: tiny synthetic set, tiny batches, few steps, CPU."""
+    return ["--device", "cpu", "--logs-dir", tmp, "--name", name, "--data-cache-dir", cache,
+            "--synthetic-train-samples", "384", "--synthetic-val-samples", "64", "--batch-size", "8",
+            "--workers", "1", "--log-every-n-steps", "1", "--threads", "1", *extra]

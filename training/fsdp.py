@@ -1,0 +1,65 @@
+"""FSDP2 wrapping: ``fully_shard`` on every residual block of both towers and on the root."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+SCALAR_SUFFIX = "__was_0d"
+
+
+def make_scalars_1d(model: nn.Module) -> List[str]:
+    """FSDP2 shards dim 0 and refuses 0-D parameters: turn each (``logit_scale``, ``logit_bias``) into
+    shape [1] in place. Arithmetic broadcasts the same; ``export`` restores the 0-D shape. Returns the
+    names changed (recorded on ``model._sparo_scalar_params``)."""
+    changed = []
+    for name, p in list(model.named_parameters()):
+        if p.dim() == 0:
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            setattr(mod, attr, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+            changed.append(name)
+    model._sparo_scalar_params = changed
+    return changed
+
+
+def residual_blocks(model: nn.Module) -> List[nn.Module]:
+    blocks: List[nn.Module] = []
+    for tower in (getattr(model, "visual", None), model):
+        tr = getattr(tower, "transformer", None)
+        if tr is not None and hasattr(tr, "resblocks"):
+            blocks.extend(tr.resblocks)
+    return blocks
+
+
+def shard_model(model: nn.Module, device: torch.device, world_size: int, precision: str,
+                grad_checkpointing: bool = False) -> nn.Module:
+    """Apply FSDP2 (in place). ``precision`` bf16: bf16 compute, fp32 gradient reduction, fp32 master weights."""
+    make_scalars_1d(model)
+    if grad_checkpointing:
+        # OpenCLIP's towers wrap each block call in torch.utils.checkpoint (non-reentrant): only the
+        # block inputs are kept and FSDP2 re-gathers the block's weights for the recomputation.
+        model.set_grad_checkpointing(True)
+    mesh = init_device_mesh(device.type, (world_size,))
+    if precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    blocks = residual_blocks(model)
+    if not blocks:
+        raise ValueError("no residual blocks found at visual.transformer.resblocks / transformer.resblocks")
+    for i, blk in enumerate(blocks):
+        # the last block's weights are needed again right away in backward: keep them gathered
+        fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for method in ("encode_image", "encode_text"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return model
+
+
+def param_groups_info(model: nn.Module) -> Dict[str, int]:
+    return {"params": sum(p.numel() for p in model.parameters())}

@@ -28,8 +28,8 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from .sparo_bwd import _bwd_token_kernel, batch_group, bwd_blocks
-from .sparo_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision, pool_blocks, proj_blocks
+from .sparo_bwd import _bwd_token_kernel, batch_group, bwd_config
+from .sparo_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision, pool_config, proj_config
 
 try:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -70,20 +70,19 @@ def readout_fwd(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, k_bias: Te
     has_eos = eos_indices is not None
     eos = eos_indices.contiguous() if has_eos else qt
     prec = dot_precision(x.dtype)
-    BL, BN, BD = pool_blocks(L, N, D)
-    wrap_triton(_fwd_pool_kernel)[(B, triton.cdiv(L, BL))](
+    cfg = pool_config(L, N, D, x.dtype)
+    wrap_triton(_fwd_pool_kernel)[(B, triton.cdiv(L, cfg["BL"]))](
         x, eos, qt, p, attn if need_weights else p, xp,
         N, D, L,
         x.stride(0), x.stride(1), x.stride(2),
-        HAS_EOS=has_eos, NEED_WEIGHTS=need_weights,
-        BL=BL, BN=BN, BD=BD, DOT_PREC=prec, num_warps=4 if BL * BD <= 4096 else 8,
+        HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=prec, **cfg,
     )
     M = B * S
-    BM, BD2, BVD, BV = proj_blocks(M, D, vd, V)
-    wrap_triton(_fwd_proj_kernel)[(triton.cdiv(M, BM), num_heads)](
+    cfg = proj_config(M, D, vd, V, x.dtype)
+    wrap_triton(_fwd_proj_kernel)[(triton.cdiv(M, cfg["BM"]), num_heads)](
         xp, v_weight, v_bias, proj_weight, proj_bias, o, out,
         M, S, L, D, vd, V,
-        BM=BM, BD=BD2, BVD=BVD, BVO=BV, DOT_PREC=prec, num_warps=4 if BVD <= 64 else 8,
+        DOT_PREC=prec, **cfg,
     )
     return out, attn, p, xp, o
 
@@ -117,14 +116,13 @@ def readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, qt: Te
     part = torch.empty((P, L, D), device=x.device, dtype=torch.float32)
     has_ga = grad_attn is not None
     ga = grad_attn if has_ga else p
-    BL, BN, BD = bwd_blocks(L, N, D)
+    cfg = bwd_config(L, N, D, x.dtype)
     wrap_triton(_bwd_token_kernel)[(P,)](
         x, p, ga, gxp, qt, gs, dx, part,
         B, N, D, L, G,
         x.stride(0), x.stride(1), x.stride(2),
         ga.stride(0), ga.stride(1), ga.stride(2),
-        HAS_GA=has_ga, BL=BL, BN=BN, BD=BD, DOT_PREC=dot_precision(x.dtype),
-        num_warps=8 if BL >= 64 else 4,
+        HAS_GA=has_ga, DOT_PREC=dot_precision(x.dtype), **cfg,
     )
     dqt = part.sum(dim=0).to(qt.dtype)  # deterministic batch-wide reduction
     return dx, dqt, dwv, dbv, dwo, dbo

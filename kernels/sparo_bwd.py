@@ -122,9 +122,14 @@ def _bwd_token_kernel(
         tl.store(DQT + pid.to(tl.int64) * L * D + offs_l[:, None] * D + offs_d[None, :], dq, mask=ldmask)
 
 
-def bwd_blocks(L: int, N: int, D: int) -> Tuple[int, int, int]:
-    bl = _p2(L)
-    return bl, _p2(N, hi=32 if bl > 64 else 64), _p2(D, hi=64)
+def bwd_config(L: int, N: int, D: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps of ``_bwd_token_kernel`` (checked spill-free with ptxas for sm_90)."""
+    BL = _p2(L)
+    if BL > 64:
+        return dict(BL=BL, BN=_p2(N, hi=16), BD=_p2(D, hi=16), num_warps=8)  # small spills (ptxas)
+    half = dtype != torch.float32
+    return dict(BL=BL, BN=_p2(N, hi=32), BD=_p2(D, hi=64 if half or BL < 64 else 32),
+                num_warps=8 if BL >= 64 else 4)
 
 
 #: Tests set this to force several samples per program (the CPU default is one).

@@ -34,8 +34,10 @@ TF32) so that the float32 backend stays within 1e-3 of the float64 reference; th
 speed in float32 only (the forward is memory-bound in bf16, the target dtype).
 
 Block sizes are powers of two >= 16 (``tl.dot`` needs >= 16 on GPU), chosen from the
-shape by ``triton.next_power_of_2`` with masks for every ragged edge; no autotuning (no
-accumulating outputs here, but the configs could not be tuned without a GPU this round).
+shape and dtype by ``triton.next_power_of_2`` with masks for every ragged edge. There is no
+autotuning: the configs were picked without a GPU, by compiling the kernels for sm_90
+(``triton.compile`` with a ``GPUTarget``, see ``tests/test_triton_compile.py``) and keeping
+register use below 255 without spills (``ptxas -v``); they are not timed yet.
 """
 from __future__ import annotations
 
@@ -167,12 +169,19 @@ def _p2(n: int, lo: int = 16, hi: Optional[int] = None) -> int:
     return v if hi is None else min(v, hi)
 
 
-def pool_blocks(L: int, N: int, D: int) -> Tuple[int, int, int]:
-    return _p2(L, hi=64), _p2(N, hi=64), _p2(D, hi=64 if L > 32 else 128)
+def pool_config(L: int, N: int, D: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps of ``_fwd_pool_kernel`` (checked spill-free with ptxas for sm_90)."""
+    half = dtype != torch.float32
+    BL = _p2(L, hi=64)
+    return dict(BL=BL, BN=_p2(N, hi=32), BD=_p2(D, hi=64 if half else 32), num_warps=8 if BL >= 64 else 4)
 
 
-def proj_blocks(M: int, D: int, VD: int, V: int) -> Tuple[int, int, int, int]:
-    return _p2(M, hi=64), _p2(D, hi=64), _p2(VD), _p2(V, hi=64)
+def proj_config(M: int, D: int, VD: int, V: int, dtype: torch.dtype) -> dict:
+    """Block sizes and warps of ``_fwd_proj_kernel`` (checked spill-free with ptxas for sm_90)."""
+    half = dtype != torch.float32
+    BVD = _p2(VD)
+    b = 64 if half and BVD <= 64 else 32
+    return dict(BM=_p2(M, hi=b), BD=_p2(D, hi=b), BVD=BVD, BVO=_p2(V, hi=64 if half else 32), num_warps=8)
 
 
 # ----------------------------------------------------------------------------- refs

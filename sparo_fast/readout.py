@@ -11,9 +11,10 @@ from .validation import check_config, check_input
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype ``nn.Linear`` would compute in: autocast's for float32 input, else x's own."""
+    """The dtype ``nn.Linear`` would compute in: autocast's when it is on (float64 excepted,
+    as autocast leaves float64 alone), else x's own."""
     dev = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(dev):
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
@@ -31,8 +32,9 @@ class SparoReadout(nn.Module):
     on CUDA tensors, torch otherwise).
 
     Dtypes follow ``nn.Linear``: x must have the parameters' dtype, except under
-    ``torch.autocast`` where float32 inputs and parameters are cast to the autocast dtype;
-    outputs (``attn`` too) have the compute dtype.
+    ``torch.autocast``, where x and the parameters are cast to the autocast dtype (so the
+    bf16 tokens of an autocast tower work with fp32 master weights); outputs (``attn`` too)
+    have the compute dtype.
 
     ``check_inputs`` (default on) validates ``eos_indices`` values, which costs one host sync
     per call with ``eos_indices``; ``check_finite`` (default off, it reads all of x) rejects
@@ -96,7 +98,8 @@ class SparoReadout(nn.Module):
         check_input(x, self.dim, eos_indices, check_values=self.check_inputs and not compiling,
                     check_finite=self.check_finite and not compiling)
         dtype = _compute_dtype(x)
-        if dtype == x.dtype and x.dtype != self.q_emb.dtype:
+        autocast = dtype != x.dtype or torch.is_autocast_enabled(x.device.type)
+        if not autocast and x.dtype != self.q_emb.dtype:
             raise TypeError(f"SparoReadout: x is {x.dtype} but the parameters are {self.q_emb.dtype}; "
                             "cast one of them, or run under torch.autocast")
         if x.device != self.q_emb.device:

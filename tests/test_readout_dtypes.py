@@ -43,6 +43,17 @@ def test_autocast_casts_like_linear(backend):
     assert ((out.float() - ref_out).norm() / ref_out.norm()) < 3e-2
 
 
+def test_autocast_accepts_low_precision_tokens():
+    """Towers under autocast emit bf16 tokens; the fp32-weight read-out must take them."""
+    m = _pair("torch")
+    x = torch.randn(2, 7, 16).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, attn = m(x)
+    assert out.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="autocast"):
+        m(x)  # outside autocast the dtypes must agree, as for nn.Linear
+
+
 def test_need_weights_off_returns_none():
     m = SparoReadout(8, 4, 3, 2, need_weights=False)
     out, attn = m(torch.randn(2, 5, 8))

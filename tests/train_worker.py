@@ -48,6 +48,8 @@ def main():
         micro = [(images[(info.rank * k + j) * b:(info.rank * k + j + 1) * b],
                   tokens[(info.rank * k + j) * b:(info.rank * k + j + 1) * b]) for j in range(k)]
         loss, gnorm = train_step(model, micro, loss_fn, opt)
+        dist.all_reduce(loss)  # with local loss each rank holds the loss of its own rows
+        loss /= info.world_size
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
         model.eval()

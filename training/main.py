@@ -255,6 +255,9 @@ def run(args) -> int:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.time() - win_t
+                loss = loss.reshape(1).clone()
+                dist.all_reduce(loss)  # mean over ranks (with --local-loss each holds its rows' loss)
+                loss /= info.world_size
                 sps = win_steps * global_batch / dt
                 achieved = win_steps * step_flops / dt / 1e12  # per rank
                 rec = {"epoch": epoch, "loss": loss.item(), "lr": lr, "samples_per_s": sps,

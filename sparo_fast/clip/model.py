@@ -45,12 +45,6 @@ def _weights(readout: SparoReadout, want: bool):
 
 
 def run_readout(readout: SparoReadout, tokens: Tensor, eos: Optional[Tensor], return_attn: bool):
-    dev = tokens.device.type
-    if (torch.is_autocast_enabled(dev) and tokens.dtype != readout.q_emb.dtype
-            and readout.q_emb.dtype == torch.float32):
-        # Under autocast the towers emit autocast-dtype tokens while the read-out's parameters
-        # are float32; SparoReadout only takes float32 input under autocast (it casts it back).
-        tokens = tokens.float()
     with _weights(readout, bool(return_attn)):
         return readout(tokens, eos)
 

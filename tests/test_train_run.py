@@ -1,0 +1,136 @@
+"""End-to-end trainer runs under torchrun (CPU, gloo): a 2-rank FSDP2 run, exact resume after SIGKILL,
+a corrupt sample, a missing shard list, --max-params."""
+import io
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import time
+
+import pytest
+import torch
+
+from train_utils import MAIN, TORCHRUN, env, tiny_args, torchrun
+
+RESUME_FLAGS = ["--epochs", "2", "--synthetic-shard-size", "64", "--workers", "2", "--save-every-n-steps", "7",
+                "--warmup", "5", "--lr", "2e-3", "--local-loss", "--gather-with-grad", "--save-frequency", "1"]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache):
+    logs = tmp_path_factory.mktemp("logs")
+    res = torchrun(2, MAIN, tiny_args(logs, "full", cache, *RESUME_FLAGS))
+    return logs / "full", res
+
+
+def test_two_rank_fsdp_run(uninterrupted):
+    run, res = uninterrupted
+    train = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
+    losses = [r["loss"] for r in train]
+    assert all(map(lambda x: x == x and abs(x) < 1e9, losses))
+    assert len(train) == 48 and train[-1]["step"] == 48  # 384 samples / (2 ranks x 8) x 2 epochs
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.3, (first, last)
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "step_00000048" in ckpts and "epoch_2.pt" in ckpts, ckpts
+    assert not [c for c in ckpts if c.endswith(".tmp")]
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("zeroshot_color_top1", "zeroshot_shape_top1", "image_to_text_R@1", "text_to_image_R@5",
+                "swap_accuracy"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert "samples/s" in res.stdout and "MFU" in res.stdout
+
+
+def test_exact_resume_after_sigkill(uninterrupted, tmp_path, cache):
+    full_run, _ = uninterrupted
+    args = tiny_args(tmp_path, "killed", cache, *RESUME_FLAGS)
+    # the test hook parks the run right after the step-35 checkpoint (epoch 1, step 11 of 24: mid-epoch,
+    # an odd number of batches into the epoch, so the loader workers' round robin must be rotated)
+    cmd = TORCHRUN + ["--nproc_per_node=2", str(MAIN)] + [str(a) for a in args]
+    proc = subprocess.Popen(cmd, env=env({"SPARO_TRAIN_TEST_HANG_AFTER_SAVE_AT_STEP": "35"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ckdir = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    try:
+        while not (ckdir / "step_00000035").is_dir():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "no checkpoint at step 35"
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: torchrun and both ranks
+        proc.wait()
+    res = torchrun(2, MAIN, args + ["--resume", "latest"])
+    assert "resumed from" in res.stdout and "step_00000035" in res.stdout
+    full = [r for r in read_jsonl(full_run / "metrics.jsonl") if r["kind"] == "train"]
+    resumed = [r for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl") if r["kind"] == "train"]
+    by_step = {r["step"]: r for r in resumed}
+    assert max(by_step) == 48
+    for r in full:
+        if r["step"] > 35:
+            assert by_step[r["step"]]["lr"] == r["lr"]
+            assert abs(by_step[r["step"]]["loss"] - r["loss"]) < 1e-5, (r["step"], by_step[r["step"]]["loss"], r["loss"])
+    a = torch.load(full_run / "checkpoints" / "epoch_2.pt", weights_only=False)
+    b = torch.load(tmp_path / "killed" / "checkpoints" / "epoch_2.pt", weights_only=False)
+    assert a["step"] == b["step"] == 48
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=0, atol=1e-6, msg=k)
+
+
+def _corrupt_shard(src_tar, dst_tar, bad_index):
+    with tarfile.open(src_tar) as src, tarfile.open(dst_tar, "w") as dst:
+        members = src.getmembers()
+        keys = sorted({m.name.split(".")[0] for m in members})
+        bad = keys[bad_index]
+        for m in members:
+            data = src.extractfile(m).read()
+            if m.name == f"{bad}.png":
+                data = b"\x89PNG this is not an image" + data[40:60]
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_sample_is_skipped_and_reported(tmp_path, cache):
+    from sparo_fast_training import synthetic
+
+    d = synthetic.ensure_synthetic(cache, 384, 64, shard_size=64, log=lambda *_: None)
+    shard = os.path.join(d["folder"], "train-000000.tar")
+    bad = tmp_path / "bad-000000.tar"
+    _corrupt_shard(shard, bad, 3)
+    args = tiny_args(tmp_path, "corrupt", cache, "--train-data", bad, "--train-num-samples", "48",
+                     "--shuffle-buffer", "0", "--epochs", "1", "--no-eval", "--save-frequency", "0")
+    res = torchrun(1, MAIN, args)
+    assert "skipped 1 corrupt sample" in res.stdout
+    summary = json.loads((tmp_path / "corrupt" / "summary.json").read_text())
+    assert summary["skipped_samples"] == 1 and summary["steps"] == 6
+
+
+def _plain(args, tmp_path):
+    return subprocess.run(["python", str(MAIN)] + [str(a) for a in args], env=env(), capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_missing_shards_stop_with_one_line(tmp_path, cache):
+    res = _plain(tiny_args(tmp_path, "missing", cache, "--train-data", tmp_path / "nope-{000..003}.tar",
+                           "--train-num-samples", "100"), tmp_path)
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --train-data: shard") and "missing" in lines[0], res.stderr
+
+
+def test_max_params_refuses_large_model(tmp_path, cache):
+    res = _plain(tiny_args(tmp_path, "big", cache, "--max-params", "1000000"), tmp_path)
+    assert res.returncode == 2 and "above --max-params" in res.stderr

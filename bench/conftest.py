@@ -36,12 +36,31 @@ def pytest_addoption(parser):
                     help="results JSON to write (default bench/results/<device>.json)")
     group.addoption("--bench-no-save", action="store_true",
                     help="time the cases but write no results file")
+    group.addoption("--bench-threads", type=int, default=1,
+                    help="CPU runs: torch threads (default 1, timed in CPU time with "
+                         "time.process_time so that other processes on a shared machine do not "
+                         "count; with more threads the timer stays wall-clock)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """CPU timed runs: one torch thread timed in process CPU time, unless told otherwise.
+
+    Runs before pytest-benchmark's own ``pytest_configure`` (trylast), which reads the timer.
+    """
+    env = _env(config)
+    if env.device.type != "cpu" or env.smoke:
+        return
+    torch.set_num_threads(env.threads)
+    if env.threads == 1 and config.getoption("benchmark_timer") == "time.perf_counter":
+        config.option.benchmark_timer = "time.process_time"
 
 
 class BenchEnv:
     """Per-session facts: device, dtype, mode, bandwidth (measured once), collected rows."""
 
     def __init__(self, config):
+        self.config = config
         choice = config.getoption("bench_device")
         if choice == "auto":
             choice = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,7 +68,10 @@ class BenchEnv:
             raise pytest.UsageError("--bench-device cuda: no CUDA device is available")
         self.device = torch.device(choice)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.smoke = bool(config.getoption("benchmark_disable", False))
+        # pytest-benchmark also disables itself under xdist (-n): see the ``smoke`` property
+        self._smoke_option = bool(config.getoption("benchmark_disable", False)) and not bool(
+            config.getoption("benchmark_enable", False))
+        self.threads = config.getoption("bench_threads") if self.device.type == "cpu" else None
         self.rows: list[dict] = []
         self.skipped: list[dict] = []
         self._bandwidth = None
@@ -58,15 +80,25 @@ class BenchEnv:
         self.triton_version = sb.triton_version()
         self.date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
+    @property
+    def smoke(self) -> bool:
+        """Benchmarks disabled (``--benchmark-disable``, or pytest-benchmark under xdist)."""
+        bs = getattr(self.config, "_benchmarksession", None)
+        return bool(bs.disabled) if bs is not None else self._smoke_option
+
     def batch(self, shape: sb.Shape) -> int:
         if self.smoke:
             return sb.SMOKE_BATCH[self.device.type]
         return shape.B if self.device.type == "cuda" else max(1, shape.B // sb.CPU_BATCH_DIVISOR)
 
     @property
+    def timer_name(self) -> str:
+        return str(self.config.getoption("benchmark_timer"))
+
+    @property
     def bandwidth(self) -> tuple[float, str]:
         if self._bandwidth is None:
-            self._bandwidth = sb.measure_bandwidth(self.device)
+            self._bandwidth = sb.measure_bandwidth(self.device, cpu_time=self.timer_name == "time.process_time")
         return self._bandwidth
 
     def tags(self) -> dict:
@@ -81,7 +113,8 @@ class BenchEnv:
         lines = [f"sparo bench: {mode}; device {self.device_name}, {dt}; batch {batches}"]
         if self.device.type == "cpu" and not self.smoke:
             lines.append(f"sparo bench: CPU run: float32 and batch = SPARO.md batch / "
-                         f"{sb.CPU_BATCH_DIVISOR} (the SPARO.md batches are GPU batches)")
+                         f"{sb.CPU_BATCH_DIVISOR} (the SPARO.md batches are GPU batches); "
+                         f"{self.threads} torch thread(s), timer {self.timer_name}")
         return "\n".join(lines)
 
 
@@ -130,6 +163,7 @@ def _merge_write(env: BenchEnv, path: Path) -> None:
         **env.tags(),
         "python": sys.version.split()[0],
         "threads": torch.get_num_threads() if env.device.type == "cpu" else None,
+        "timer": env.timer_name if env.device.type == "cpu" else "time.perf_counter, CUDA synchronised",
         "bandwidth_gbs": round(bw / 1e9, 2),
         "bandwidth_method": how,
         "notes": [
@@ -143,7 +177,10 @@ def _merge_write(env: BenchEnv, path: Path) -> None:
             "processes on a shared machine disturb CPU timings)",
             "all implementations run with need_weights=False (the training path: attn is "
             "not returned) and input checks off",
-        ] + ([f"CPU: float32 and batch = SPARO.md batch / {sb.CPU_BATCH_DIVISOR}"]
+        ] + ([f"CPU: float32, batch = SPARO.md batch / {sb.CPU_BATCH_DIVISOR}, {env.threads} torch "
+              f"thread(s), timer {env.timer_name}"
+              + (" (CPU time of the process: other processes on a shared machine do not count)"
+                 if env.timer_name == "time.process_time" else "")]
              if env.device.type == "cpu" else []),
         "rows": rows,
         "skipped": skipped,

@@ -45,15 +45,12 @@ and input checks off. `fwd` runs under `torch.no_grad()`; `fwd_bwd` is the forwa
 """
 
 
-def _fmt(v, nd=3):
+def _fmt(v):
+    """Three significant digits (at least one decimal below 1000), or n/a."""
     if v is None:
         return "n/a"
-    if isinstance(v, float):
-        if v >= 100:
-            return f"{v:.1f}"
-        if v >= 1:
-            return f"{v:.{nd}g}" if v < 10 else f"{v:.2f}"
-        return f"{v:.{nd}g}"
+    if isinstance(v, (int, float)):
+        return f"{v:.0f}" if abs(v) >= 1000 else f"{v:#.3g}".rstrip(".")
     return str(v)
 
 
@@ -72,7 +69,10 @@ def render_file(doc: dict, name: str) -> list[str]:
         f"date {doc.get('date')}",
     ]
     if doc.get("threads"):
-        facts.append(f"{doc['threads']} threads")
+        facts.append(f"{doc['threads']} torch thread(s)")
+    loads = [r["load1"] for r in doc.get("rows", []) if r.get("load1") is not None]
+    if loads:
+        facts.append(f"1-minute load average {min(loads):.1f} to {max(loads):.1f} during the run")
     out.append("; ".join(facts) + ".")
     if doc.get("bandwidth_gbs") is not None:
         out += ["", f"Bandwidth for the floor: {doc['bandwidth_gbs']} GB/s ({doc.get('bandwidth_method', '')})."]

@@ -33,7 +33,7 @@ SHAPES = (
 
 
 def _specialise(fn, ptrs, values, consts):
-    sig, attrs, c = {}, {}, dict(consts)
+    sig, attrs, c = {}, {}, {"UPCAST": False, **consts}
     for i, a in enumerate(fn.arg_names):
         if a in ptrs:
             sig[a] = ptrs[a]
@@ -97,11 +97,11 @@ def compile_all(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.flo
                          dict(M=B * S, S=S, L=L, D=D, VD=A, V=V), dict(DOT_PREC=prec), cfg))
             cfg = bwd_config(L, N, D, dtype)
             jobs.append((_bwd_token_kernel,
-                         dict(X=f"*{t}", P="*fp32", GA=f"*{t}", GXP=f"*{t}", QT=f"*{t}", GS="*fp32", DX=f"*{t}",
-                              DQT="*fp32"),
+                         dict(X=f"*{t}", EOS="*i64", P="*fp32", GA=f"*{t}", GXP=f"*{t}", QT=f"*{t}", GS="*fp32",
+                              DX=f"*{t}", DQT="*fp32"),
                          dict(B=B, N=N, D=D, L=L, G=2, stride_xb=N * D, stride_xn=D, stride_xd=1,
                               stride_gab=L * N, stride_gal=N, stride_gan=1),
-                         dict(HAS_GA=True, DOT_PREC=prec), cfg))
+                         dict(HAS_EOS=True, HAS_GA=True, DOT_PREC=prec), cfg))
             for fn, ptrs, values, consts, cfg in jobs:
                 cfg = dict(cfg)
                 warps = cfg.pop("num_warps")

@@ -7,10 +7,11 @@ so ``torch.compile`` traces them without graph breaks (Inductor sees the kernels
 ``readout_bwd``; both have allocation-only fake implementations.
 
 Under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set before this module is
-imported) the kernels are ``InterpretedFunction`` objects, which cannot be traced; there
-the ops are kept opaque under ``torch.compile`` (the FunctionalTensorMode decomposition is
-replaced by a plain redispatch), so compiled code calls the op eagerly, which runs the
-kernels in the interpreter.
+imported) the kernels are ``InterpretedFunction`` objects, which cannot be traced: they are
+launched directly (older torch releases' ``wrap_triton`` reject them), and the ops are kept
+opaque under ``torch.compile`` (the FunctionalTensorMode decomposition is replaced by a
+plain redispatch), so compiled code calls the op eagerly, which runs the kernels in the
+interpreter.
 
 ``readout_fwd(x, eos_indices, qt, k_bias, v_weight, v_bias, proj_weight, proj_bias,
 num_heads, need_weights) -> (out, attn, p, xp, o)``: ``qt`` is the absorbed query [L, D]
@@ -21,7 +22,7 @@ values) are the state saved for the backward.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -42,18 +43,24 @@ INTERPRETED = not isinstance(_fwd_pool_kernel, _JITFunction)
 MAX_SLOTS = 128      # all slots of a sample live in one block in the backward kernel
 MAX_VALUE_DIM = 256  # the pooled value row o [BM, Vd] lives in registers in the projection kernel
 
+def _upcast(x: Tensor) -> bool:
+    """fp32 products for bfloat16 under the interpreter only (its bf16 ``tl.dot`` is broken)."""
+    return INTERPRETED and x.dtype == torch.bfloat16
+
+
+# Explicit schemas; the annotations of the functions below infer the same ones (older torch
+# releases ignored ``schema=`` in ``triton_op`` and inferred it from the annotations).
 _FWD_SCHEMA = ("(Tensor x, Tensor? eos_indices, Tensor qt, Tensor k_bias, Tensor v_weight, "
                "Tensor v_bias, Tensor proj_weight, Tensor proj_bias, int num_heads, bool need_weights) "
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-_BWD_SCHEMA = ("(Tensor grad_out, Tensor? grad_attn, Tensor x, Tensor qt, Tensor v_weight, "
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor? grad_attn, Tensor x, Tensor? eos_indices, Tensor qt, Tensor v_weight, "
                "Tensor proj_weight, Tensor p, Tensor xp, Tensor o, int num_heads) "
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-@triton_op("sparo_fast::readout_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def readout_fwd(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, k_bias: Tensor, v_weight: Tensor,
+def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, k_bias: Tensor, v_weight: Tensor,
                 v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor, num_heads: int,
-                need_weights: bool):
+                need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, N, D = x.shape
     L = qt.shape[0]
     vd = v_weight.shape[0] // num_heads
@@ -71,25 +78,26 @@ def readout_fwd(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, k_bias: Te
     eos = eos_indices.contiguous() if has_eos else qt
     prec = dot_precision(x.dtype)
     cfg = pool_config(L, N, D, x.dtype)
-    wrap_triton(_fwd_pool_kernel)[(B, triton.cdiv(L, cfg["BL"]))](
+    (wrap_triton(_fwd_pool_kernel) if not INTERPRETED else _fwd_pool_kernel)[(B, triton.cdiv(L, cfg["BL"]))](
         x, eos, qt, p, attn if need_weights else p, xp,
         N, D, L,
         x.stride(0), x.stride(1), x.stride(2),
-        HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=prec, **cfg,
+        HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=prec, UPCAST=_upcast(x), **cfg,
     )
     M = B * S
     cfg = proj_config(M, D, vd, V, x.dtype)
-    wrap_triton(_fwd_proj_kernel)[(triton.cdiv(M, cfg["BM"]), num_heads)](
+    grid = (triton.cdiv(M, cfg["BM"]), num_heads)
+    (wrap_triton(_fwd_proj_kernel) if not INTERPRETED else _fwd_proj_kernel)[grid](
         xp, v_weight, v_bias, proj_weight, proj_bias, o, out,
         M, S, L, D, vd, V,
-        DOT_PREC=prec, **cfg,
+        DOT_PREC=prec, UPCAST=_upcast(x), **cfg,
     )
     return out, attn, p, xp, o
 
 
-@triton_op("sparo_fast::readout_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, qt: Tensor, v_weight: Tensor,
-                proj_weight: Tensor, p: Tensor, xp: Tensor, o: Tensor, num_heads: int):
+def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_indices: Optional[Tensor],
+                qt: Tensor, v_weight: Tensor, proj_weight: Tensor, p: Tensor, xp: Tensor, o: Tensor,
+                num_heads: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, N, D = x.shape
     L = qt.shape[0]
     H = num_heads
@@ -116,16 +124,22 @@ def readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, qt: Te
     part = torch.empty((P, L, D), device=x.device, dtype=torch.float32)
     has_ga = grad_attn is not None
     ga = grad_attn if has_ga else p
+    has_eos = eos_indices is not None
+    eos = eos_indices.contiguous() if has_eos else qt
     cfg = bwd_config(L, N, D, x.dtype)
-    wrap_triton(_bwd_token_kernel)[(P,)](
-        x, p, ga, gxp, qt, gs, dx, part,
+    (wrap_triton(_bwd_token_kernel) if not INTERPRETED else _bwd_token_kernel)[(P,)](
+        x, eos, p, ga, gxp, qt, gs, dx, part,
         B, N, D, L, G,
         x.stride(0), x.stride(1), x.stride(2),
         ga.stride(0), ga.stride(1), ga.stride(2),
-        HAS_GA=has_ga, DOT_PREC=dot_precision(x.dtype), **cfg,
+        HAS_EOS=has_eos, HAS_GA=has_ga, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x), **cfg,
     )
     dqt = part.sum(dim=0).to(qt.dtype)  # deterministic batch-wide reduction
     return dx, dqt, dwv, dbv, dwo, dbo
+
+
+readout_fwd = triton_op("sparo_fast::readout_fwd", mutates_args=(), schema=_FWD_SCHEMA)(_readout_fwd)
+readout_bwd = triton_op("sparo_fast::readout_bwd", mutates_args=(), schema=_BWD_SCHEMA)(_readout_bwd)
 
 
 # ----------------------------------------------------------------------------- fake impls
@@ -141,7 +155,7 @@ def _readout_fwd_fake(x, eos_indices, qt, k_bias, v_weight, v_bias, proj_weight,
 
 
 @readout_bwd.register_fake
-def _readout_bwd_fake(grad_out, grad_attn, x, qt, v_weight, proj_weight, p, xp, o, num_heads):
+def _readout_bwd_fake(grad_out, grad_attn, x, eos_indices, qt, v_weight, proj_weight, p, xp, o, num_heads):
     B, N, D = x.shape
     return (x.new_empty((B, N, D)), qt.new_empty(qt.shape), grad_out.new_empty(v_weight.shape),
             grad_out.new_empty((v_weight.shape[0],)), grad_out.new_empty(proj_weight.shape),
@@ -152,7 +166,8 @@ def _readout_bwd_fake(grad_out, grad_attn, x, qt, v_weight, proj_weight, p, xp, 
 def _setup_context(ctx, inputs, output):
     x, eos_indices, qt, k_bias, v_weight, v_bias, proj_weight, proj_bias, num_heads, need_weights = inputs
     _, _, p, xp, o = output
-    ctx.save_for_backward(x, qt, v_weight, proj_weight, p, xp, o)
+    ctx.has_eos = eos_indices is not None
+    ctx.save_for_backward(x, eos_indices if ctx.has_eos else None, qt, v_weight, proj_weight, p, xp, o)
     ctx.num_heads = num_heads
     ctx.need_weights = need_weights
     ctx.k_bias_meta = (k_bias.shape, k_bias.dtype)
@@ -160,7 +175,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, g_out, g_attn, _gp, _gxp, _go):
-    x, qt, v_weight, proj_weight, p, xp, o = ctx.saved_tensors
+    x, eos_indices, qt, v_weight, proj_weight, p, xp, o = ctx.saved_tensors
     B, N, _ = x.shape
     L = qt.shape[0]
     if g_out is None:
@@ -168,7 +183,7 @@ def _backward(ctx, g_out, g_attn, _gp, _gxp, _go):
     if not ctx.need_weights or g_attn is None:
         g_attn = None
     dx, dqt, dwv, dbv, dwo, dbo = torch.ops.sparo_fast.readout_bwd(
-        g_out, g_attn, x, qt, v_weight, proj_weight, p, xp, o, ctx.num_heads)
+        g_out, g_attn, x, eos_indices, qt, v_weight, proj_weight, p, xp, o, ctx.num_heads)
     shape, dtype = ctx.k_bias_meta
     dkb = torch.zeros(shape, dtype=dtype, device=x.device)  # the key bias cancels in the softmax
     return dx, None, dqt, dkb, dwv, dbv, dwo, dbo, None, None

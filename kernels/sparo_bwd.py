@@ -10,9 +10,10 @@ run in PyTorch (cuBLAS) around the kernel (see ``ops.py``)::
 (all L <= 128 slots in one block), grid ``(P,)`` with each program owning G consecutive
 batch elements (P = cdiv(B, G), G chosen so that P is about two waves of the GPU):
 
-1. per sample, sweep the tokens: ``gp = gxp @ x^T (+ ga)`` (D tiled, fp32 accumulation),
-   ``delta_l = sum_n p gp`` (exact even when a gradient arrives through attn), the raw
-   ``gp`` parked in an fp32 scratch [B, L, N]; a second sweep turns it into
+1. per sample, sweep the tokens (up to EOS for texts; dx is zero past it):
+   ``gp = gxp @ x^T (+ ga)`` (D tiled, fp32 accumulation), ``delta_l = sum_n p gp`` (exact
+   even when a gradient arrives through attn), the raw ``gp`` parked in an fp32 scratch
+   [B, L, N]; a second sweep turns it into
    ``gs = p * (gp - delta)`` in place;
 2. D tile by D tile, sweep samples and token tiles:
    ``dx[n, d] = sum_l p[l, n] gxp[l, d] + sum_l gs[l, n] qt[l, d]`` (written once, no
@@ -28,6 +29,10 @@ Saved from the forward: x, p (fp32 softmax, [B, L, N]), xp ([B, L, D]) and o ([B
 i.e. x plus O(B*L*(N+D)) state. Precision as in the forward: fp16/bf16 operands on tensor
 cores with fp32 accumulation (p and gs cast to the compute dtype for the dots, as
 FlashAttention does), float32 with ``input_precision="ieee"``.
+
+Blocks (``bwd_config``): all L slots x 32 tokens x 64 features (32 in float32), 8 warps;
+checked with ``python -m sparo_fast_kernels.aot_check`` (sm_90, no GPU needed): no spills at
+the benchmark shapes, a few spilled bytes at L > 64. Not timed on a GPU yet.
 """
 from __future__ import annotations
 
@@ -38,17 +43,18 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparo_fwd import _p2
+from .sparo_fwd import _dot, _p2
 
 
 @triton.jit
 def _bwd_token_kernel(
-    X, P, GA, GXP, QT, GS, DX, DQT,
+    X, EOS, P, GA, GXP, QT, GS, DX, DQT,
     B, N, D, L, G,
     stride_xb, stride_xn, stride_xd,
     stride_gab, stride_gal, stride_gan,
-    HAS_GA: tl.constexpr,
+    HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     offs_l = tl.arange(0, BL)
@@ -61,8 +67,12 @@ def _bwd_token_kernel(
         if b < B:
             x_base = X + b * stride_xb
             row_base = b * L * N
+            if HAS_EOS:  # p = 0 past EOS: those tiles are skipped (dx = 0 there)
+                n_valid = tl.minimum(tl.load(EOS + b).to(tl.int32) + 1, N)
+            else:
+                n_valid = N
             delta = tl.zeros([BL], tl.float32)
-            for n0 in range(0, N, BN):
+            for n0 in range(0, n_valid, BN):
                 offs_n = n0 + tl.arange(0, BN)
                 nmask = offs_n < N
                 msk = lmask[:, None] & nmask[None, :]
@@ -74,7 +84,7 @@ def _bwd_token_kernel(
                                 mask=lmask[:, None] & dmask[None, :], other=0.0)
                     xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
                                  mask=nmask[:, None] & dmask[None, :], other=0.0)
-                    gp = tl.dot(g, tl.trans(xt), gp, input_precision=DOT_PREC)
+                    gp = _dot(g, tl.trans(xt), gp, DOT_PREC, UPCAST)
                 if HAS_GA:
                     ga = tl.load(GA + b * stride_gab + offs_l[:, None] * stride_gal + offs_n[None, :] * stride_gan,
                                  mask=msk, other=0.0)
@@ -83,7 +93,7 @@ def _bwd_token_kernel(
                 delta += tl.sum(p * gp, axis=1)
                 tl.store(GS + row_base + offs_l[:, None] * N + offs_n[None, :], gp, mask=msk)
             tl.debug_barrier()
-            for n0 in range(0, N, BN):
+            for n0 in range(0, n_valid, BN):
                 offs_n = n0 + tl.arange(0, BN)
                 msk = lmask[:, None] & (offs_n < N)[None, :]
                 ptrs = row_base + offs_l[:, None] * N + offs_n[None, :]
@@ -105,7 +115,11 @@ def _bwd_token_kernel(
                 x_base = X + b * stride_xb
                 row_base = b * L * N
                 g = tl.load(GXP + b * L * D + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                for n0 in range(0, N, BN):
+                if HAS_EOS:
+                    n_valid = tl.minimum(tl.load(EOS + b).to(tl.int32) + 1, N)
+                else:
+                    n_valid = N
+                for n0 in range(0, n_valid, BN):
                     offs_n = n0 + tl.arange(0, BN)
                     nmask = offs_n < N
                     msk = lmask[:, None] & nmask[None, :]
@@ -114,11 +128,17 @@ def _bwd_token_kernel(
                     xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
                                  mask=nmask[:, None] & dmask[None, :], other=0.0)
                     gs_c = gs.to(xt.dtype)
-                    dx = tl.dot(tl.trans(p.to(xt.dtype)), g, input_precision=DOT_PREC)
-                    dx = tl.dot(tl.trans(gs_c), qt, dx, input_precision=DOT_PREC)
+                    dx = _dot(tl.trans(p.to(xt.dtype)), g, None, DOT_PREC, UPCAST)
+                    dx = _dot(tl.trans(gs_c), qt, dx, DOT_PREC, UPCAST)
                     tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
                              mask=nmask[:, None] & dmask[None, :])
-                    dq = tl.dot(gs_c, xt, dq, input_precision=DOT_PREC)
+                    dq = _dot(gs_c, xt, dq, DOT_PREC, UPCAST)
+                if HAS_EOS:  # tiles wholly past EOS: dx = 0
+                    zero = tl.zeros([BN, BD], DX.dtype.element_ty)
+                    for n0 in range(tl.cdiv(n_valid, BN) * BN, N, BN):
+                        offs_n = n0 + tl.arange(0, BN)
+                        tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], zero,
+                                 mask=(offs_n < N)[:, None] & dmask[None, :])
         tl.store(DQT + pid.to(tl.int64) * L * D + offs_l[:, None] * D + offs_d[None, :], dq, mask=ldmask)
 
 
@@ -129,7 +149,7 @@ def bwd_config(L: int, N: int, D: int, dtype: torch.dtype) -> dict:
         return dict(BL=BL, BN=_p2(N, hi=16), BD=_p2(D, hi=16), num_warps=8)  # small spills (ptxas)
     half = dtype != torch.float32
     return dict(BL=BL, BN=_p2(N, hi=32), BD=_p2(D, hi=64 if half or BL < 64 else 32),
-                num_warps=8 if BL >= 64 else 4)
+                num_warps=8)
 
 
 #: Tests set this to force several samples per program (the CPU default is one).

@@ -9,9 +9,10 @@ by autograd), so the [B, N, Hh*A] keys and values are never built.
 1. ``_fwd_pool_kernel``, grid ``(B, cdiv(L, BL))``: for one batch element and a block of
    (up to 64) slots it
 
-   a. sweeps the tokens in tiles of ``BN``: scores ``s = qt @ x^T`` (the feature axis D is
-      tiled by ``BD`` and accumulated in fp32), eos mask, online max / sum-of-exp; the raw
-      fp32 scores go to the ``p`` buffer [B, L, N];
+   a. sweeps the tokens up to EOS in tiles of ``BN`` (tiles past a text's EOS are skipped
+      in every sweep, forward and backward): scores ``s = qt @ x^T`` (the feature axis D
+      is tiled by ``BD`` and accumulated in fp32), eos mask, online max / sum-of-exp; the
+      raw fp32 scores go to the ``p`` buffer [B, L, N];
    b. sweeps ``p`` again and normalises it in place (fp32 softmax), writing ``attn``
       (compute dtype) only when ``NEED_WEIGHTS``;
    c. pools, D tile by D tile: ``xp[b, l, d] = sum_n p[l, n] x[n, d]`` (p cast to the
@@ -50,12 +51,23 @@ from torch import Tensor
 
 
 @triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` with fp32 accumulation; ``UPCAST`` (interpreter + bfloat16 only, whose bf16
+    ``tl.dot`` is broken) multiplies in fp32 instead, so the rest of the bf16 path is testable."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _fwd_pool_kernel(
     X, EOS, QT, P, ATTN, XP,
     N, D, L,
     stride_xb, stride_xn, stride_xd,
     HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr = False,
 ):
     b = tl.program_id(0).to(tl.int64)
     lb = tl.program_id(1)
@@ -63,15 +75,15 @@ def _fwd_pool_kernel(
     lmask = offs_l < L
     x_base = X + b * stride_xb
     row_base = b * L * N  # p / attn rows of this sample: [L, N] contiguous
-    if HAS_EOS:
-        n_valid = tl.load(EOS + b).to(tl.int32) + 1
+    if HAS_EOS:  # tokens after EOS: masked; whole tiles past it are skipped
+        n_valid = tl.minimum(tl.load(EOS + b).to(tl.int32) + 1, N)
     else:
         n_valid = N
 
     # (a) scores, online max and sum of exp
     m_i = tl.full([BL], float("-inf"), tl.float32)
     l_i = tl.zeros([BL], tl.float32)
-    for n0 in range(0, N, BN):
+    for n0 in range(0, n_valid, BN):
         offs_n = n0 + tl.arange(0, BN)
         nmask = offs_n < N
         s = tl.zeros([BL, BN], tl.float32)
@@ -82,7 +94,7 @@ def _fwd_pool_kernel(
                         mask=lmask[:, None] & dmask[None, :], other=0.0)
             xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
                          mask=nmask[:, None] & dmask[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(xt), s, input_precision=DOT_PREC)
+            s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
         s = tl.where((offs_n < n_valid)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
@@ -97,7 +109,7 @@ def _fwd_pool_kernel(
         offs_n = n0 + tl.arange(0, BN)
         msk = lmask[:, None] & (offs_n < N)[None, :]
         ptrs = row_base + offs_l[:, None] * N + offs_n[None, :]
-        s = tl.load(P + ptrs, mask=msk, other=float("-inf"))
+        s = tl.load(P + ptrs, mask=msk & (offs_n < n_valid)[None, :], other=float("-inf"))
         p = tl.exp(s - m_i[:, None]) * inv_l[:, None]
         tl.store(P + ptrs, p, mask=msk)
         if NEED_WEIGHTS:
@@ -109,14 +121,14 @@ def _fwd_pool_kernel(
         offs_d = d0 + tl.arange(0, BD)
         dmask = offs_d < D
         acc = tl.zeros([BL, BD], tl.float32)
-        for n0 in range(0, N, BN):
+        for n0 in range(0, n_valid, BN):
             offs_n = n0 + tl.arange(0, BN)
             nmask = offs_n < N
             p = tl.load(P + row_base + offs_l[:, None] * N + offs_n[None, :],
                         mask=lmask[:, None] & nmask[None, :], other=0.0)
             xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
                          mask=nmask[:, None] & dmask[None, :], other=0.0)
-            acc = tl.dot(p.to(xt.dtype), xt, acc, input_precision=DOT_PREC)
+            acc = _dot(p.to(xt.dtype), xt, acc, DOT_PREC, UPCAST)
         tl.store(XP + b * L * D + offs_l[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
                  mask=lmask[:, None] & dmask[None, :])
 
@@ -126,7 +138,7 @@ def _fwd_proj_kernel(
     XP, WV, BV, WO, BO, O, OUT,
     M, S, L, D, VD, V,
     BM: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr, BVO: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -143,7 +155,7 @@ def _fwd_proj_kernel(
         xp = tl.load(XP + row[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
         wv = tl.load(WV + (h * VD + offs_vd)[None, :] * D + offs_d[:, None],
                      mask=vdmask[None, :] & dmask[:, None], other=0.0)  # [BD, BVD] = W_V[h]^T tile
-        acc = tl.dot(xp, wv, acc, input_precision=DOT_PREC)
+        acc = _dot(xp, wv, acc, DOT_PREC, UPCAST)
     bv = tl.load(BV + h * VD + offs_vd, mask=vdmask, other=0.0).to(tl.float32)
     o = (acc + bv[None, :]).to(O.dtype.element_ty)
     tl.store(O + row[:, None] * VD + offs_vd[None, :], o, mask=mmask[:, None] & vdmask[None, :])
@@ -152,7 +164,7 @@ def _fwd_proj_kernel(
         vmask = offs_v < V
         wo = tl.load(WO + offs_v[None, :] * VD + offs_vd[:, None],
                      mask=vmask[None, :] & vdmask[:, None], other=0.0)  # [BVD, BVO] = W_O^T tile
-        y = tl.dot(o, wo, input_precision=DOT_PREC)
+        y = _dot(o, wo, None, DOT_PREC, UPCAST)
         bo = tl.load(BO + offs_v, mask=vmask, other=0.0).to(tl.float32)
         y = y + bo[None, :]
         tl.store(OUT + row[:, None] * V + offs_v[None, :], y.to(OUT.dtype.element_ty),

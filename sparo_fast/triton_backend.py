@@ -6,9 +6,9 @@
 ``kernels/sparo_fwd.py`` and ``kernels/sparo_bwd.py`` for the design.
 
 Inputs the kernels cannot take (a dtype other than float16/bfloat16/float32, more than
-``MAX_SLOTS`` slots, a value width over ``MAX_VALUE_DIM``, a device without Triton) fall
-back to the torch backend (``sparo_fast.functional.sparo_absorbed``) with a one-time
-warning per reason: never a wrong answer.
+``MAX_SLOTS`` slots, a value width over ``MAX_VALUE_DIM``) fall back to the torch backend
+(``sparo_fast.functional.sparo_absorbed``) with a one-time warning per reason: never a wrong
+answer. A device where the kernels cannot run at all (see ``is_available``) is an error.
 """
 from __future__ import annotations
 
@@ -61,8 +61,6 @@ def unsupported_reason(x: Tensor, q_emb: Tensor, v_weight: Tensor) -> Optional[s
     """Why the kernels cannot take these inputs, or None when they can."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {x.dtype} (the kernels take float16, bfloat16, float32)"
-    if not is_available(x.device):
-        return f"device {x.device} (Triton kernels need CUDA, or TRITON_INTERPRET=1 on CPU)"
     ops = _ops()
     _, n_heads, n_sub, _, _ = q_emb.shape
     L = n_heads * n_sub
@@ -95,6 +93,10 @@ def sparo_triton(
     need_weights: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """SPARO read-out through the fused Triton kernels; same contract as ``sparo_absorbed``."""
+    if not is_available(x.device):
+        raise RuntimeError(
+            f"SparoReadout: the 'triton' backend is not available on {x.device} (it needs Triton and a CUDA "
+            "device, or TRITON_INTERPRET=1 set before import on the CPU); use backend='torch' or 'auto'")
     reason = unsupported_reason(x, q_emb, v_weight)
     if reason is not None:
         _warn_once(reason)

@@ -60,17 +60,27 @@ def test_exact_resume_after_sigkill(uninterrupted, tmp_path, cache):
     cmd = TORCHRUN + ["--nproc_per_node=2", str(MAIN)] + [str(a) for a in args]
     proc = subprocess.Popen(cmd, env=env({"SPARO_TRAIN_TEST_HANG_AFTER_SAVE_AT_STEP": "35"}),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    ckdir = tmp_path / "killed" / "checkpoints"
+    run = tmp_path / "killed"
+    pid_files = [run / f"test_hang_pids_rank{r}.txt" for r in (0, 1)]
     deadline = time.time() + 300
+    pids = []
     try:
-        while not (ckdir / "step_00000035").is_dir():
+        while not all(p.is_file() and p.read_text().strip() for p in pid_files):
             assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "no checkpoint at step 35"
+            assert time.time() < deadline, "the run never reached its step-35 checkpoint"
             time.sleep(0.5)
-        time.sleep(1.0)
+        time.sleep(0.5)
+        pids = [int(x) for p in pid_files for x in p.read_text().split()]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: torchrun and both ranks
+        # SIGKILL torchrun (its process group) and, by pid, both ranks and their loader workers
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.wait()
+    assert (run / "checkpoints" / "step_00000035").is_dir()
     res = torchrun(2, MAIN, args + ["--resume", "latest"])
     assert "resumed from" in res.stdout and "step_00000035" in res.stdout
     full = [r for r in read_jsonl(full_run / "metrics.jsonl") if r["kind"] == "train"]
@@ -134,3 +144,23 @@ def test_missing_shards_stop_with_one_line(tmp_path, cache):
 def test_max_params_refuses_large_model(tmp_path, cache):
     res = _plain(tiny_args(tmp_path, "big", cache, "--max-params", "1000000"), tmp_path)
     assert res.returncode == 2 and "above --max-params" in res.stderr
+
+
+def test_resume_on_another_world_size(uninterrupted, tmp_path):
+    """Mid-epoch on a different layout: one clear line. At an epoch boundary: DCP reshards and it trains on."""
+    import shutil
+
+    full_run, _ = uninterrupted
+    shutil.copytree(full_run, tmp_path / "copy")
+    cache = json.loads((full_run / "params.json").read_text())["data_cache_dir"]
+    ck = tmp_path / "copy" / "checkpoints"
+    mid = ck / "step_00000042"  # epoch 1, step 18 of 24
+    res = _plain(tiny_args(tmp_path, "copy", cache, *RESUME_FLAGS, "--resume", mid), tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: cannot resume") \
+        and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    args = tiny_args(tmp_path, "copy", cache, *RESUME_FLAGS[:-2], "--epochs", "3", "--save-frequency", "0",
+                     "--no-eval", "--no-export", "--resume", ck / "step_00000048")
+    res = torchrun(1, MAIN, args)
+    train = [r for r in read_jsonl(tmp_path / "copy" / "metrics.jsonl") if r["kind"] == "train"]
+    # one rank now: 384 / 8 = 48 steps per epoch; the run continues from step 48 for one more epoch
+    assert train[-1]["step"] == 48 + 48 and all(r["loss"] == r["loss"] for r in train)

@@ -188,11 +188,16 @@ def run(args) -> int:
                 "skipped": list(skipped_ep), "skipped_before": skipped_before, "rng": ckpt.rng_state(),
                 "workers": nw, "batch_size": args.batch_size, "accum_freq": args.accum_freq, "seed": args.seed}
 
+    current: Dict[str, Any] = {}
+
     def save() -> None:
         path = ckpt.save(ckpt_dir, step, model, optimizer, train_state(), keep=args.keep_checkpoints)
         log.info(f"saved checkpoint {path}")
         if os.environ.get(TEST_HANG_ENV) == str(step):
-            log.info("test hook: waiting to be killed")
+            # test hook: publish the pids of this rank and its loader workers, then wait to be killed
+            pids = [os.getpid()] + [w.pid for w in getattr(current.get("loader"), "_workers", [])]
+            with open(os.path.join(run_dir, f"test_hang_pids_rank{info.rank}.txt"), "w") as f:
+                f.write(" ".join(map(str, pids)))
             while True:
                 time.sleep(60)
 
@@ -234,6 +239,7 @@ def run(args) -> int:
             start_batch=step_in_epoch * args.accum_freq, positions=list(positions), skipped=list(skipped_ep),
             shuffle_buffer=args.shuffle_buffer)
         loader = iter(data_mod.train_loader(spec, pre_train, tokenizer, pin_memory=device.type == "cuda"))
+        current["loader"] = loader
         win_t, win_data, win_steps = time.time(), 0.0, 0
         while step_in_epoch < steps_per_epoch:
             t0 = time.time()
@@ -279,6 +285,7 @@ def run(args) -> int:
             if stop:
                 break
         del loader
+        current.clear()
         if stop and step_in_epoch < steps_per_epoch:
             break
         epoch += 1
@@ -291,7 +298,7 @@ def run(args) -> int:
             last_eval = evaluate(f"epoch {epoch}")
 
     # ------------------------------------------------------------------ finish
-    n_skipped = torch.tensor([skipped_before + sum(skipped_ep or [])], dtype=torch.long)
+    n_skipped = torch.tensor([skipped_before + sum(skipped_ep or [])], dtype=torch.long, device=device)
     dist.all_reduce(n_skipped)
     n_skipped = int(n_skipped.item())
     if stop and not last_eval:

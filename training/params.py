@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=1, help="data loader worker processes per rank")
     g.add_argument("--data-cache-dir", default="data_cache",
                    help="where the synthetic data set is generated (once, atomically)")
-    g.add_argument("--synthetic-train-samples", type=int, default=12000,
+    g.add_argument("--synthetic-train-samples", type=int, default=8000,
                    help="size of the generated training split")
     g.add_argument("--synthetic-val-samples", type=int, default=1000,
                    help="size of the generated evaluation split")
@@ -70,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay (not on gains, biases, embeddings, "
                                                           "logit_scale)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.98)
-    g.add_argument("--eps", type=float, default=1e-6)
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.98, help="AdamW beta2")
+    g.add_argument("--eps", type=float, default=1e-6, help="AdamW epsilon")
     g.add_argument("--warmup", type=int, default=50, help="linear warm-up steps before the cosine decay")
-    g.add_argument("--epochs", type=int, default=3)
+    g.add_argument("--epochs", type=int, default=3, help="passes over --train-num-samples samples")
     g.add_argument("--grad-clip-norm", type=float, default=None, help="clip the global gradient norm")
     g.add_argument("--precision", choices=["bf16", "fp32"], default=None,
                    help="bf16: FSDP2 mixed precision (bf16 compute, fp32 reduce and master weights); default bf16 "
@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="each rank computes the loss of its own rows against all gathered features")
     g.add_argument("--gather-with-grad", action="store_true",
                    help="gather features with gradient (exact gradients with --local-loss)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="initial weights, data order and augmentations are functions of the seed")
 
     g = p.add_argument_group("run, logs and checkpoints")
     g.add_argument("--logs", "--logs-dir", dest="logs", default="logs",
@@ -103,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
     g.add_argument("--log-every-n-steps", type=int, default=20, help="progress line every N optimizer steps")
     g.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s of one device for the model-FLOP-utilisation figure (default: a table for "
-                        "known GPUs, an estimate for CPUs)")
+                   help="peak TFLOP/s of one device for the model-FLOP-utilisation figure; default: a table for "
+                        "known GPUs, an estimate for CPUs (threads x 2.5 GHz x 32 FLOP/cycle)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA when available (NCCL), else CPU (gloo)")
     g.add_argument("--max-steps", type=int, default=None,

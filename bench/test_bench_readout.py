@@ -188,11 +188,15 @@ def test_readout(benchmark, bench_env, shape_name, impl, pass_):
     env = bench_env
     shape = sb.SHAPES[shape_name]
     dtype_name = str(env.dtype).replace("torch.", "")
-    reason = skip_reason(env, shape, impl)
-    if reason:
+
+    def skip(reason: str):  # recorded in the results file too
         env.skipped.append({"shape": shape.name, "dtype": dtype_name, "impl": impl, "pass": pass_,
                             "reason": reason})
         pytest.skip(reason)
+
+    reason = skip_reason(env, shape, impl)
+    if reason:
+        skip(reason)
     batch, n_tokens = env.batch(shape), shape.N
     if impl == "triton" and env.device.type != "cuda":  # the interpreter, smoke only
         batch, n_tokens = sb.INTERPRETER_SMOKE["batch"], min(shape.N, sb.INTERPRETER_SMOKE["max_tokens"])
@@ -203,10 +207,7 @@ def test_readout(benchmark, bench_env, shape_name, impl, pass_):
         why = getattr(triton_backend, "unsupported_reason", lambda *a: None)(
             case.xs[0], case.master.q_emb, case.master.v.weight)
         if why:
-            reason = f"the triton backend would fall back to the torch backend: {why}"
-            env.skipped.append({"shape": shape.name, "dtype": dtype_name, "impl": impl,
-                                "pass": pass_, "reason": reason})
-            pytest.skip(reason)
+            skip(f"the triton backend would fall back to the torch backend: {why}")
     f = make_impl(impl, case)
     check(case, f, pass_)  # outputs and gradients agree with the reference, in both modes
     step = make_step(case, f, pass_)

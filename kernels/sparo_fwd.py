@@ -34,6 +34,10 @@ all reductions run in fp32. float32 inputs use ``input_precision="ieee"`` (true 
 TF32) so that the float32 backend stays within 1e-3 of the float64 reference; this costs
 speed in float32 only (the forward is memory-bound in bf16, the target dtype).
 
+Under the Triton CPU interpreter, casts from fp32 to bfloat16 truncate instead of rounding to
+nearest (checked: the interpreted pooled rows equal a truncating emulation bit for bit), so
+interpreted bf16 errors are about 2x those of a GPU or of PyTorch's bf16 ops; GPU casts round.
+
 Block sizes are powers of two >= 16 (``tl.dot`` needs >= 16 on GPU), chosen from the
 shape and dtype by ``triton.next_power_of_2`` with masks for every ragged edge. There is no
 autotuning: the configs were picked without a GPU, by compiling the kernels for sm_90

@@ -104,5 +104,6 @@ def sparo_absorbed(
     wv = v_weight.view(n_heads, value_dim, D)
     o = torch.baddbmm(v_bias.view(n_heads, 1, value_dim), px, wv.transpose(1, 2))
     o = o.view(n_heads, B, n_sub, value_dim).permute(1, 0, 2, 3).reshape(B, n_slots, value_dim)
-    out = torch.nn.functional.linear(o, proj_weight, proj_bias)
+    # baddbmm, not F.linear: linear on 3-D input returns a view, which FSDP2 warns about
+    out = torch.baddbmm(proj_bias.view(1, 1, -1), o, proj_weight.t().expand(B, -1, -1))
     return out, (attn if need_weights else None)

@@ -2,6 +2,7 @@
 accumulation, with gradient checkpointing) equals a single-process step on the same global batch;
 the exported checkpoint loads into sparo_fast.clip and reproduces the sharded model's embeddings."""
 import json
+import random
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from sparo_fast.clip import create_model, load_checkpoint
 from sparo_fast_training import optim
 from sparo_fast_training.loop import make_loss, train_step
 
-from train_utils import REPO, torchrun
+from train_utils import REPO, shared_once, torchrun
 from train_worker import global_batch
 
 MODEL = "ViT-Tiny-SPARO"
@@ -25,17 +26,20 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parity")
-    torchrun(2, REPO / "tests" / "train_worker.py", [out, MODEL, json.dumps(CASES)])
-    return out
+    def build(out):
+        seed = random.randrange(2**31)  # fresh inputs each session; recorded for the reference
+        (out / "seed").write_text(str(seed))
+        torchrun(2, REPO / "tests" / "train_worker.py", [out, MODEL, json.dumps(CASES), seed])
+
+    return shared_once(tmp_path_factory, "parity", build)
 
 
-def reference_step(n):
+def reference_step(n, seed):
     """Single process, no FSDP, no accumulation: the whole global batch at once."""
     torch.manual_seed(0)
     model = create_model(MODEL, fused=True, output_dict=True)
     opt = optim.create_optimizer(model, lr=LR, wd=0.1)
-    images, tokens = global_batch(n)
+    images, tokens = global_batch(n, seed=seed)
     loss, _ = train_step(model, [(images, tokens)], make_loss(False, False, 0, 1), opt)
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     params = {k: p.detach().clone() for k, p in model.named_parameters()}
@@ -45,7 +49,8 @@ def reference_step(n):
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_fsdp_step_matches_single_process(fsdp_results, case):
     got = torch.load(fsdp_results / f"{case['name']}.pt", weights_only=False)
-    loss, grads, params = reference_step(2 * case["accum"] * case["batch"])
+    seed = int((fsdp_results / "seed").read_text())
+    loss, grads, params = reference_step(2 * case["accum"] * case["batch"], seed)
     torch.testing.assert_close(got["loss"].reshape(()), loss, rtol=1e-5, atol=1e-6)
     assert set(got["grads"]) == set(grads)
     for k, g in grads.items():
@@ -62,7 +67,7 @@ def test_export_loads_into_sparo_clip(fsdp_results):
     sd = torch.load(fsdp_results / "k2_export.pt", weights_only=False)["state_dict"]
     assert sd["logit_scale"].dim() == 0 and "visual.sparo.v.weight" in sd and "text_sparo.k.weight" in sd
     model.eval()
-    images, tokens = global_batch(2 * 2 * 3)
+    images, tokens = global_batch(2 * 2 * 3, seed=int((fsdp_results / "seed").read_text()))
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(images[:4], normalize=True), got["emb_img"], rtol=1e-5,
                                    atol=1e-6)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from train_utils import MAIN, TORCHRUN, env, tiny_args, torchrun
+from train_utils import MAIN, TORCHRUN, env, shared_once, tiny_args, torchrun
 
 RESUME_FLAGS = ["--epochs", "2", "--synthetic-shard-size", "64", "--workers", "2", "--save-every-n-steps", "7",
                 "--warmup", "5", "--lr", "2e-3", "--local-loss", "--gather-with-grad", "--save-frequency", "1"]
@@ -24,18 +24,22 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data_cache"))
+    return str(shared_once(tmp_path_factory, "data_cache", lambda d: None))
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
-    logs = tmp_path_factory.mktemp("logs")
-    res = torchrun(2, MAIN, tiny_args(logs, "full", cache, *RESUME_FLAGS))
-    return logs / "full", res
+    """The reference 2-rank run, made once per session (shared by the xdist workers)."""
+    def build(logs):
+        res = torchrun(2, MAIN, tiny_args(logs, "full", cache, *RESUME_FLAGS))
+        (logs / "stdout.txt").write_text(res.stdout)
+
+    logs = shared_once(tmp_path_factory, "full_run", build)
+    return logs / "full", (logs / "stdout.txt").read_text()
 
 
 def test_two_rank_fsdp_run(uninterrupted):
-    run, res = uninterrupted
+    run, stdout = uninterrupted
     train = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "train"]
     losses = [r["loss"] for r in train]
     assert all(map(lambda x: x == x and abs(x) < 1e9, losses))
@@ -49,7 +53,7 @@ def test_two_rank_fsdp_run(uninterrupted):
     for key in ("zeroshot_color_top1", "zeroshot_shape_top1", "image_to_text_R@1", "text_to_image_R@5",
                 "swap_accuracy"):
         assert 0.0 <= summary[key] <= 1.0
-    assert "samples/s" in res.stdout and "MFU" in res.stdout
+    assert "samples/s" in stdout and "MFU" in stdout
 
 
 def test_exact_resume_after_sigkill(uninterrupted, tmp_path, cache):
@@ -90,7 +94,8 @@ def test_exact_resume_after_sigkill(uninterrupted, tmp_path, cache):
     for r in full:
         if r["step"] > 35:
             assert by_step[r["step"]]["lr"] == r["lr"]
-            assert abs(by_step[r["step"]]["loss"] - r["loss"]) < 1e-5, (r["step"], by_step[r["step"]]["loss"], r["loss"])
+            got = by_step[r["step"]]["loss"]
+            assert abs(got - r["loss"]) < 1e-5, (r["step"], got, r["loss"])
     a = torch.load(full_run / "checkpoints" / "epoch_2.pt", weights_only=False)
     b = torch.load(tmp_path / "killed" / "checkpoints" / "epoch_2.pt", weights_only=False)
     assert a["step"] == b["step"] == 48

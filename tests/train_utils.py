@@ -29,3 +29,19 @@ def tiny_args(tmp, name, cache, *extra):
     return ["--device", "cpu", "--logs-dir", tmp, "--name", name, "--data-cache-dir", cache,
             "--synthetic-train-samples", "384", "--synthetic-val-samples", "64", "--batch-size", "8",
             "--workers", "1", "--log-every-n-steps", "1", "--threads", "1", *extra]
+
+
+def shared_once(tmp_path_factory, name, build):
+    """Run ``build(dir)`` once per test session, even across pytest-xdist workers (file lock + marker)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of one session
+    target = root / f"shared_{name}"
+    with FileLock(str(target) + ".lock"):
+        if not (target / ".done").is_file():
+            target.mkdir(parents=True, exist_ok=True)
+            build(target)
+            (target / ".done").write_text("ok")
+    return target

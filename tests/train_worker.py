@@ -31,7 +31,7 @@ def global_batch(n, image_size=64, ctx=32, seed=123):
 
 
 def main():
-    out_dir, model_name, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    out_dir, model_name, cases, seed = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
     info = D.init("cpu")
     torch.set_num_threads(1)
     from sparo_fast.clip import create_model
@@ -43,7 +43,7 @@ def main():
         fsdp.shard_model(model, info.device, info.world_size, "fp32", case.get("grad_checkpointing", False))
         opt = optim.create_optimizer(model, lr=case["lr"], wd=0.1)
         loss_fn = make_loss(case["local_loss"], case["gather_with_grad"], info.rank, info.world_size)
-        images, tokens = global_batch(info.world_size * k * b)
+        images, tokens = global_batch(info.world_size * k * b, seed=seed)
         # rank r, micro-batch j: rows [(r * k + j) * b, (r * k + j + 1) * b)
         micro = [(images[(info.rank * k + j) * b:(info.rank * k + j + 1) * b],
                   tokens[(info.rank * k + j) * b:(info.rank * k + j + 1) * b]) for j in range(k)]

@@ -67,7 +67,8 @@ def list_checkpoints(root: str) -> List[str]:
     for d in os.listdir(root):
         m = STEP_RE.match(d)
         path = os.path.join(root, d)
-        if m and os.path.isfile(os.path.join(path, "train_state.pt")) and os.path.isfile(os.path.join(path, ".metadata")):
+        complete = all(os.path.isfile(os.path.join(path, f)) for f in ("train_state.pt", ".metadata"))
+        if m and complete:
             found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found)]
 

@@ -80,7 +80,6 @@ def count_samples(urls: Sequence[str]) -> Optional[int]:
 
 def _raw_samples(url: str) -> Iterator[dict]:
     """Samples (dicts of raw bytes by extension) of one shard; a broken shard is warned about and cut short."""
-    import webdataset as wds
     from webdataset.tariterators import tarfile_samples
 
     def handler(exn):
@@ -88,7 +87,6 @@ def _raw_samples(url: str) -> Iterator[dict]:
         return True
 
     yield from tarfile_samples([{"url": url}], handler=handler)
-    del wds
 
 
 def _seed(*parts) -> int:
@@ -169,7 +167,8 @@ class TrainStream(IterableDataset):
                 mine = order[reader::n_readers]
                 raw = (x for url in mine for x in _raw_samples(url))
             else:  # fewer shards than readers: every reader reads everything and keeps its slice
-                raw = (x for i, x in enumerate(y for url in order for y in _raw_samples(url)) if i % n_readers == reader)
+                everything = (y for url in order for y in _raw_samples(url))
+                raw = (x for i, x in enumerate(everything) if i % n_readers == reader)
             yield from raw
             p += 1
 

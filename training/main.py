@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import resource
 import sys
@@ -118,13 +117,15 @@ def run(args) -> int:
         with open(os.path.join(run_dir, "params.json"), "w") as f:
             json.dump({k: v for k, v in vars(args).items()}, f, indent=1, default=str)
     log.info(f"run {name}: {info.world_size} rank(s), {info.backend} on {device.type}, precision {precision}, "
-             f"model {args.model} ({'fused' if args.fused_sparo else 'reference'} SPARO read-out)")
+             f"model {args.model}")
 
     data = resolve_data(args, info)
 
     torch.manual_seed(args.seed)  # same initial weights on every rank (FSDP2 shards each rank's copy)
     model, pre_train, pre_val, tokenizer = build_model(args, device)
     n_params = _count_params(model)
+    kind = (f"SPARO read-outs, {'fused' if args.fused_sparo else 'reference'} backend"
+            if getattr(model, "readouts", None) else "baseline CLIP (no SPARO read-out)")
     if args.max_params is not None and n_params > args.max_params:
         raise Fatal(f"model {args.model} has {n_params:,} parameters, above --max-params {args.max_params:,}")
     image_size = model.visual.image_size
@@ -142,7 +143,8 @@ def run(args) -> int:
         raise Fatal(f"{data['num_samples']} samples per epoch is less than one global batch ({global_batch})")
     total_steps = steps_per_epoch * args.epochs
     nw = max(1, args.workers)
-    log.info(f"{n_params:,} parameters; {data['num_samples']:,} samples/epoch, global batch {global_batch} "
+    log.info(f"{args.model}: {kind}, {n_params:,} parameters; {data['num_samples']:,} samples/epoch, "
+             f"global batch {global_batch} "
              f"({info.world_size} x {args.batch_size} x {args.accum_freq} accum), {steps_per_epoch} steps/epoch, "
              f"{total_steps} steps, {len(data['train_urls'])} shards")
 
@@ -170,6 +172,9 @@ def run(args) -> int:
                         f"{blob['world_size']} rank(s) x {r0['workers']} worker(s), batch {r0['batch_size']} x "
                         f"{r0['accum_freq']} accum; now {info.world_size} x {nw}, batch {args.batch_size} x "
                         f"{args.accum_freq} (resume at an epoch boundary, or with the same layout)")
+        if r0["step_in_epoch"] != 0 and r0.get("seed", args.seed) != args.seed:
+            raise Fatal(f"cannot resume {resume_path} mid-epoch with --seed {args.seed}: it was written with "
+                        f"--seed {r0['seed']} (the data order depends on it)")
         ckpt.load(resume_path, model, optimizer)
         step, epoch, step_in_epoch = r0["step"], r0["epoch"], r0["step_in_epoch"]
         if same_layout:

@@ -1,14 +1,12 @@
 """FSDP2 wrapping: ``fully_shard`` on every residual block of both towers and on the root."""
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-SCALAR_SUFFIX = "__was_0d"
 
 
 def make_scalars_1d(model: nn.Module) -> List[str]:
@@ -51,8 +49,7 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, precisi
     blocks = residual_blocks(model)
     if not blocks:
         raise ValueError("no residual blocks found at visual.transformer.resblocks / transformer.resblocks")
-    for i, blk in enumerate(blocks):
-        # the last block's weights are needed again right away in backward: keep them gathered
+    for blk in blocks:
         fully_shard(blk, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     for method in ("encode_image", "encode_text"):
@@ -60,6 +57,3 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, precisi
             register_fsdp_forward_method(model, method)
     return model
 
-
-def param_groups_info(model: nn.Module) -> Dict[str, int]:
-    return {"params": sum(p.numel() for p in model.parameters())}

@@ -132,7 +132,11 @@ def run(args) -> int:
     image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
     context_length = model.context_length
     embed_dim = model.embed_dim if hasattr(model, "embed_dim") else None
-    fwd_flops = F.forward_flops_per_sample(model, image_size, context_length)
+    try:
+        fwd_flops = F.forward_flops_per_sample(model, image_size, context_length)
+    except Exception as e:  # the FLOP figure is informative only
+        log.warning(f"could not count model FLOPs ({e!r}); MFU will read 0")
+        fwd_flops = 0.0
     fsdp.shard_model(model, device, info.world_size, precision, args.grad_checkpointing)
     optimizer = optim.create_optimizer(model, args.lr, args.wd, (args.beta1, args.beta2), args.eps)
     loss_fn = make_loss(args.local_loss, args.gather_with_grad, info.rank, info.world_size)
@@ -262,7 +266,9 @@ def run(args) -> int:
             step_in_epoch += 1
             win_steps += 1
             last = step_in_epoch == steps_per_epoch
-            if step % args.log_every_n_steps == 0 or last or step == 1:
+            if args.max_steps is not None and step >= args.max_steps:
+                stop = True
+            if step % args.log_every_n_steps == 0 or last or stop or step == 1:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 dt = time.time() - win_t
@@ -283,8 +289,6 @@ def run(args) -> int:
                          + f"({achieved:.3f} TFLOP/s/rank) | scale {rec['logit_scale']:.1f}")
                 metrics.write("train", step, rec)
                 win_t, win_data, win_steps = time.time(), 0.0, 0
-            if args.max_steps is not None and step >= args.max_steps:
-                stop = True
             if args.save_every_n_steps and step % args.save_every_n_steps == 0 and not last:
                 save()
             if stop:

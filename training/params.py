@@ -122,8 +122,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if argv[:1] == ["--"]:  # torchrun ... main.py -- --logs DIR: torchrun keeps the separator
         argv = argv[1:]
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.accum_freq < 1 or args.epochs < 1:
-        parser.error("--batch-size, --accum-freq and --epochs must be positive")
+    if min(args.batch_size, args.accum_freq, args.epochs, args.log_every_n_steps) < 1:
+        parser.error("--batch-size, --accum-freq, --epochs and --log-every-n-steps must be positive")
+    if args.workers < 0 or args.save_every_n_steps < 0 or args.save_frequency < 0:
+        parser.error("--workers, --save-every-n-steps and --save-frequency cannot be negative")
     if args.train_data is not None and args.train_num_samples is not None and args.train_num_samples < 1:
         parser.error("--train-num-samples must be positive")
     if args.resume is not None and args.name is None and args.resume == "latest":

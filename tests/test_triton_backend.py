@@ -190,6 +190,15 @@ def test_random_configs_fp16(cfg):
     _compare_to_reference(cfg, torch.float16)
 
 
+@pytest.mark.parametrize("eos", [None, "random"], ids=["vision", "text"])
+def test_long_sequences_wide_tokens(eos):
+    """N >= 1024 and D >= 1280 (many token and feature tiles) on few slots, cheap enough for
+    the interpreter; ``test_gpu_large_tiled`` runs the same sizes with more slots on a GPU."""
+    cfg = dict(B=1, N=1030, D=1290, H=1, S=2, A=3, Vd=4, V=5, share=False, eos=eos,
+               need_weights=True, grad_attn=True, noncontig=True, xscale=1.0, seed=5)
+    _compare_to_reference(cfg, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("H,S", [(3, 23), (4, 25)], ids=["L69", "L100"])
 def test_tiled_shapes(dtype, H, S):

@@ -5,6 +5,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -134,7 +135,7 @@ def test_corrupt_sample_is_skipped_and_reported(tmp_path, cache):
 
 
 def _plain(args, tmp_path):
-    return subprocess.run(["python", str(MAIN)] + [str(a) for a in args], env=env(), capture_output=True,
+    return subprocess.run([sys.executable, str(MAIN)] + [str(a) for a in args], env=env(), capture_output=True,
                           text=True, timeout=120)
 
 

@@ -111,8 +111,16 @@ def compile_all(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.flo
                 regs, spill = _ptxas_info(k.asm["ptx"])
                 report.append(dict(shape=name, dtype=t, kernel=fn.__name__, num_warps=warps,
                                    shared=k.metadata.shared, regs=regs, spill_bytes=spill,
+                                   matrix_ops=_matrix_ops(k.asm["ptx"]),
                                    blocks={k2: v for k2, v in cfg.items()}))
     return report
+
+
+def _matrix_ops(ptx: str) -> str:
+    """Which tensor-core instructions the kernel uses: Hopper's ``wgmma``, the older
+    ``mma.sync``, or none (then every ``tl.dot`` became scalar FMAs, e.g. true-fp32 dots)."""
+    kinds = [name for name, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if op in ptx]
+    return "+".join(kinds) or "none"
 
 
 def main(argv=None):
@@ -131,7 +139,7 @@ def main(argv=None):
     else:
         for r in rep:
             print(f"{r['shape']:10s} {r['dtype']:5s} {r['kernel']:18s} warps={r['num_warps']} regs={r['regs']} "
-                  f"spill={r['spill_bytes']} shared={r['shared']} {r['blocks']}")
+                  f"spill={r['spill_bytes']} shared={r['shared']} mma={r['matrix_ops']} {r['blocks']}")
 
 
 if __name__ == "__main__":

@@ -35,3 +35,11 @@ def test_kernels_compile_for_sm90(shapes, dtypes):
             assert x["spill_bytes"] == 0, x
         else:  # ptxas may trade a few spilled bytes for occupancy (L = 128, tiny L in bf16)
             assert x["spill_bytes"] <= 128, x
+        # half precision must reach the tensor cores (Hopper's wgmma at the benchmark shapes; small
+        # slot blocks get mma.sync, as wgmma needs 64-row tiles); float32 is true fp32 by design
+        if x["dtype"] in ("bf16", "fp16"):
+            assert x["matrix_ops"] != "none", x
+            if x["shape"] in ("vit_b16", "text_b"):
+                assert "wgmma" in x["matrix_ops"], x
+        else:
+            assert x["matrix_ops"] == "none", x

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparo_fast.params import ReadoutParams
+
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 RESULTS_MD = HERE / "RESULTS.md"
@@ -82,11 +84,10 @@ def floor_bytes(shape: Shape, batch: int, dtype: torch.dtype, pass_: str) -> int
 
 
 # ----------------------------------------------------------------------------- peers
-def sparo_sdpa(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weight: Tensor,
-               k_bias: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor,
-               proj_bias: Tensor) -> Tensor:
+def sparo_sdpa(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams) -> Tensor:
     """The read-out through ``F.scaled_dot_product_attention``: keys and values materialised,
     Hh heads with S = L / Hh queries each (L heads of one query here). Returns y [B, L, V]."""
+    q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias = params
     B, N, _ = x.shape
     _, n_heads, n_sub, _, attn_dim = q_emb.shape
     value_dim = v_weight.shape[0] // n_heads
@@ -103,10 +104,9 @@ def sparo_sdpa(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weight
     return F.linear(o.reshape(B, n_heads * n_sub, value_dim), proj_weight, proj_bias)
 
 
-def sparo_xformers(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weight: Tensor,
-                   k_bias: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor,
-                   proj_bias: Tensor) -> Tensor:
+def sparo_xformers(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams) -> Tensor:
     """The read-out through xformers' ``memory_efficient_attention`` ([B, M, H, K] layout)."""
+    q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias = params
     import xformers.ops as xops
 
     B, N, _ = x.shape

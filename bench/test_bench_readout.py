@@ -17,6 +17,7 @@ import torch
 import sparo_bench as sb
 from sparo_fast import SparoReadout
 from sparo_fast.functional import sparo_reference
+from sparo_fast.params import ReadoutParams
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 # On a CPU smoke run each torch.compile costs seconds and the Triton interpreter runs every
@@ -54,7 +55,7 @@ class Case:
             args = [ps[n] for n in ("q_emb", "k.weight", "k.bias")]
             args += [ps["k.weight"], ps["k.bias"]] if sb.SHARE_KV else [ps["v.weight"], ps["v.bias"]]
             args += [ps["proj.weight"], ps["proj.bias"]]
-            y, _ = sparo_reference(x, self.eos[0], *args, need_weights=False)
+            y, _ = sparo_reference(x, self.eos[0], ReadoutParams(*args), need_weights=False)
             grads = torch.autograd.grad(y, [x, *ps.values()], self.gs[0].double())
             self._ref = (y.detach(), dict(zip(("x", *ps), grads)))
         return self._ref
@@ -88,7 +89,7 @@ def make_impl(impl: str, case: Case):
         return lambda x, eos: m(x, eos)[0]
     params = case.master.params()
     fn = {"sdpa": sb.sparo_sdpa, "xformers": sb.sparo_xformers}[base]
-    return lambda x, eos: fn(x, eos, *params)
+    return lambda x, eos: fn(x, eos, params)
 
 
 def skip_reason(env, shape: sb.Shape, impl: str) -> str | None:

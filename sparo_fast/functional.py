@@ -1,7 +1,7 @@
 """SPARO read-out as plain functions: the published math and the absorbed formulation.
 
-Every backend takes the same arguments (the published module's parameters, unpacked) and
-returns ``(out [B, L, V], attn [B, L, N] or None)``; see ``../shared/SPARO.md`` for the
+Every backend takes the same arguments ``(x, eos_indices, params: ReadoutParams,
+need_weights)`` and returns ``(out [B, L, V], attn [B, L, N] or None)``; see ``../shared/SPARO.md`` for the
 derivation of the absorbed form.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from .params import ReadoutParams
 
 
 def eos_mask(eos_indices: Optional[Tensor], n_tokens: int, device) -> Optional[Tensor]:
@@ -22,16 +24,11 @@ def eos_mask(eos_indices: Optional[Tensor], n_tokens: int, device) -> Optional[T
 def sparo_reference(
     x: Tensor,
     eos_indices: Optional[Tensor],
-    q_emb: Tensor,
-    k_weight: Tensor,
-    k_bias: Tensor,
-    v_weight: Tensor,
-    v_bias: Tensor,
-    proj_weight: Tensor,
-    proj_bias: Tensor,
+    params: ReadoutParams,
     need_weights: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """The published computation, keys and values materialised: the gradient-check oracle."""
+    q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias = params
     B, N, _ = x.shape
     _, n_heads, n_sub, _, attn_dim = q_emb.shape
     value_dim = v_weight.shape[0] // n_heads
@@ -69,13 +66,7 @@ def absorbed_query_bias(q_emb: Tensor, k_bias: Tensor) -> Tensor:
 def sparo_absorbed(
     x: Tensor,
     eos_indices: Optional[Tensor],
-    q_emb: Tensor,
-    k_weight: Tensor,
-    k_bias: Tensor,
-    v_weight: Tensor,
-    v_bias: Tensor,
-    proj_weight: Tensor,
-    proj_bias: Tensor,
+    params: ReadoutParams,
     need_weights: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Absorbed formulation in PyTorch ops: never builds the [B, N, Hh*A] key/value tensors.
@@ -86,6 +77,7 @@ def sparo_absorbed(
     Low-precision inputs keep their dtype in the matrix products; the softmax runs in
     float32 and the probabilities are cast back, as SDPA-style kernels do.
     """
+    q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias = params
     B, N, D = x.shape
     _, n_heads, n_sub, _, _ = q_emb.shape
     n_slots = n_heads * n_sub

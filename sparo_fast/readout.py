@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
+from .params import ReadoutParams
 from .validation import check_config, check_input
 
 
@@ -25,7 +26,8 @@ class SparoReadout(nn.Module):
     Same constructor, parameter names, shapes, init order (so the same seed gives the same
     weights) and state-dict keys as the published ``SPARO`` module. ``forward(x, eos_indices)``
     returns ``(out [B, L, V], attn [B, L, N])``; ``attn`` is ``None`` when ``need_weights`` is
-    off.
+    off (the constructor's ``need_weights`` is the default; ``forward(..., need_weights=)``
+    overrides it per call).
 
     Backends: ``"reference"`` (published math, keys and values materialised), ``"torch"``
     (absorbed formulation, PyTorch ops), ``"triton"`` (fused kernels) and ``"auto"`` (triton
@@ -48,8 +50,7 @@ class SparoReadout(nn.Module):
         value_dim = attn_dim if value_dim is None else value_dim
         num_heads = L if num_heads is None else num_heads
         check_config(dim, L, V, attn_dim, value_dim, num_heads, share_kv)
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"unknown SPARO backend {backend!r}; choose one of {backends.BACKENDS}")
+        backends.check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         self.dim = dim
         self.L = L
@@ -84,16 +85,18 @@ class SparoReadout(nn.Module):
                 f"value_dim={self.value_dim}, num_heads={self.num_heads}, share_kv={self.share_kv}, "
                 f"backend={self.backend!r}, need_weights={self.need_weights}")
 
-    def params(self, dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, ...]:
-        """(q_emb, k.weight, k.bias, v.weight, v.bias, proj.weight, proj.bias), optionally cast."""
-        ps = (self.q_emb, self.k.weight, self.k.bias, self.v.weight, self.v.bias,
-              self.proj.weight, self.proj.bias)
-        if dtype is None:
-            return ps
-        return tuple(p if p.dtype == dtype else p.to(dtype) for p in ps)
+    def params(self, dtype: Optional[torch.dtype] = None) -> ReadoutParams:
+        """The parameters as one ``ReadoutParams`` (what every backend takes), optionally cast."""
+        ps = ReadoutParams(self.q_emb, self.k.weight, self.k.bias, self.v.weight, self.v.bias,
+                           self.proj.weight, self.proj.bias)
+        return ps.cast(dtype)
 
     def forward(self, x: Tensor, eos_indices: Optional[Tensor] = None,
-                ) -> Tuple[Tensor, Optional[Tensor]]:
+                need_weights: Optional[bool] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """``need_weights`` overrides the module's default for this call only (re-entrant and
+        compile-friendly: the attribute is never flipped)."""
+        if need_weights is None:
+            need_weights = self.need_weights
         compiling = torch.compiler.is_compiling()
         check_input(x, self.dim, eos_indices, check_values=self.check_inputs and not compiling,
                     check_finite=self.check_finite and not compiling)
@@ -109,7 +112,7 @@ class SparoReadout(nn.Module):
             name = "torch"  # an empty batch needs no kernel, only correctly shaped outputs
         fn = backends.get(name)
         with torch.autocast(x.device.type, enabled=False):
-            return fn(x.to(dtype), eos_indices, *self.params(dtype), need_weights=self.need_weights)
+            return fn(x.to(dtype), eos_indices, self.params(dtype), need_weights=bool(need_weights))
 
     @classmethod
     def from_published(cls, module: nn.Module, **kwargs) -> "SparoReadout":
@@ -136,10 +139,12 @@ def is_published_sparo(module: nn.Module) -> bool:
 
 
 def convert(model: nn.Module, **kwargs) -> nn.Module:
-    """Replace, in place, every published-style SPARO module in ``model`` by a ``SparoReadout``.
+    """Return ``model`` with every published-style SPARO module replaced by a ``SparoReadout``.
 
-    The new modules hold the very same parameter tensors, so optimizers and state dicts keep
-    working. Returns ``model`` (or the new module when ``model`` itself is a SPARO module).
+    Always use the result: ``model = convert(model)``. Submodules are replaced inside
+    ``model`` (which is returned); a bare published module cannot replace itself, so a new
+    ``SparoReadout`` is returned. Either way the new modules hold the very same parameter
+    tensors, so optimizers and state dicts keep working.
     Keyword arguments (``backend``, ``need_weights``) go to ``SparoReadout``.
     """
     if is_published_sparo(model):

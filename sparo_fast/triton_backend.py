@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .functional import absorbed_query, sparo_absorbed
+from .params import ReadoutParams
 
 _warned: set = set()
 _KERNELS_MODULE = "sparo_fast_kernels.ops"
@@ -83,13 +84,7 @@ def _warn_once(reason: str) -> None:
 def sparo_triton(
     x: Tensor,
     eos_indices: Optional[Tensor],
-    q_emb: Tensor,
-    k_weight: Tensor,
-    k_bias: Tensor,
-    v_weight: Tensor,
-    v_bias: Tensor,
-    proj_weight: Tensor,
-    proj_bias: Tensor,
+    params: ReadoutParams,
     need_weights: bool = True,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """SPARO read-out through the fused Triton kernels; same contract as ``sparo_absorbed``."""
@@ -97,11 +92,11 @@ def sparo_triton(
         raise RuntimeError(
             f"SparoReadout: the 'triton' backend is not available on {x.device} (it needs Triton and a CUDA "
             "device, or TRITON_INTERPRET=1 set before import on the CPU); use backend='torch' or 'auto'")
+    q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias = params
     reason = unsupported_reason(x, q_emb, v_weight)
     if reason is not None:
         _warn_once(reason)
-        return sparo_absorbed(x, eos_indices, q_emb, k_weight, k_bias, v_weight, v_bias,
-                              proj_weight, proj_bias, need_weights=need_weights)
+        return sparo_absorbed(x, eos_indices, params, need_weights=need_weights)
     _ops()  # registers torch.ops.sparo_fast.*
     n_heads = q_emb.shape[1]
     qt = absorbed_query(q_emb, k_weight)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from sparo_fast.functional import sparo_reference
+from sparo_fast.params import ReadoutParams
 
 DATA = Path(__file__).parent / "data"
 GOLDEN_READOUTS = ("readout_vision_shared_kv", "readout_text_subheads_separate_kv")
@@ -61,5 +62,5 @@ class PublishedLayoutSparo(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x, eos_indices=None):
-        return sparo_reference(x, eos_indices, self.q_emb, self.k.weight, self.k.bias, self.v.weight,
-                               self.v.bias, self.proj.weight, self.proj.bias)
+        return sparo_reference(x, eos_indices, ReadoutParams(self.q_emb, self.k.weight, self.k.bias, self.v.weight,
+                                                             self.v.bias, self.proj.weight, self.proj.bias))

@@ -77,3 +77,22 @@ def test_non_contiguous_input():
     ref = m(y.permute(1, 0, 2).contiguous())
     torch.testing.assert_close(out, ref[0])
     torch.testing.assert_close(attn, ref[1])
+
+
+def test_need_weights_per_call_overrides_default_without_mutating():
+    m = SparoReadout(8, 4, 3, 2, need_weights=False, backend="torch")
+    x = torch.randn(2, 5, 8)
+    out, attn = m(x, need_weights=True)
+    assert attn is not None and attn.shape == (2, 4, 5)
+    assert m.need_weights is False
+    out2, attn2 = m(x)
+    assert attn2 is None and torch.equal(out, out2)
+
+
+def test_backend_names_validated_in_one_place():
+    from sparo_fast import backends
+
+    with pytest.raises(ValueError, match="unknown SPARO backend 'cuda'"):
+        SparoReadout(8, 4, 3, 2, backend="cuda")
+    with pytest.raises(ValueError, match="unknown SPARO backend 'tritn'"):
+        backends.resolve("tritn", torch.device("cpu"))

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sparo_fast.functional import sparo_absorbed
+from sparo_fast.params import ReadoutParams
 
 
 def _params(dim, n_heads, n_sub, attn_dim, value_dim, V, share_kv):
@@ -24,12 +25,12 @@ def test_gradcheck_torch_backend(share_kv, n_heads, n_sub, eos):
     eos_idx = torch.tensor([0, N - 2]) if eos else None
 
     def f(x, *p):
-        out, attn = sparo_absorbed(x, eos_idx, *p)
+        out, attn = sparo_absorbed(x, eos_idx, ReadoutParams(*p))
         return out, attn
 
     inputs = (x,) + (params if not share_kv else params[:3] + params[5:])
     if share_kv:
         def f(x, q, kw, kb, pw, pb):  # noqa: F811 - value projection is the key projection
-            return sparo_absorbed(x, eos_idx, q, kw, kb, kw, kb, pw, pb)
+            return sparo_absorbed(x, eos_idx, ReadoutParams(q, kw, kb, kw, kb, pw, pb))
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
     assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-6)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from sparo_fast import SparoReadout, sparo_absorbed, sparo_reference
 from sparo_fast import triton_backend
+from sparo_fast.params import ReadoutParams
 
 DATA = Path(__file__).parent / "data"
 CUDA = torch.cuda.is_available()
@@ -130,7 +131,7 @@ def _run(fn, x, eos, params, go, ga, share, need_weights, dtype, noncontig):
     if share:  # one tensor for k and v, as nn.Linear sharing does
         leaves[3], leaves[4] = leaves[1], leaves[2]
     e = None if eos is None else eos.to(DEV)
-    out, attn = fn(xs, e, *leaves, need_weights=need_weights)
+    out, attn = fn(xs, e, ReadoutParams(*leaves), need_weights=need_weights)
     loss = (out * go.to(DEV, dtype)).sum()
     if need_weights and ga is not None:
         loss = loss + (attn * ga.to(DEV, dtype)).sum()

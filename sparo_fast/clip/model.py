@@ -16,7 +16,6 @@ State-dict keys are the published ones: OpenCLIP's CLIP layout plus ``visual.spa
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -31,22 +30,8 @@ from ..readout import SparoReadout
 from .concepts import SlotsArg, check_slots, select_slots
 
 
-@contextlib.contextmanager
-def _weights(readout: SparoReadout, want: bool):
-    """Compute the attention map only when it is asked for (the training path never toggles)."""
-    if readout.need_weights == want:
-        yield
-        return
-    readout.need_weights = want
-    try:
-        yield
-    finally:
-        readout.need_weights = not want
-
-
 def run_readout(readout: SparoReadout, tokens: Tensor, eos: Optional[Tensor], return_attn: bool):
-    with _weights(readout, bool(return_attn)):
-        return readout(tokens, eos)
+    return readout(tokens, eos, need_weights=bool(return_attn))
 
 
 class SparoVisionTransformer(VisionTransformer):
@@ -192,8 +177,7 @@ class SparoCLIP(open_clip.model.CLIP):
 
     def set_backend(self, backend: str) -> None:
         """Switch both read-outs' backend: 'auto', 'reference', 'torch' or 'triton'."""
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"unknown SPARO backend {backend!r}; choose one of {backends.BACKENDS}")
+        backends.check_backend(backend)
         for r in self.readouts:
             r.backend = backend
 
@@ -267,8 +251,7 @@ class BaselineCLIP(open_clip.model.CLIP):
 
     def set_backend(self, backend: str) -> None:
         """No read-out to switch (kept so that callers can treat both kinds alike)."""
-        if backend not in backends.BACKENDS:
-            raise ValueError(f"unknown SPARO backend {backend!r}; choose one of {backends.BACKENDS}")
+        backends.check_backend(backend)
 
     def encode_image(self, image: Tensor, normalize: bool = False, return_sparo: bool = False,
                      return_attn: bool = False, slots: SlotsArg = None):

@@ -1,4 +1,4 @@
-"""AdamW with OpenCLIP's weight-decay exclusions and the cosine schedule with linear warm-up."""
+"""AdamW with OpenCLIP's weight-decay rule and OpenCLIP's learning-rate schedules."""
 from __future__ import annotations
 
 import math
@@ -6,11 +6,13 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_WORDS = ("bn", "ln", "bias", "logit_scale", "logit_bias", "embedding")
+NO_DECAY_WORDS = ("bn", "ln", "bias", "logit_scale")
 
 
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:
-    """Gains (norm weights), biases, embeddings, logit scale/bias: no decay (OpenCLIP's rule, plus embeddings)."""
+    """OpenCLIP's rule (open_clip_train.main): no decay for parameters with fewer than 2 dimensions or
+    whose name contains bn/ln/bias/logit_scale. Embeddings (positional, token, the SPARO queries) are
+    matrices and are decayed, as in OpenCLIP and the published SPARO code."""
     return p.ndim < 2 or any(w in name for w in NO_DECAY_WORDS)
 
 
@@ -23,6 +25,21 @@ def create_optimizer(model: nn.Module, lr: float, wd: float, betas=(0.9, 0.98), 
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
     # foreach: one fused loop over the local shards (DTensors) instead of a Python loop per tensor
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def make_scheduler(args, optimizer, base_lr: float, steps_per_epoch: int, total_steps: int):
+    """OpenCLIP's schedule functions (open_clip_train.scheduler): ``step -> lr`` (also sets the lr)."""
+    from open_clip_train import scheduler as S
+
+    if args.skip_scheduler:
+        return lambda step: (set_lr(optimizer, base_lr), base_lr)[1]
+    if args.lr_scheduler == "cosine":
+        return S.cosine_lr(optimizer, base_lr, args.warmup, total_steps)
+    if args.lr_scheduler == "const":
+        return S.const_lr(optimizer, base_lr, args.warmup, total_steps)
+    cooldown = steps_per_epoch * args.epochs_cooldown
+    return S.const_lr_cooldown(optimizer, base_lr, args.warmup, total_steps, cooldown, args.lr_cooldown_power,
+                               args.lr_cooldown_end)
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:

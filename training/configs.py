@@ -61,7 +61,11 @@ DEFAULTS = {
     "--precision": (None, "None: amp_bf16 on CUDA, fp32 on CPU (OpenCLIP's 'amp' is fp16, refused here)"),
     "--device": ("auto", "auto: CUDA when available, else CPU"),
     "--logs": ("logs", "same folder as OpenCLIP's ./logs/"),
-    "--lr": (None, "None: 1e-3 on the built-in set, else OpenCLIP's default for the model (5e-4)"),
+}
+
+# accepted OpenCLIP flags whose default (None in both parsers) is resolved differently at run time
+RUNTIME_DEFAULTS = {
+    "--lr": "1e-3 on the built-in set; with --train-data OpenCLIP's default for the model (5e-4)",
 }
 
 # flags this trainer has and OpenCLIP's trainer does not (--logs-dir is an alias of --logs)

@@ -68,6 +68,22 @@ def _online(host: str = "api.wandb.ai", port: int = 443, timeout: float = 2.0) -
         return False
 
 
+def check_report_to(report_to: str) -> None:
+    """Raise ReportError (one line) for a --report-to target that is not installed, before anything is written."""
+    targets = set(filter(None, report_to.split(",")))
+    if targets & {"tensorboard", "all"}:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise ReportError("--report-to tensorboard: tensorboard is not installed (pip install "
+                              "'sparo-fast[train]')") from None
+    if targets & {"wandb", "all"}:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ReportError("--report-to wandb: wandb is not installed (pip install wandb)") from None
+
+
 class MetricsWriter:
     """Rank 0 only: appends ``{"kind": ..., "step": ..., ...}`` lines to ``metrics.jsonl``; with
     ``--report-to`` also TensorBoard (``<run>/tensorboard``) and/or wandb (offline without a network)."""
@@ -76,28 +92,22 @@ class MetricsWriter:
         self.enabled = enabled and run_dir is not None
         self.path = os.path.join(run_dir, "metrics.jsonl") if self.enabled else None
         self.tb = self.wandb = None
+        check_report_to(report_to)
         targets = set(filter(None, report_to.split(",")))
         if "all" in targets:
             targets = {"tensorboard", "wandb"}
-        if "tensorboard" in targets:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ReportError("--report-to tensorboard: tensorboard is not installed (pip install "
-                                  "'sparo-fast[train]')") from None
-            if self.enabled:
-                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        if "wandb" in targets:
-            try:
-                import wandb
-            except ImportError:
-                raise ReportError("--report-to wandb: wandb is not installed (pip install wandb)") from None
-            if self.enabled:
-                if "WANDB_MODE" not in os.environ and not _online():
-                    os.environ["WANDB_MODE"] = "offline"
-                self.wandb = wandb.init(project=getattr(args, "wandb_project_name", "open-clip"),
-                                        name=getattr(args, "name", None), notes=getattr(args, "wandb_notes", ""),
-                                        dir=run_dir, config={k: str(v) for k, v in vars(args or {}).items()})
+        if "tensorboard" in targets and self.enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if "wandb" in targets and self.enabled:
+            import wandb
+
+            if "WANDB_MODE" not in os.environ and not _online():
+                os.environ["WANDB_MODE"] = "offline"
+            self.wandb = wandb.init(project=getattr(args, "wandb_project_name", "open-clip"),
+                                    name=getattr(args, "name", None), notes=getattr(args, "wandb_notes", ""),
+                                    dir=run_dir, config={k: str(v) for k, v in (vars(args) if args is not None else {}).items()})
 
     def write(self, kind: str, step: int, values: Dict[str, Any]) -> None:
         if not self.enabled:

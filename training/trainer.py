@@ -97,6 +97,10 @@ class Trainer:
         log.info(f"run {self.name}: {info.world_size} rank(s), {info.backend} on {self.device.type}, "
                  f"precision {self.precision}, model {a.model}")
         # everything that can fail at start-up happens before the run folder is created
+        try:
+            logger.check_report_to(a.report_to)
+        except logger.ReportError as e:
+            raise Fatal(str(e)) from None
         self.data = self.resolve_data()
         self.build_model()
         self.open_run_dir()

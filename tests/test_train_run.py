@@ -93,20 +93,18 @@ def _children(pid):
     return out
 
 
-def test_preemption_checkpoints_and_resumes_exactly(uninterrupted, tmp_path, cache):
-    """SIGTERM to both ranks (as a scheduler sends it): each finishes its step, they agree on the step,
-    write a complete checkpoint and exit with status 3; --resume latest continues exactly."""
-    full_run, _ = uninterrupted
-    args = tiny_args(tmp_path, "pre", cache, *RESUME_FLAGS)
+def _preempt(args, run, at_step):
+    """Start the run, SIGTERM both ranks (as a scheduler does) once step ``at_step`` is logged; returns
+    the step the ranks agreed to stop after and the console output."""
     cmd = TORCHRUN + ["--nproc_per_node=2", str(MAIN)] + [str(a) for a in args]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    metrics = tmp_path / "pre" / "metrics.jsonl"
+    metrics = run / "metrics.jsonl"
     deadline = time.time() + 300
     try:
-        while not (metrics.is_file() and '"step": 38,' in metrics.read_text()):
+        while not (metrics.is_file() and f'"step": {at_step},' in metrics.read_text()):
             assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the run never reached step 38"
+            assert time.time() < deadline, f"the run never reached step {at_step}"
             time.sleep(0.2)
         ranks = [p for p in _children(proc.pid) if "main.py" in open(f"/proc/{p}/cmdline").read()]
         assert len(ranks) == 2
@@ -118,34 +116,26 @@ def test_preemption_checkpoints_and_resumes_exactly(uninterrupted, tmp_path, cac
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode != 0 and "exitcode  : 3" in out and "preempted: stopped at step" in out, out[-3000:]
-    stopped = int(out.split("preempted: stopped at step ")[1].split()[0])
-    assert 38 <= stopped < 48 and (tmp_path / "pre" / "checkpoints" / f"step_{stopped:08d}").is_dir()
-    res = torchrun(2, MAIN, args + ["--resume", "latest"])
-    assert f"step_{stopped:08d}" in res.stdout
-    assert_continues_exactly(full_run, tmp_path / "pre", stopped)
+    return int(out.split("preempted: stopped at step ")[1].split()[0]), out
 
 
-def test_exact_resume_after_sigkill(uninterrupted, tmp_path, cache):
-    full_run, _ = uninterrupted
-    args = tiny_args(tmp_path, "killed", cache, *RESUME_FLAGS)
-    # the test hook parks the run right after the step-35 checkpoint (epoch 1, step 11 of 24: mid-epoch,
-    # an odd number of batches into the epoch, so the loader workers' round robin must be rotated)
+def _kill_after_checkpoint(args, run, step):
+    """Resume, park right after the checkpoint of ``step`` (tests/train_hang.py), then SIGKILL torchrun,
+    both ranks and their loader workers."""
     cmd = TORCHRUN + ["--nproc_per_node=2", str(HANG)] + [str(a) for a in args]
-    proc = subprocess.Popen(cmd, env=env({"HANG_AT_STEP": "35"}),
+    proc = subprocess.Popen(cmd, env=env({"HANG_AT_STEP": str(step)}),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    run = tmp_path / "killed"
     pid_files = [run / f"hang_pids_rank{r}.txt" for r in (0, 1)]
     deadline = time.time() + 300
     pids = []
     try:
         while not all(p.is_file() and p.read_text().strip() for p in pid_files):
             assert proc.poll() is None, proc.stdout.read()
-            assert time.time() < deadline, "the run never reached its step-35 checkpoint"
+            assert time.time() < deadline, f"the run never reached its step-{step} checkpoint"
             time.sleep(0.5)
         time.sleep(0.5)
         pids = [int(x) for p in pid_files for x in p.read_text().split()]
     finally:
-        # SIGKILL torchrun (its process group) and, by pid, both ranks and their loader workers
         os.killpg(proc.pid, signal.SIGKILL)
         for pid in pids:
             try:
@@ -153,10 +143,24 @@ def test_exact_resume_after_sigkill(uninterrupted, tmp_path, cache):
             except ProcessLookupError:
                 pass
         proc.wait()
+
+
+def test_preemption_then_sigkill_resume_exactly(uninterrupted, tmp_path, cache):
+    """1. SIGTERM to both ranks mid-epoch: each finishes its step, they agree on the step, write a complete
+    checkpoint and exit with status 3. 2. --resume latest, SIGKILL right after the periodic step-35
+    checkpoint (epoch 1, step 11 of 24: an odd number of batches into the epoch, so the loader workers'
+    round robin must be rotated). 3. --resume latest to the end. Every step after the preemption and the
+    final weights equal the uninterrupted run's."""
+    full_run, _ = uninterrupted
+    run = tmp_path / "pre"
+    args = tiny_args(tmp_path, "pre", cache, *RESUME_FLAGS)
+    stopped, _ = _preempt(args, run, 17)
+    assert 17 <= stopped < 24 and (run / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    _kill_after_checkpoint(args + ["--resume", "latest"], run, 35)
     assert (run / "checkpoints" / "step_00000035").is_dir()
     res = torchrun(2, MAIN, args + ["--resume", "latest"])
     assert "resumed from" in res.stdout and "step_00000035" in res.stdout
-    assert_continues_exactly(full_run, tmp_path / "killed", 35)
+    assert_continues_exactly(full_run, run, stopped)
 
 
 def _corrupt_shard(src_tar, dst_tar, bad_index):

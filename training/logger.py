@@ -105,9 +105,10 @@ class MetricsWriter:
 
             if "WANDB_MODE" not in os.environ and not _online():
                 os.environ["WANDB_MODE"] = "offline"
+            config = {k: str(v) for k, v in vars(args).items()} if args is not None else {}
             self.wandb = wandb.init(project=getattr(args, "wandb_project_name", "open-clip"),
                                     name=getattr(args, "name", None), notes=getattr(args, "wandb_notes", ""),
-                                    dir=run_dir, config={k: str(v) for k, v in (vars(args) if args is not None else {}).items()})
+                                    dir=run_dir, config=config)
 
     def write(self, kind: str, step: int, values: Dict[str, Any]) -> None:
         if not self.enabled:

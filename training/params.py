@@ -198,7 +198,8 @@ def _run_flags(p):
     g.add_argument("--no-export", action="store_true", help="skip the single-file state dict export at the end")
     g.add_argument("--zeroshot-frequency", type=int, default=d["--zeroshot-frequency"][0],
                    help="ImageNet zero-shot every N epochs (and at the end)")
-    g.add_argument("--val-frequency", type=int, default=1, help="evaluate on --val-data every N epochs (and at the end)")
+    g.add_argument("--val-frequency", type=int, default=1,
+                   help="evaluate on --val-data every N epochs (and at the end)")
     g.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
     g.add_argument("--log-every-n-steps", type=int, default=d["--log-every-n-steps"][0],
                    help="progress line every N optimizer steps")

@@ -28,8 +28,9 @@ PRECISIONS: Dict[str, Precision] = {
     "amp_bfloat16": Precision(_F32, _BF, _F32, _BF, "same as amp_bf16"),
     "bf16": Precision(_F32, _BF, _F32, None, "every op in bf16 with fp32 master weights and fp32 gradient "
                       "reduction (OpenCLIP's bf16 keeps no fp32 master copy; this keeps one)"),
-    "pure_bf16": Precision(_BF, None, None, None, "OpenCLIP's pure_bf16: the whole model (and the optimizer "
-                           "state) in bf16, bf16 gradient reduction"),
+    "pure_bf16": Precision(_BF, _BF, _BF, None, "OpenCLIP's pure_bf16: the whole model (and the optimizer "
+                           "state) in bf16, bf16 gradient reduction (param_dtype bf16 makes FSDP2 cast the "
+                           "image input, as OpenCLIP's input dtype does)"),
 }
 
 

@@ -1,8 +1,6 @@
 """AdamW with OpenCLIP's weight-decay rule and OpenCLIP's learning-rate schedules."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -40,15 +38,6 @@ def make_scheduler(args, optimizer, base_lr: float, steps_per_epoch: int, total_
     cooldown = steps_per_epoch * args.epochs_cooldown
     return S.const_lr_cooldown(optimizer, base_lr, args.warmup, total_steps, cooldown, args.lr_cooldown_power,
                                args.lr_cooldown_end)
-
-
-def cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
-    """OpenCLIP's schedule: linear warm-up to ``base_lr`` then cosine decay to 0 at ``total_steps``."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    e = step - warmup
-    es = max(1, total_steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(e, es) / es)) * base_lr
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -13,7 +13,7 @@ import warnings
 
 from sparo_fast_training import distributed as D
 from sparo_fast_training.params import parse_args
-from sparo_fast_training.trainer import Fatal, Trainer, remove_if_empty
+from sparo_fast_training.trainer import Fatal, Trainer, discard_failed_start
 
 # FSDP2 warns that the root returns views (the features); nothing here modifies them in place
 warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
@@ -28,10 +28,11 @@ def main(argv=None, trainer_cls=Trainer) -> int:
         return trainer.run()
     except Fatal as e:
         error = str(e)
+        if trainer.metrics is not None:
+            trainer.metrics.close()
+        discard_failed_start(trainer)
         return 2
     finally:
-        if getattr(trainer, "metrics", None) is None and getattr(trainer, "run_dir", None):
-            remove_if_empty(trainer.run_dir)  # failed before the run started
         D.cleanup()
         if error is not None and int(os.environ.get("RANK", "0")) == 0:
             sys.stdout.flush()

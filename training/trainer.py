@@ -80,6 +80,9 @@ class Trainer:
         self.loader = None
         self._signalled = False
         self.metrics = None
+        self.run_dir = None
+        self.created_run_dir = False
+        self.started = False  # True once training began: from then on the run folder is kept
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -102,6 +105,13 @@ class Trainer:
         except logger.ReportError as e:
             raise Fatal(str(e)) from None
         self.data = self.resolve_data()
+        self.nw = max(1, a.workers)
+        self.global_batch = a.batch_size * a.accum_freq * info.world_size
+        self.steps_per_epoch = self.data["num_samples"] // self.global_batch
+        if self.steps_per_epoch < 1:
+            raise Fatal(f"{self.data['num_samples']} samples per epoch is less than one global batch "
+                        f"({self.global_batch})")
+        self.total_steps = self.steps_per_epoch * a.epochs
         self.build_model()
         self.open_run_dir()
         self.install_preempt_handler()
@@ -198,6 +208,7 @@ class Trainer:
 
     def open_run_dir(self) -> None:
         a, info = self.args, self.info
+        self.created_run_dir = info.is_main and not os.path.exists(self.run_dir)
         if info.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "params.json"), "w") as f:
@@ -232,13 +243,6 @@ class Trainer:
         self.optimizer = optim.create_optimizer(self.model, self.lr, a.wd, betas, a.eps if a.eps is not None
                                                 else d["eps"])
         self.loss_fn = make_loss(a.local_loss, a.gather_with_grad, info.rank, info.world_size)
-        self.nw = max(1, a.workers)
-        self.global_batch = a.batch_size * a.accum_freq * info.world_size
-        self.steps_per_epoch = self.data["num_samples"] // self.global_batch
-        if self.steps_per_epoch < 1:
-            raise Fatal(f"{self.data['num_samples']} samples per epoch is less than one global batch "
-                        f"({self.global_batch})")
-        self.total_steps = self.steps_per_epoch * a.epochs
         self.scheduler = optim.make_scheduler(a, self.optimizer, self.lr, self.steps_per_epoch, self.total_steps)
         peak = F.peak_tflops(self.device, self.precision, a.peak_tflops)
         self.peak = peak
@@ -464,6 +468,7 @@ class Trainer:
         self.resume()
         self.load_eval()
         self.model.train()
+        self.started = True
         self.t_start, self.first_step = time.time(), self.step
         self.planned_steps = min(self.total_steps, a.max_steps or self.total_steps)
         self.last_saved = -1
@@ -509,10 +514,7 @@ class Trainer:
         return 0
 
 
-def remove_if_empty(path: str) -> None:
-    """A run that failed at start-up leaves no empty folder behind."""
-    try:
-        if os.path.isdir(path) and not os.listdir(path):
-            shutil.rmtree(path)
-    except OSError:
-        pass
+def discard_failed_start(trainer: "Trainer") -> None:
+    """A run that failed before training began leaves no run folder behind (only one it created)."""
+    if trainer.created_run_dir and not trainer.started and trainer.run_dir:
+        shutil.rmtree(trainer.run_dir, ignore_errors=True)

@@ -224,8 +224,10 @@ def test_resume_on_another_world_size(uninterrupted, tmp_path):
     assert res.returncode == 2 and res.stderr.strip().startswith("error: cannot resume") \
         and len(res.stderr.strip().splitlines()) == 1, res.stderr
     args = tiny_args(tmp_path, "copy", cache, *RESUME_FLAGS[:-2], "--epochs", "3", "--save-frequency", "0",
-                     "--no-eval", "--no-export", "--resume", ck / "step_00000048")
+                     "--no-eval", "--no-export", "--max-steps", "52", "--resume", ck / "step_00000048")
     res = torchrun(1, MAIN, args)
     train = [r for r in read_jsonl(tmp_path / "copy" / "metrics.jsonl") if r["kind"] == "train"]
-    # one rank now: 384 / 8 = 48 steps per epoch; the run continues from step 48 for one more epoch
-    assert train[-1]["step"] == 48 + 48 and all(r["loss"] == r["loss"] for r in train)
+    # one rank now: 384 / 8 = 48 steps per epoch (144 in all); the run continues from step 48 (4 steps here)
+    assert "48 steps/epoch, 144 steps" in res.stdout and "resumed from" in res.stdout
+    assert [r["step"] for r in train if r["step"] > 48] == [49, 50, 51, 52]
+    assert all(r["loss"] == r["loss"] and r["epoch"] == 2 for r in train if r["step"] > 48)

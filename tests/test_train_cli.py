@@ -278,3 +278,41 @@ def test_report_to_without_wandb_is_one_line(tmp_path, monkeypatch):
     w.write("train", 1, {"loss": 1.5})
     w.close()
     assert (tmp_path / "tensorboard").is_dir() and json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 1.5
+
+
+def test_pretrained_file_and_preprocessing_overrides(tmp_path):
+    from sparo_fast.clip import create_model
+    from sparo_fast_training.trainer import Trainer
+
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    src = create_model("ViT-Tiny-SPARO", fused=True)
+    path = tmp_path / "init.pt"
+    torch.save({"state_dict": src.state_dict()}, path)
+    t = Trainer(parse_args(["--pretrained", str(path), "--image-mean", "0.5", "--image-std", "0.1", "0.2", "0.3"]))
+    t.device = torch.device("cpu")
+    t.build_model()
+    for (n, a), b in zip(src.state_dict().items(), t.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
+    norm = [m for m in t.pre_val.transforms if type(m).__name__ == "Normalize"][0]
+    assert tuple(norm.mean) == (0.5, 0.5, 0.5) and tuple(norm.std) == (0.1, 0.2, 0.3)
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained", "laion2b_s34b_b79k"])  # a download tag: refused with one line
+
+
+def test_dataset_resampled_draws_shards_with_replacement_by_source_weight():
+    from sparo_fast_training.trainer import Trainer
+
+    a = [f"a-{i}.tar" for i in range(50)]
+    b = [f"b-{i}.tar" for i in range(50)]
+    t = Trainer(parse_args(["--dataset-resampled", "--train-data-upsampling-factors", "1::3", "--seed", "7"]))
+    t.data = {"train_urls": a + b, "weights": [1.0] * 50 + [3.0] * 50}
+    draws = []
+    for epoch in range(4):
+        t.epoch = epoch
+        draws.append(t.epoch_urls())
+    t.epoch = 0  # deterministic per (seed, epoch)
+    assert t.epoch_urls() == draws[0] and draws[0] != draws[1] and all(len(d) == 100 for d in draws)
+    picks = [u for d in draws for u in d]
+    assert len(set(draws[0])) < 100  # with replacement
+    share_b = sum(u.startswith("b-") for u in picks) / len(picks)
+    assert 0.65 < share_b < 0.85  # expected 0.75

@@ -5,6 +5,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -38,7 +39,7 @@ def resolve_device(choice: str) -> str:
     return choice
 
 
-def init(device_choice: str = "auto") -> DistInfo:
+def init(device_choice: str = "auto", backend: Optional[str] = None) -> DistInfo:
     """Initialise the default process group (NCCL on GPUs, gloo on CPUs) from torchrun's environment.
 
     Without torchrun (no RANK in the environment) a single-process group is created on a free
@@ -55,9 +56,11 @@ def init(device_choice: str = "auto") -> DistInfo:
     if kind == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = backend or "nccl"
     else:
         device = torch.device("cpu")
+        if backend not in (None, "gloo"):
+            raise RuntimeError(f"--dist-backend {backend}: CPU runs use gloo")
         backend = "gloo"
     if not dist.is_initialized():
         kw = {"device_id": device} if backend == "nccl" else {}

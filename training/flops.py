@@ -44,10 +44,9 @@ def peak_tflops(device: torch.device, precision: str, override: Optional[float] 
         name = torch.cuda.get_device_name(device)
         for key, (bf16, fp32) in _GPU_PEAKS.items():
             if key in name:
-                return bf16 if precision == "bf16" else fp32
+                return bf16 if "bf16" in precision or "bfloat16" in precision else fp32
         return None
-    # CPU estimate: threads x 2.5 GHz x 32 fp32 FLOP/cycle (two AVX2 FMA units) -- a rough figure
-    return torch.get_num_threads() * 2.5e9 * 32 / 1e12 * (1 if precision == "fp32" else 1)
+    return None  # CPUs: no reliable peak to divide by (give --peak-tflops to get an MFU figure)
 
 
 def train_flops_per_step(fwd_per_sample: float, local_batch: int, accum: int, global_batch: int,

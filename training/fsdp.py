@@ -1,12 +1,37 @@
 """FSDP2 wrapping: ``fully_shard`` on every residual block of both towers and on the root."""
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+
+class Precision(NamedTuple):
+    """How one OpenCLIP ``--precision`` name runs under FSDP2."""
+    weights: torch.dtype                  # dtype of the sharded (master) parameters the optimizer updates
+    param_dtype: Optional[torch.dtype]    # MixedPrecisionPolicy.param_dtype: all-gathered compute weights
+    reduce_dtype: Optional[torch.dtype]   # MixedPrecisionPolicy.reduce_dtype: gradient reduce-scatter
+    autocast: Optional[torch.dtype]       # torch.autocast around forward and loss (None: off)
+    note: str
+
+
+_BF, _F32 = torch.bfloat16, torch.float32
+# OpenCLIP's --precision names -> FSDP2. amp/fp16/pure_fp16 are refused in params (fp16 needs a grad scaler).
+PRECISIONS: Dict[str, Precision] = {
+    "fp32": Precision(_F32, None, _F32, None, "fp32 everywhere"),
+    "amp_bf16": Precision(_F32, _BF, _F32, _BF, "OpenCLIP's bf16 autocast: fp32 master weights, bf16 matmuls "
+                          "(weights all-gathered in bf16), autocast's fp32 ops (norms, softmax, loss) in fp32, "
+                          "fp32 gradient reduction"),
+    "amp_bfloat16": Precision(_F32, _BF, _F32, _BF, "same as amp_bf16"),
+    "bf16": Precision(_F32, _BF, _F32, None, "every op in bf16 with fp32 master weights and fp32 gradient "
+                      "reduction (OpenCLIP's bf16 keeps no fp32 master copy; this keeps one)"),
+    "pure_bf16": Precision(_BF, _BF, _BF, None, "OpenCLIP's pure_bf16: the whole model (and the optimizer "
+                           "state) in bf16, bf16 gradient reduction (param_dtype bf16 makes FSDP2 cast the "
+                           "image input, as OpenCLIP's input dtype does)"),
+}
 
 
 def make_scalars_1d(model: nn.Module) -> List[str]:
@@ -35,17 +60,17 @@ def residual_blocks(model: nn.Module) -> List[nn.Module]:
 
 def shard_model(model: nn.Module, device: torch.device, world_size: int, precision: str,
                 grad_checkpointing: bool = False) -> nn.Module:
-    """Apply FSDP2 (in place). ``precision`` bf16: bf16 compute, fp32 gradient reduction, fp32 master weights."""
+    """Apply FSDP2 (in place) with the policy of ``PRECISIONS[precision]``."""
     make_scalars_1d(model)
     if grad_checkpointing:
         # OpenCLIP's towers wrap each block call in torch.utils.checkpoint (non-reentrant): only the
         # block inputs are kept and FSDP2 re-gathers the block's weights for the recomputation.
         model.set_grad_checkpointing(True)
     mesh = init_device_mesh(device.type, (world_size,))
-    if precision == "bf16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    pr = PRECISIONS[precision]
+    if pr.weights != torch.float32:
+        model.to(pr.weights)
+    mp = MixedPrecisionPolicy(param_dtype=pr.param_dtype, reduce_dtype=pr.reduce_dtype)
     blocks = residual_blocks(model)
     if not blocks:
         raise ValueError("no residual blocks found at visual.transformer.resblocks / transformer.resblocks")

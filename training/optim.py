@@ -1,16 +1,16 @@
-"""AdamW with OpenCLIP's weight-decay exclusions and the cosine schedule with linear warm-up."""
+"""AdamW with OpenCLIP's weight-decay rule and OpenCLIP's learning-rate schedules."""
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
-NO_DECAY_WORDS = ("bn", "ln", "bias", "logit_scale", "logit_bias", "embedding")
+NO_DECAY_WORDS = ("bn", "ln", "bias", "logit_scale")
 
 
 def no_weight_decay(name: str, p: torch.Tensor) -> bool:
-    """Gains (norm weights), biases, embeddings, logit scale/bias: no decay (OpenCLIP's rule, plus embeddings)."""
+    """OpenCLIP's rule (open_clip_train.main): no decay for parameters with fewer than 2 dimensions or
+    whose name contains bn/ln/bias/logit_scale. Embeddings (positional, token, the SPARO queries) are
+    matrices and are decayed, as in OpenCLIP and the published SPARO code."""
     return p.ndim < 2 or any(w in name for w in NO_DECAY_WORDS)
 
 
@@ -25,13 +25,19 @@ def create_optimizer(model: nn.Module, lr: float, wd: float, betas=(0.9, 0.98), 
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
 
 
-def cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
-    """OpenCLIP's schedule: linear warm-up to ``base_lr`` then cosine decay to 0 at ``total_steps``."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    e = step - warmup
-    es = max(1, total_steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(e, es) / es)) * base_lr
+def make_scheduler(args, optimizer, base_lr: float, steps_per_epoch: int, total_steps: int):
+    """OpenCLIP's schedule functions (open_clip_train.scheduler): ``step -> lr`` (also sets the lr)."""
+    from open_clip_train import scheduler as S
+
+    if args.skip_scheduler:
+        return lambda step: (set_lr(optimizer, base_lr), base_lr)[1]
+    if args.lr_scheduler == "cosine":
+        return S.cosine_lr(optimizer, base_lr, args.warmup, total_steps)
+    if args.lr_scheduler == "const":
+        return S.const_lr(optimizer, base_lr, args.warmup, total_steps)
+    cooldown = steps_per_epoch * args.epochs_cooldown
+    return S.const_lr_cooldown(optimizer, base_lr, args.warmup, total_steps, cooldown, args.lr_cooldown_power,
+                               args.lr_cooldown_end)
 
 
 def set_lr(optimizer, lr: float) -> None:

@@ -25,11 +25,11 @@ setup(
     install_requires=["torch>=2.5", "numpy"],
     extras_require={
         "triton": ["triton>=3.1"],
-        "clip": ["open_clip_torch>=2.24", "torchvision", "pillow"],
+        "clip": ["open_clip_torch>=2.24", "torchvision", "pillow", "matplotlib>=3.5"],  # matplotlib: the visualiser's font
         "train": ["open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86"],
         "bench": ["pytest>=7", "pytest-benchmark>=4"],
         "dev": [
-            "open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86",
+            "open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86", "matplotlib>=3.5",
             "pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6",
             "triton>=3.1; platform_system == 'Linux'",
         ],

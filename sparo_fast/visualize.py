@@ -7,7 +7,14 @@ The figure: a header with the input image as the model sees it (after the model'
 preprocessing), then one panel per shown slot: its attention over the patch grid as a heat map
 on the image (normalised per slot to its largest patch weight; the CLS token's weight, which has
 no place on the grid, is written in the label), and, with ``--text``, the slot's attention over
-the caption's tokens (start token to end token) as coloured boxes.
+the caption's tokens (start token to end token) as coloured boxes. A colour bar and a legend in
+the header give the scale (both maps are normalised per slot: 0 to the slot's largest weight).
+Text is set in DejaVu Sans (matplotlib's bundled TrueType font) when matplotlib is installed,
+else in PIL's default font. Without ``--checkpoint`` the weights are random and a warning says
+so; on success the path of the PNG is printed.
+
+From Python, ``render(model, image, text, out_path)`` writes the same figure for a built model
+(e.g. one panel per trained model of an experiment).
 
 Slot order: with ``--text``, by the cosine between the image slot and the text slot (best aligned
 first, the concept-selection signal of ``sparo_fast.clip.rank_slots``); without text, by the
@@ -20,21 +27,29 @@ arguments) print one line on stderr and exit with status 1 (argparse usage error
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from pathlib import Path
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 PAD = 8
-LABEL_H = 16
-TOKEN_LINE_H = 14
+FONT_SIZE = 11
+LINE_H = 15  # header text lines
+LABEL_H = 17  # slot label under each panel
+TOKEN_LINE_H = 16
 TOKEN_LINES = 4
-HEADER_TEXT_W = 360
+HEADER_TEXT_W = 380
+HEADER_LINES = 5  # title, caption, slot order, heat-map legend, token legend
+BAR_W = 200
+BAR_H = 10
+HEADER_TEXT_H = HEADER_LINES * LINE_H + 4 + BAR_H + LINE_H  # the lines, then the colour bar and its labels
 MAX_COLS = 4
 
 # "inferno"-like colour map anchors (position, RGB)
@@ -56,8 +71,32 @@ def figure_size(n_slots: int, with_text: bool, cell: int = 160) -> tuple:
     rows = math.ceil(n_slots / cols)
     panel_h = cell + LABEL_H + (TOKEN_LINES * TOKEN_LINE_H if with_text else 0)
     width = max(PAD + cols * (cell + PAD), PAD + cell + PAD + HEADER_TEXT_W)
-    height = PAD + cell + PAD + rows * (panel_h + PAD)
+    height = PAD + header_height(cell) + PAD + rows * (panel_h + PAD)
     return width, height
+
+
+def header_height(cell: int) -> int:
+    """The header holds the input image (cell x cell) and the legend text with the colour bar."""
+    return max(cell, HEADER_TEXT_H)
+
+
+def colour_bar_box(cell: int) -> tuple:
+    """(x0, y0, x1, y1) of the colour bar in the figure, inclusive."""
+    x0 = PAD + cell + PAD
+    y0 = PAD + HEADER_LINES * LINE_H + 4
+    return x0, y0, x0 + BAR_W - 1, y0 + BAR_H - 1
+
+
+def header_lines(title: str, caption: Optional[str], score_name: str) -> List[str]:
+    """The header's text lines: title, caption, slot order and the legend of the two maps."""
+    order = "image-text slot cosine" if score_name == "cos" else "peak patch attention"
+    return [
+        title,
+        f"text: \"{caption}\"" if caption is not None else "text: none (slots ordered by attention)",
+        f"slots ordered by {order} (value in each label)",
+        "heat map: the slot's attention over the image patches",
+        "token boxes: the slot's attention over the caption tokens" if caption is not None else "",
+    ]
 
 
 @dataclass
@@ -69,10 +108,25 @@ class SlotView:
     text_attn: Optional[np.ndarray]  # [n_tokens] (start..end token) or None
 
 
-def _font():
+@functools.lru_cache(maxsize=None)
+def _font(size: int = FONT_SIZE):
+    """DejaVu Sans (bundled with matplotlib) at ``size`` px; PIL's default font without matplotlib.
+
+    PIL's own default font sets spaces so narrow at small sizes that words run together
+    ("left ofa blue square").
+    """
     from PIL import ImageFont
 
-    return ImageFont.load_default()
+    try:
+        from matplotlib import font_manager
+
+        path = font_manager.findfont(font_manager.FontProperties(family="DejaVu Sans"), fallback_to_default=False)
+        return ImageFont.truetype(path, size)
+    except (ImportError, ValueError, OSError):
+        try:
+            return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+        except TypeError:
+            return ImageFont.load_default()
 
 
 def _token_strings(tokenizer, ids: Sequence[int]) -> List[str]:
@@ -131,8 +185,8 @@ def slot_views(model, pixels: torch.Tensor, tokens: Optional[torch.Tensor] = Non
     return views
 
 
-def render(image: "Image.Image", views: Sequence[SlotView], *, token_strings: Optional[List[str]] = None,
-           title: str = "", caption: Optional[str] = None, score_name: str = "cos", cell: int = 160):
+def compose(image: "Image.Image", views: Sequence[SlotView], *, token_strings: Optional[List[str]] = None,
+            title: str = "", caption: Optional[str] = None, score_name: str = "cos", cell: int = 160):
     """Compose the figure (a PIL image of ``figure_size(len(views), token_strings is not None, cell)``)."""
     from PIL import Image, ImageDraw
 
@@ -143,33 +197,52 @@ def render(image: "Image.Image", views: Sequence[SlotView], *, token_strings: Op
     font = _font()
     base = image.convert("RGB").resize((cell, cell), Image.BICUBIC)
     fig.paste(base, (PAD, PAD))
-    tx = PAD + cell + PAD
-    lines = [title]
-    if caption is not None:
-        lines.append(f"text: {caption}")
-    lines.append(f"slots ordered by {'image-text cosine' if score_name == 'cos' else 'peak patch attention'}")
-    lines.append("heat map: attention over patches (per-slot max = 1)")
-    for i, line in enumerate(lines):
-        draw.text((tx, PAD + i * 14), _clip_text(draw, line, font, W - tx - PAD), fill=(0, 0, 0), font=font)
+    _draw_legend(draw, font, header_lines(title, caption, score_name), cell, W)
 
     cols = max(1, min(MAX_COLS, len(views)))
     panel_h = cell + LABEL_H + (TOKEN_LINES * TOKEN_LINE_H if with_text else 0)
     base_arr = np.asarray(base, dtype=np.float64)
     for i, v in enumerate(views):
         x0 = PAD + (i % cols) * (cell + PAD)
-        y0 = PAD + cell + PAD + (i // cols) * (panel_h + PAD)
+        y0 = PAD + header_height(cell) + PAD + (i // cols) * (panel_h + PAD)
         a = v.patch_attn / max(float(v.patch_attn.max()), 1e-12)
-        heat_small = Image.fromarray((a * 255).round().astype(np.uint8), mode="L")
+        heat_small = Image.fromarray((a * 255).round().astype(np.uint8))
         heat = np.asarray(heat_small.resize((cell, cell), Image.BILINEAR), dtype=np.float64) / 255.0
         rgb = colormap(heat).astype(np.float64)
         alpha = 0.25 + 0.5 * heat[..., None]
         over = (base_arr * (1 - alpha) + rgb * alpha).round().clip(0, 255).astype(np.uint8)
         fig.paste(Image.fromarray(over), (x0, y0))
-        label = f"slot {v.slot}  {score_name} {v.score:+.2f}  CLS {v.cls_weight:.2f}"
-        draw.text((x0, y0 + cell + 2), _clip_text(draw, label, font, cell), fill=(0, 0, 0), font=font)
+        draw.text((x0, y0 + cell + 2), _panel_label(draw, font, v, score_name, cell), fill=(0, 0, 0), font=font)
         if with_text:
             _draw_tokens(draw, font, token_strings, v.text_attn, x0, y0 + cell + LABEL_H, cell)
     return fig
+
+
+def _draw_legend(draw, font, lines: List[str], cell: int, width: int) -> None:
+    """Header text, then the colour bar shared by the heat maps and the token boxes."""
+    tx = PAD + cell + PAD
+    for i, line in enumerate(lines):
+        draw.text((tx, PAD + i * LINE_H), _clip_text(draw, line, font, width - tx - PAD), fill=(0, 0, 0), font=font)
+    x0, y0, x1, y1 = colour_bar_box(cell)
+    ramp = colormap(np.linspace(0.0, 1.0, x1 - x0 + 1))
+    for dx, c in enumerate(ramp):
+        draw.line([(x0 + dx, y0), (x0 + dx, y1)], fill=tuple(int(v) for v in c))
+    draw.rectangle([x0 - 1, y0 - 1, x1 + 1, y1 + 1], outline=(0, 0, 0))
+    ly = y1 + 2
+    draw.text((x0, ly), "0", fill=(0, 0, 0), font=font)
+    right = "slot max"
+    draw.text((x1 + 1 - draw.textlength(right, font=font), ly), right, fill=(0, 0, 0), font=font)
+    note = "attention, per slot"
+    draw.text((x1 + 8, y0 - 3), _clip_text(draw, note, font, max(0, width - x1 - 8 - PAD)), fill=(0, 0, 0), font=font)
+
+
+def _panel_label(draw, font, v: SlotView, score_name: str, width: int) -> str:
+    """The longest label that fits: slot, score and CLS weight; then slot and score."""
+    for label in (f"slot {v.slot}  {score_name} {v.score:+.2f}  CLS {v.cls_weight:.2f}",
+                  f"slot {v.slot}  {score_name} {v.score:+.2f}", f"slot {v.slot}  {v.score:+.2f}"):
+        if draw.textlength(label, font=font) <= width:
+            return label
+    return _clip_text(draw, label, font, width)
 
 
 def _clip_text(draw, text: str, font, width: int) -> str:
@@ -219,15 +292,39 @@ def visualize(model, image, text: Optional[str] = None, *, top_k: int = 8, slots
         views = slot_views(model, pixels, tokens, top_k=top_k, slots=slots)
     finally:
         model.train(was_training)
-    return render(_display_image(pixels, pp_cfg), views, token_strings=token_strings, title=title,
-                  caption=text, score_name="cos" if text is not None else "peak", cell=cell)
+    return compose(_display_image(pixels, pp_cfg), views, token_strings=token_strings, title=title,
+                   caption=text, score_name="cos" if text is not None else "peak", cell=cell)
+
+
+def render(model, image, text: Optional[str], out_path: Union[str, os.PathLike], *, top_k: int = 8,
+           slots: Optional[Sequence[int]] = None, title: str = "", cell: int = 160, preprocess=None,
+           tokenizer=None) -> Path:
+    """Write the slot figure of ``model`` (a SPARO model from ``sparo_fast.clip``) for ``image``
+    (a PIL image or an image file) and the optional caption ``text`` to the PNG ``out_path``.
+
+    Returns the PNG's absolute path. Raises ValueError for a model without slots or bad
+    ``top_k``/``slots``. The model's weights are used as they are (load a checkpoint first).
+    """
+    from PIL import Image
+
+    if not getattr(model, "use_sparo", False):
+        raise ValueError(f"{type(model).__name__} has no SPARO slots to show (it is a baseline CLIP)")
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            image = im.convert("RGB")
+    fig = visualize(model, image, text, top_k=top_k, slots=slots, preprocess=preprocess, tokenizer=tokenizer,
+                    cell=cell, title=title)
+    out = Path(out_path).resolve()
+    fig.save(out, format="PNG")
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sparo_fast.visualize",
                                 description="Visualise the attention of a SPARO CLIP model's slots.")
     p.add_argument("--model", required=True, help="model name (sparo_fast.clip.list_models()) or a JSON config file")
-    p.add_argument("--checkpoint", help="trainer checkpoint or state dict to load (strict)")
+    p.add_argument("--checkpoint", help="trainer checkpoint or state dict to load (strict); without it the "
+                   "weights are random (a warning says so)")
     p.add_argument("--override", help="JSON dict of model config overrides (nested dicts merge)")
     p.add_argument("--image", required=True, help="input image file")
     p.add_argument("--text", help="caption: orders slots by image-text alignment and shows text attention")
@@ -307,10 +404,15 @@ def _run(args) -> int:
         fig = visualize(model, image, args.text, top_k=args.top_k, slots=slots, cell=args.cell, title=title)
     except (ValueError, TypeError) as e:
         raise _Fail(str(e)) from None
+    out = os.path.abspath(args.out)
     try:
-        fig.save(args.out, format="PNG")
+        fig.save(out, format="PNG")
     except OSError as e:
         raise _Fail(f"cannot write {args.out!r}: {e}") from None
+    if not args.checkpoint:
+        print("sparo_fast.visualize: warning: no --checkpoint given: the weights are random, so the maps "
+              "show no learned attention", file=sys.stderr)
+    print(f"sparo_fast.visualize: wrote {out}")
     return 0
 
 

@@ -43,10 +43,57 @@ def golden_files(tmp_path_factory):
 
 
 def test_figure_size_formula():
+    # header: the image or the legend (5 lines, the colour bar and its labels), whichever is taller
+    head = 5 * 15 + 4 + 10 + 15
+    assert viz.header_height(64) == head and viz.header_height(160) == 160
     # 8 panels of 64 px with text: 4 columns, 2 rows; the header text sets the width
-    assert viz.figure_size(8, True, 64) == (440, 8 + 64 + 8 + 2 * (64 + 16 + 4 * 14 + 8))
-    assert viz.figure_size(3, False, 160) == (8 + 160 + 8 + 360, 8 + 160 + 8 + (160 + 16 + 8))
-    assert viz.figure_size(8, False, 160) == (8 + 4 * 168, 8 + 160 + 8 + 2 * (160 + 16 + 8))
+    assert viz.figure_size(8, True, 64) == (8 + 64 + 8 + 380, 8 + head + 8 + 2 * (64 + 17 + 4 * 16 + 8))
+    assert viz.figure_size(3, False, 160) == (8 + 160 + 8 + 380, 8 + 160 + 8 + (160 + 17 + 8))
+    assert viz.figure_size(8, False, 160) == (8 + 4 * 168, 8 + 160 + 8 + 2 * (160 + 17 + 8))
+
+
+def test_font_keeps_word_spaces():
+    """PIL's default font set 'left of a' as 'left ofa'; matplotlib's DejaVu Sans does not."""
+    pytest.importorskip("matplotlib")  # in the clip extra; without it the visualiser falls back to PIL's font
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (8, 8)))
+    font = viz._font()
+    gap = draw.textlength("a b", font=font) - draw.textlength("ab", font=font)
+    assert gap >= 0.25 * font.size, gap  # a quarter em at least (DejaVu Sans: 0.32 em; PIL's default: 0.2 em)
+    assert font.getname()[0] == "DejaVu Sans"
+
+
+def test_legend_and_colour_bar(image_path):
+    torch.manual_seed(0)
+    model = create_model("ViT-Tiny-SPARO").eval()
+    fig = viz.visualize(model, Image.open(image_path), "a red circle", top_k=2, cell=96, title="t")
+    x0, y0, x1, y1 = viz.colour_bar_box(96)
+    px = np.asarray(fig)
+    # the bar runs from the colour of 0 to the colour of the slot maximum, left to right
+    np.testing.assert_array_equal(px[(y0 + y1) // 2, x0], viz.colormap(np.array(0.0)))
+    np.testing.assert_array_equal(px[(y0 + y1) // 2, x1], viz.colormap(np.array(1.0)))
+    lum = px[(y0 + y1) // 2, x0:x1 + 1].astype(float).sum(-1)
+    assert lum[-1] > lum[len(lum) // 2] > lum[0]
+    with_text = viz.header_lines("t", "a red circle", "cos")
+    assert with_text[1] == 'text: "a red circle"' and "token boxes" in with_text[4] and "cosine" in with_text[2]
+    assert "token boxes" not in " ".join(viz.header_lines("t", None, "peak"))
+
+
+def test_render_api(tmp_path, image_path):
+    torch.manual_seed(0)
+    model = create_model("ViT-Tiny-SPARO")
+    out = viz.render(model, str(image_path), "a red circle above a blue square", tmp_path / "a.png", top_k=3,
+                     title="SPARO")
+    assert out == (tmp_path / "a.png").resolve()
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == viz.figure_size(3, True, 160)
+    out = viz.render(model, Image.open(image_path), None, tmp_path / "b.png", slots=[4, 1], cell=64)
+    with Image.open(out) as im:
+        assert im.size == viz.figure_size(2, False, 64)
+    with pytest.raises(ValueError, match="no SPARO slots"):
+        viz.render(create_model("ViT-Tiny-GAP"), str(image_path), None, tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists()
 
 
 def test_cli_writes_png_subprocess(tmp_path, image_path, golden_files):
@@ -58,15 +105,21 @@ def test_cli_writes_png_subprocess(tmp_path, image_path, golden_files):
          "--cell", "96", "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"sparo_fast.visualize: wrote {out}" and "warning" not in r.stderr
     with Image.open(out) as im:
         assert im.format == "PNG"
         assert im.size == viz.figure_size(6, True, 96)
 
 
-def test_cli_without_text_in_process(tmp_path, image_path):
+def test_cli_without_text_in_process(tmp_path, image_path, capsys, monkeypatch):
     out = tmp_path / "viz.png"
+    monkeypatch.chdir(tmp_path)
     assert viz.main(["--model", "ViT-Tiny-SPARO", "--image", str(image_path), "--top-k", "3",
-                     "--out", str(out)]) == 0
+                     "--out", "viz.png"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip() == f"sparo_fast.visualize: wrote {out}"  # the absolute path
+    assert cap.err.strip().splitlines() == ["sparo_fast.visualize: warning: no --checkpoint given: the weights "
+                                            "are random, so the maps show no learned attention"]
     with Image.open(out) as im:
         assert im.size == viz.figure_size(3, False, 160)
 

@@ -2,8 +2,9 @@
 
 A config is a dict with ``embed_dim``, ``vision_cfg`` and ``text_cfg`` plus, for SPARO models,
 ``use_sparo``, ``L``, ``V``, ``sparo_type``, ``share_kv``, ``reduce_depth``, ``sparo_heads``,
-``sparo_attn_dim``, ``sparo_value_dim`` (and ``share_queries``). Registered configs live in
-``model_configs/*.json`` next to this file.
+``sparo_attn_dim``, ``sparo_value_dim`` (and ``share_queries``); for the published comparison models
+``bottleneck_dim``, ``use_codebook``, ``num_codes`` and ``vision_cfg.global_average_pool`` (see
+``baselines.py``). Registered configs live in ``model_configs/*.json`` next to this file.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ SPARO_KEYS = ("use_sparo", "L", "V", "sparo_type", "share_kv", "share_queries", 
               "sparo_heads", "sparo_attn_dim", "sparo_value_dim")
 CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "output_dict", "init_logit_scale",
              "init_logit_bias", "nonscalar_logit_scale", "custom_text")
-UNSUPPORTED_KEYS = ("use_codebook", "num_codes", "bottleneck_dim")  # published experiments, off by default
-KNOWN_KEYS = frozenset(SPARO_KEYS + CLIP_KEYS + UNSUPPORTED_KEYS)
+BASELINE_KEYS = ("use_codebook", "num_codes", "bottleneck_dim")  # published comparison models (baselines.py)
+KNOWN_KEYS = frozenset(SPARO_KEYS + CLIP_KEYS + BASELINE_KEYS)
 
 _REGISTRY: Dict[str, Dict[str, Any]] = {}
 
@@ -155,9 +156,9 @@ def translate_tower_cfg(cfg: Mapping[str, Any], kind: str) -> Dict[str, Any]:
 
     if kind == "vision":
         drop_if_false("input_patchnorm", "OpenCLIP 3.x has no dual patchnorm")
-        if "global_average_pool" in out:  # 2.20 flag -> 3.x pool_type
-            if out.pop("global_average_pool"):
-                out.setdefault("pool_type", "avg")
+        # the published mean over all tokens (CLS included) is not OpenCLIP 3.x's pool_type='avg':
+        # build_model reads the flag and builds baselines.GapVisionTransformer
+        out.pop("global_average_pool", None)
         if "n_queries" in out:
             out.setdefault("attn_pooler_queries", out.pop("n_queries"))
     else:
@@ -198,6 +199,16 @@ def sparo_settings(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
     parse_sparo_type(s["sparo_type"])
     return s
+
+
+def baseline_settings(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """The comparison-model options of a config (published defaults), for ``ComparisonCLIP``."""
+    return {
+        "global_average_pool": bool(cfg["vision_cfg"].get("global_average_pool", False)),
+        "bottleneck_dim": cfg.get("bottleneck_dim"),
+        "use_codebook": bool(cfg.get("use_codebook", False)),
+        "num_codes": cfg.get("num_codes", 16384),
+    }
 
 
 def reduce_depth_of(cfg: Mapping[str, Any]) -> int:

@@ -9,6 +9,7 @@ from torch import nn
 
 from . import configs
 from .checkpoint import load_checkpoint
+from .baselines import ComparisonCLIP
 from .model import BaselineCLIP, SparoCLIP
 
 PRECISIONS = ("fp32", "amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16")
@@ -31,6 +32,8 @@ def _set_precision(model: nn.Module, device: torch.device, precision: str) -> No
         convert_weights_to_lp(model, dtype=dtype)
         for r in getattr(model, "readouts", ()):
             r.q_emb.data = r.q_emb.data.to(dtype)
+        if getattr(model, "space_dict", None) is not None:  # the codebook, a bare parameter too
+            model.space_dict.data = model.space_dict.data.to(dtype)
     elif precision in ("pure_fp16", "pure_bf16"):
         model.to(device=device, dtype=_lowp_dtype(precision))
     else:
@@ -41,9 +44,7 @@ def build_model(cfg: Mapping[str, Any], *, backend: str = "auto", cast_dtype: Op
                 output_dict: Optional[bool] = None) -> nn.Module:
     """Instantiate (on CPU, float32 unless ``cast_dtype``'s LayerNormFp32) from a published-format config."""
     cfg = dict(cfg)
-    for key in configs.UNSUPPORTED_KEYS:
-        if cfg.get(key):
-            raise ValueError(f"model config {key}={cfg[key]!r} is not supported (published experimental option)")
+    baseline = configs.baseline_settings(cfg)
     if cfg.get("custom_text"):
         raise ValueError("custom_text configs (CustomTextCLIP / HF text towers) are not supported here; "
                          "use open_clip.create_model for those")
@@ -60,11 +61,18 @@ def build_model(cfg: Mapping[str, Any], *, backend: str = "auto", cast_dtype: Op
         common["init_logit_scale"] = cfg["init_logit_scale"]
     reduce_depth = configs.reduce_depth_of(cfg)
     if configs.is_sparo_config(cfg):
+        if baseline["use_codebook"]:
+            raise ValueError("use_sparo and use_codebook cannot be combined (as in the published code)")
+        if baseline["bottleneck_dim"] is not None:
+            raise ValueError("bottleneck_dim applies to the CLIP baseline only (the published SPARO model "
+                             "leaves the bottleneck layers unused)")
         s = configs.sparo_settings(cfg)
         return SparoCLIP(cfg["embed_dim"], vision_cfg, text_cfg, L=s["L"], V=s["V"], sparo_type=s["sparo_type"],
                          share_kv=s["share_kv"], share_queries=s["share_queries"], sparo_heads=s["sparo_heads"],
                          sparo_attn_dim=s["sparo_attn_dim"], sparo_value_dim=s["sparo_value_dim"],
                          reduce_depth=reduce_depth, backend=backend, **common)
+    if baseline["global_average_pool"] or baseline["use_codebook"] or baseline["bottleneck_dim"] is not None:
+        return ComparisonCLIP(cfg["embed_dim"], vision_cfg, text_cfg, reduce_depth=reduce_depth, **baseline, **common)
     return BaselineCLIP(cfg["embed_dim"], vision_cfg, text_cfg, reduce_depth=reduce_depth, **common)
 
 
@@ -84,7 +92,8 @@ def create_model(
     ``name_or_config``: a name from ``list_models()`` (or any ``open_clip.list_models()`` name,
     which gives the baseline), or a config dict such as the published ``model_configs/*.json``.
     A config with ``use_sparo`` true (or, without ``use_sparo``, with ``L``) gives a
-    ``SparoCLIP``; otherwise a ``BaselineCLIP`` (OpenCLIP's CLIP).
+    ``SparoCLIP``; with ``vision_cfg.global_average_pool``, ``bottleneck_dim`` or ``use_codebook``
+    the published comparison model (``ComparisonCLIP``); otherwise a ``BaselineCLIP`` (OpenCLIP's CLIP).
     ``fused``: read-out backend "auto" (Triton kernels where they can run, else the absorbed
     PyTorch formulation) or, when False, "reference" (the published computation); ``backend``
     names one explicitly instead. ``precision``: as OpenCLIP ("fp32", "amp", "amp_bf16",

@@ -33,6 +33,7 @@ import torch
 
 from . import synthetic as S
 
+BENCH_VERSION = 1  # bump when items or metrics change: the experiment then re-evaluates finished runs
 CATEGORIES = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_att", "add_obj")
 PAIRS = [(c, s) for c in S.COLORS for s in S.SHAPES]  # the 24 zero-shot classes
 PAIR_TEMPLATES = (lambda c, s: f"a {c} {s}", lambda c, s: f"a small {c} {s}", lambda c, s: f"a large {c} {s}")

@@ -10,9 +10,9 @@ the same settings, so an interrupted experiment resumes where it stopped. ``OUT/
 ``OUT/*.png`` and ``OUT/results.json`` are rewritten from every finished run at the end.
 
 Models (``--models``): ``sparo`` (ViT-Tiny-SPARO), ``clip`` (ViT-Tiny), and the published
-baselines as the published scripts select them with ``--override-model-config``: ``gap``
-(global average pool), ``bottleneck`` (``bottleneck_dim``, ``embed_dim`` = SPARO's L*V) and
-``codebook`` (``use_codebook``). A model this checkout cannot build is skipped with a warning.
+baselines on the same towers: ``gap`` (ViT-Tiny-GAP, global average pool), ``bottleneck``
+(ViT-Tiny-Bottleneck) and ``codebook`` (ViT-Tiny-Codebook, learnable discrete tokens). A model
+this checkout cannot build is skipped with a warning.
 """
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ import sys
 import time
 from typing import Dict, List, Optional
 
-# name -> (model, --override-model-config); the tiny world's analogues of the published scripts
+# name -> (model, --override-model-config or None). The baselines' ViT-Tiny-* configs are ViT-Tiny
+# with the published scripts' overrides (sparo_fast/clip/model_configs, sparo_fast.clip.baselines)
 MODELS: Dict[str, tuple] = {
     "sparo": ("ViT-Tiny-SPARO", None),
     "clip": ("ViT-Tiny", None),
-    "gap": ("ViT-Tiny", {"vision_cfg": {"global_average_pool": True}}),
-    # published: bottleneck_dim 512 with embed_dim 4096 (= L*V of ViT-B-32-SPARO); here L*V = 256
-    "bottleneck": ("ViT-Tiny", {"bottleneck_dim": 32, "embed_dim": 256}),
-    "codebook": ("ViT-Tiny", {"use_codebook": True}),
+    "gap": ("ViT-Tiny-GAP", None),
+    "bottleneck": ("ViT-Tiny-Bottleneck", None),
+    "codebook": ("ViT-Tiny-Codebook", None),
 }
 TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
 
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (runs/, data_cache/, table.md, *.png)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (one pass over fresh samples)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (one pass over fresh samples)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size per rank")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps / 10)")
@@ -166,7 +166,7 @@ def evaluate(args, key: str, seed: int, export: str, items, device) -> dict:
 
     path = os.path.join(os.path.dirname(os.path.dirname(export)), "compbench.json")
     settings = {"n_items": args.n_items, "n_select": args.n_select, "ks": args.ks, "export": export,
-                "world": compbench.S.VERSION}
+                "world": compbench.S.VERSION, "bench": compbench.BENCH_VERSION}
     old = _load_json(path)
     if old and old.get("settings") == settings:
         return old
@@ -174,6 +174,8 @@ def evaluate(args, key: str, seed: int, export: str, items, device) -> dict:
     model, preprocess, tokenizer = load_model(key, export, device)
     res = compbench.evaluate(model, items, preprocess, tokenizer, ks=args.ks)
     res["settings"] = settings
+    res["eval_s"] = time.time() - t0
+    res["train_s"] = (_load_json(os.path.join(os.path.dirname(path), "summary.json")) or {}).get("wall_s")
     _write_json(path, res)
     m = res["metrics"]
     print(f"[experiment] {key} seed {seed}: evaluated in {time.time() - t0:.0f}s: compositional mean "
@@ -183,7 +185,7 @@ def evaluate(args, key: str, seed: int, export: str, items, device) -> dict:
 
 def slot_panels(args, exports: Dict[str, str], items, device) -> List[str]:
     """One slot-attention figure (``sparo_fast.visualize``) per trained model family that has slots."""
-    from sparo_fast.visualize import visualize
+    from sparo_fast.visualize import render
 
     paths = []
     item = items["swap_att"][0]
@@ -191,11 +193,9 @@ def slot_panels(args, exports: Dict[str, str], items, device) -> List[str]:
         model, preprocess, _ = load_model(key, export, device)
         if not getattr(model, "use_sparo", False):
             continue
-        fig = visualize(model, item.image, item.pos, top_k=8, preprocess=preprocess,
-                        title=f"{key} ({MODELS[key][0]}), seed {args.seeds[0]}, {args.steps} steps")
-        path = os.path.join(args.out, f"slots_{key}.png")
-        fig.save(path, format="PNG")
-        paths.append(path)
+        paths.append(str(render(model, item.image, item.pos, os.path.join(args.out, f"slots_{key}.png"), top_k=8,
+                                preprocess=preprocess,
+                                title=f"{key} ({MODELS[key][0]}), seed {args.seeds[0]}, {args.steps} steps")))
     return paths
 
 
@@ -236,6 +236,7 @@ def main(argv=None) -> int:
             first_exports.setdefault(key, export)
             results.setdefault(key, {})[seed] = evaluate(args, key, seed, export, items, device)
     wall = time.time() - t_start
+    run_s = sum((r.get("train_s") or 0) + (r.get("eval_s") or 0) for v in results.values() for r in v.values())
     _write_json(os.path.join(args.out, "results.json"),
                 {"args": {k: v for k, v in vars(args).items()}, "models": {k: list(MODELS[k]) for k in models},
                  "runs": {k: {str(s): r for s, r in v.items()} for k, v in results.items()}})
@@ -244,8 +245,8 @@ def main(argv=None) -> int:
     header = (f"# Results: {', '.join(models)} on the synthetic world v{compbench.S.VERSION}\n\n"
               f"`python -m sparo_fast_training.experiment {' '.join(argv if argv is not None else sys.argv[1:])}`"
               f" — {args.steps} steps x batch {args.batch_size} x {args.nproc} rank(s) per run; "
-              f"{args.n_items} items per category; {versions()}; this invocation {wall / 60:.1f} min "
-              f"(reused runs not re-timed).\n\n")
+              f"{args.n_items} items per category; {versions()}. Time: training loops + evaluations "
+              f"{run_s / 60:.1f} min summed over runs; this invocation {wall / 60:.1f} min.\n\n")
     paths = report.write_all(results, args.out, header)
     paths += slot_panels(args, first_exports, items, device)
     print(f"[experiment] wrote {', '.join(paths)} in {(time.time() - t_start) / 60:.1f} min", flush=True)

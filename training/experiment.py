@@ -43,18 +43,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (runs/, data_cache/, table.md, *.png)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run (one pass over fresh samples)")
-    p.add_argument("--batch-size", type=int, default=64, help="batch size per rank")
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps per run (one pass over fresh samples)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size per rank")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps / 10)")
-    p.add_argument("--n-items", type=int, default=150, help="evaluation items per category and split")
-    p.add_argument("--n-select", type=int, default=100, help="concept-selection items per category")
+    p.add_argument("--n-items", type=int, default=100, help="evaluation items per category and split")
+    p.add_argument("--n-select", type=int, default=50, help="concept-selection items per category")
     p.add_argument("--ks", default="1,2,4,8", help="slot counts k for concept selection (all L slots added)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per run: >1 launches torchrun (GPUs)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="trainer and evaluation device")
     p.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="trainer precision (its default)")
     p.add_argument("--workers", type=int, default=1, help="trainer data loader workers per rank")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (trainer and evaluation)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (trainer and evaluation); default 1 on a CPU run (one thread per "
+                        "process is much faster than several on a busy machine), the trainer's own on GPUs")
     p.add_argument("--no-report", action="store_true", help="train and evaluate only")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -68,9 +70,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--seeds and --ks must be comma-separated integers")
     if not args.seeds or min(args.steps, args.batch_size, args.n_items, args.n_select, args.nproc) < 1:
         p.error("--seeds needs one seed; --steps, --batch-size, --n-items, --n-select, --nproc must be positive")
+    if args.threads is None and (args.device == "cpu" or (args.device == "auto" and not _cuda())):
+        args.threads = 1
     if args.warmup is None:
         args.warmup = max(1, args.steps // 10)
     return args
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def buildable(key: str) -> Optional[str]:

@@ -32,6 +32,7 @@ LABELS = {
     "robust_mean": "robustness: mean of the 7 categories (clutter + noise)",
     "retrieval_robust_i2t_R@1": "robustness: image-to-text R@1",
     "selected_mean": "concept selection: mean of the 7 categories (top-k slots, k chosen on a selection split)",
+    "selection_gain": "concept selection: gain over all slots (selected − all)",
 }
 HEADLINE = ("swap_att", "swap_obj", "replace_att", "replace_obj", "replace_rel", "compositional_mean",
             "heldout_swap_att", "zeroshot_pair_heldout", "retrieval_heldout_i2t_R@1", "robust_mean")
@@ -49,6 +50,15 @@ def stats(values: Sequence[float]) -> Dict[str, Optional[float]]:
         return {"n": n, "mean": mean, "std": None, "half": None}
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     return {"n": n, "mean": mean, "std": std, "half": t975(n - 1) * std / math.sqrt(n)}
+
+
+def add_derived(results: Dict[str, Dict[int, dict]]) -> None:
+    """``selection_gain`` = selected_mean - compositional_mean (per run, models with slots)."""
+    for runs in results.values():
+        for r in runs.values():
+            m = r["metrics"]
+            if "selected_mean" in m and "compositional_mean" in m:
+                m["selection_gain"] = m["selected_mean"] - m["compositional_mean"]
 
 
 def metric_order(results: Dict[str, Dict[int, dict]]) -> List[str]:
@@ -93,6 +103,9 @@ def table(results: Dict[str, Dict[int, dict]], ref: str = "sparo") -> str:
         out.append("| metric | " + " | ".join(f"{m} − {ref}" for m in others) + " |")
         out.append("| --- |" + " ---: |" * len(others))
         for m in metrics:
+            has = [any(m in r["metrics"] for r in results[x].values()) for x in [ref] + others]
+            if not has[0] or not any(has[1:]):
+                continue  # a metric of the reference only (concept selection): nothing to compare
             cells = []
             for model in others:
                 d = paired_diff(results[model], results[ref], m)
@@ -182,6 +195,8 @@ def selection_curve(results: Dict[str, Dict[int, dict]], path: str) -> Optional[
         plt.close(fig)
         return None
     ax.set_xscale("log", base=2)
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
     ax.set_xlabel("k (slots kept, ranked by rank_slots on each category's selection split)")
     ax.set_ylabel("mean accuracy over the 7 categories (test split)")
     ax.set_title("Concept selection", fontsize=10)
@@ -195,6 +210,7 @@ def selection_curve(results: Dict[str, Dict[int, dict]], path: str) -> Optional[
 def write_all(results: Dict[str, Dict[int, dict]], out: str, header: str = "") -> List[str]:
     """table.md and the plots under ``out``; returns the written paths."""
     os.makedirs(out, exist_ok=True)
+    add_derived(results)
     paths = []
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(header + table(results))

@@ -1,12 +1,19 @@
 """Built-in default data: a synthetic compositional image-text set, written as webdataset shards.
 
-Images hold one to three coloured shapes in spatial relations, captioned like
-"a red circle left of a blue square". The evaluation split adds, for every image with two or
-more shapes, an attribute-swapped negative caption ("a blue circle left of a red square"), and
-for single-shape images the colour and shape labels used by zero-shot classification.
+Version 2 of the world. Images hold one to three shapes, each with a colour (6), a size (small
+or large) and a shape (4), in spatial relations, captioned like "a small red circle left of a
+large blue square". Training captions name each object's size with probability 1/2 (so that a
+caption with a size added is a meaningful test: see ``compbench``'s add-attribute category).
 
-Generation is deterministic in (seed, split, index), done once, and published atomically: the
-shards are written into a temporary folder that is renamed into place when complete.
+Some colour-shape pairs (``HELD_OUT_PAIRS``, e.g. red triangles) never occur in the training or
+evaluation splits written here: ``compbench`` tests them as a held-out compositional split.
+
+The evaluation split adds, for every image with two or more shapes, an attribute-swapped negative
+caption ("a small blue circle left of a large red square"), and for single-shape images the colour
+and shape labels used by zero-shot classification.
+
+Generation is deterministic in (version, seed, split, index), done once, and published
+atomically: the shards are written into a temporary folder that is renamed into place when complete.
 """
 from __future__ import annotations
 
@@ -18,15 +25,20 @@ import random
 import shutil
 import tarfile
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230),
     "yellow": (235, 220, 50), "purple": (150, 60, 200), "orange": (245, 140, 30),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+# radius as a fraction of the image side; the two ranges are far apart so that size is unambiguous
+SIZE_RADIUS = {"small": (0.07, 0.095), "large": (0.13, 0.16)}
 RELATIONS = ("left of", "right of", "above", "below")
-VERSION = 1
+# colour-shape pairs never drawn in the written splits (one per shape, each with its own colour)
+HELD_OUT_PAIRS = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square")})
+VERSION = 2
 IMAGE_SIZE = 64
 SHARD_SIZE = 1000
 
@@ -34,6 +46,18 @@ SHARD_SIZE = 1000
 COLOR_TEMPLATES = (lambda c: f"{'an' if c[0] in 'aeiou' else 'a'} {c} shape.",
                    lambda c: f"{'an' if c[0] in 'aeiou' else 'a'} {c} object.")
 SHAPE_TEMPLATES = (lambda s: f"a {s}.", lambda s: f"a coloured {s}.")
+
+
+class Obj(NamedTuple):
+    color: str
+    size: str
+    shape: str
+
+
+class Scene(NamedTuple):
+    """Objects in caption order; ``relation`` between consecutive objects (None for one object)."""
+    objs: Tuple[Obj, ...]
+    relation: Optional[str]
 
 
 def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, color) -> None:
@@ -51,57 +75,103 @@ def _draw_shape(draw, shape: str, cx: float, cy: float, r: float, color) -> None
         raise ValueError(shape)
 
 
-def _phrase(obj) -> str:
-    article = "an" if obj[0][0] in "aeiou" else "a"
-    return f"{article} {obj[0]} {obj[1]}"
+def phrase(obj: Obj, with_size: bool = True) -> str:
+    words = ([obj.size] if with_size else []) + [obj.color, obj.shape]
+    return f"{'an' if words[0][0] in 'aeiou' else 'a'} {' '.join(words)}"
 
 
-def make_sample(rng: random.Random, n_objects: int, size: int = IMAGE_SIZE):
-    """One image (PIL) and its metadata: caption, swapped negative (n >= 2), colours, shapes."""
+def caption(scene: Scene, with_size: Optional[Sequence[bool]] = None) -> str:
+    """"a small red circle left of a large blue square"; ``with_size[i]`` False drops object i's size."""
+    shown = [True] * len(scene.objs) if with_size is None else list(with_size)
+    parts = [phrase(o, s) for o, s in zip(scene.objs, shown)]
+    return f" {scene.relation} ".join(parts) if scene.relation else parts[0]
+
+
+def random_scene(rng: random.Random, n_objects: int, exclude=HELD_OUT_PAIRS, include: Optional[Obj] = None,
+                 relation: Optional[str] = None) -> Scene:
+    """Distinct colours (so a colour swap is a real change); no object in ``exclude`` (colour, shape)
+    pairs; ``include`` (if given) is one of the objects."""
+    for _ in range(1000):
+        colors = rng.sample(list(COLORS), n_objects)
+        objs = [Obj(c, rng.choice(SIZES), rng.choice(SHAPES)) for c in colors]
+        if include is not None:
+            objs[rng.randrange(n_objects)] = include
+            if len({o.color for o in objs}) < n_objects:
+                continue
+        if not any((o.color, o.shape) in exclude and o != include for o in objs):
+            break
+    else:
+        raise RuntimeError("could not draw a scene avoiding the excluded pairs")
+    if n_objects == 1:
+        rel = None
+    elif n_objects == 2:
+        rel = relation or rng.choice(RELATIONS)
+    else:
+        rel = "left of"  # three objects: always a left-to-right row
+    return Scene(tuple(objs), rel)
+
+
+def _centres(rng: random.Random, scene: Scene, size: int) -> List[Tuple[float, float]]:
+    jit = lambda a: rng.uniform(-a, a) * size  # noqa: E731
+    n = len(scene.objs)
+    if n == 1:
+        return [(size / 2 + jit(0.2), size / 2 + jit(0.2))]
+    if n == 2:
+        a, b, c = 0.27 * size, 0.73 * size, size / 2
+        first, second = {"left of": ((a, c), (b, c)), "right of": ((b, c), (a, c)),
+                         "above": ((c, a), (c, b)), "below": ((c, b), (c, a))}[scene.relation]
+        if scene.relation in ("above", "below"):
+            return [(p[0] + jit(0.12), p[1] + jit(0.04)) for p in (first, second)]
+        return [(p[0] + jit(0.04), p[1] + jit(0.12)) for p in (first, second)]
+    return [(x * size + jit(0.02), size / 2 + jit(0.2)) for x in (0.18, 0.5, 0.82)]
+
+
+def _corrupt(img, rng: random.Random):
+    """Robustness: grey clutter lines, small unnamed grey blobs and per-pixel noise."""
+    import numpy as np
     from PIL import Image, ImageDraw
 
-    colors = rng.sample(list(COLORS), n_objects)  # distinct colours: a colour swap is a real change
-    shapes = [rng.choice(SHAPES) for _ in range(n_objects)]
-    objs = list(zip(colors, shapes))
+    s = img.size[0]
+    draw = ImageDraw.Draw(img)
+    for _ in range(5):
+        g = rng.randint(90, 200)
+        draw.line([(rng.uniform(0, s), rng.uniform(0, s)), (rng.uniform(0, s), rng.uniform(0, s))],
+                  fill=(g, g, g), width=1)
+    for _ in range(3):
+        g, r = rng.randint(100, 200), rng.uniform(1.5, 3.0)
+        cx, cy = rng.uniform(0, s), rng.uniform(0, s)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(g, g, g))
+    noise = np.random.default_rng(rng.getrandbits(32)).integers(-30, 31, size=(s, s, 3))
+    arr = (np.asarray(img, dtype=np.int16) + noise).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def render(scene: Scene, rng: random.Random, size: int = IMAGE_SIZE, corrupt: bool = False):
+    """The scene as a PIL image (random background shade, positions and radii within each size class)."""
+    from PIL import Image, ImageDraw
+
     bg = rng.randint(20, 70)
     img = Image.new("RGB", (size, size), (bg, bg, bg))
     draw = ImageDraw.Draw(img)
-    jit = lambda a: rng.uniform(-a, a) * size  # noqa: E731
-    if n_objects == 1:
-        r = rng.uniform(0.18, 0.3) * size
-        centres = [(size / 2 + jit(0.12), size / 2 + jit(0.12))]
-        caption = _phrase(objs[0])
-        relation = None
-    elif n_objects == 2:
-        relation = rng.choice(RELATIONS)
-        r = rng.uniform(0.13, 0.19) * size
-        a, b = (0.27 * size, 0.73 * size)
-        c = size / 2
-        first, second = {"left of": ((a, c), (b, c)), "right of": ((b, c), (a, c)),
-                         "above": ((c, a), (c, b)), "below": ((c, b), (c, a))}[relation]
-        centres = [(first[0] + jit(0.05), first[1] + jit(0.1)), (second[0] + jit(0.05), second[1] + jit(0.1))]
-        if relation in ("above", "below"):
-            centres = [(first[0] + jit(0.1), first[1] + jit(0.05)), (second[0] + jit(0.1), second[1] + jit(0.05))]
-        caption = f"{_phrase(objs[0])} {relation} {_phrase(objs[1])}"
-    else:
-        relation = "left of"
-        r = rng.uniform(0.1, 0.13) * size
-        xs = (0.18 * size, 0.5 * size, 0.82 * size)
-        centres = [(x + jit(0.03), size / 2 + jit(0.2)) for x in xs]
-        caption = f"{_phrase(objs[0])} left of {_phrase(objs[1])} left of {_phrase(objs[2])}"
-    for (color, shape), (cx, cy) in zip(objs, centres):
-        _draw_shape(draw, shape, cx, cy, r, COLORS[color])
-    meta = {"caption": caption, "colors": colors, "shapes": shapes, "relation": relation, "n": n_objects}
+    for obj, (cx, cy) in zip(scene.objs, _centres(rng, scene, size)):
+        _draw_shape(draw, obj.shape, cx, cy, rng.uniform(*SIZE_RADIUS[obj.size]) * size, COLORS[obj.color])
+    return _corrupt(img, rng) if corrupt else img
+
+
+def make_sample(rng: random.Random, n_objects: int, size: int = IMAGE_SIZE, random_sizes_in_caption: bool = False):
+    """One image (PIL) and its metadata: caption, swapped negative (n >= 2), colours, shapes, sizes."""
+    scene = random_scene(rng, n_objects)
+    img = render(scene, rng, size)
+    shown = [rng.random() < 0.5 for _ in scene.objs] if random_sizes_in_caption else None
+    objs = scene.objs
+    meta = {"caption": caption(scene, shown), "colors": [o.color for o in objs], "shapes": [o.shape for o in objs],
+            "sizes": [o.size for o in objs], "relation": scene.relation, "n": n_objects}
     if n_objects >= 2:
-        swapped = [(colors[1], shapes[0]), (colors[0], shapes[1])] + objs[2:]
-        if n_objects == 2:
-            meta["neg_caption"] = f"{_phrase(swapped[0])} {relation} {_phrase(swapped[1])}"
-        else:
-            meta["neg_caption"] = (f"{_phrase(swapped[0])} left of {_phrase(swapped[1])} "
-                                   f"left of {_phrase(swapped[2])}")
+        swapped = (objs[0]._replace(color=objs[1].color), objs[1]._replace(color=objs[0].color)) + objs[2:]
+        meta["neg_caption"] = caption(Scene(swapped, scene.relation), shown)
     else:
-        meta["color"] = colors[0]
-        meta["shape"] = shapes[0]
+        meta["color"] = objs[0].color
+        meta["shape"] = objs[0].shape
     return img, meta
 
 
@@ -128,7 +198,7 @@ def write_split(folder: str, split: str, num_samples: int, seed: int, shard_size
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in range(s * shard_size, min(num_samples, (s + 1) * shard_size)):
                 rng = random.Random(f"sparo-synthetic-{VERSION}-{seed}-{split}-{i}")
-                img, meta = make_sample(rng, _n_objects(rng, split))
+                img, meta = make_sample(rng, _n_objects(rng, split), random_sizes_in_caption=split == "train")
                 buf = io.BytesIO()
                 img.save(buf, format="PNG", optimize=False, compress_level=1)
                 key = f"{split}{i:08d}"

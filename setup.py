@@ -26,12 +26,13 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         "clip": ["open_clip_torch>=2.24", "torchvision", "pillow"],
-        "train": ["open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86"],
+        "train": ["open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86",
+                  "matplotlib>=3.5"],
         "bench": ["pytest>=7", "pytest-benchmark>=4"],
         "dev": [
             "open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86",
             "pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6",
-            "triton>=3.1; platform_system == 'Linux'",
+            "triton>=3.1; platform_system == 'Linux'", "matplotlib>=3.5",
         ],
     },
 )

@@ -208,3 +208,44 @@ def test_evaluate_pairs_known_answer(one_rank):
     assert res["retrieval_count"] == n - 1
     assert res["swap_count"] == 4 and res["swap_accuracy"] == pytest.approx(0.5)
     assert res["val_loss"] == pytest.approx(ev.validation_loss(torch.eye(n), sim.float(), 3.0, 5), rel=1e-5)
+
+
+# ------------------------------------------------------------------------ plot_metrics
+
+
+def fake_run(d, n_steps, seed):
+    import json
+    import random
+
+    rng = random.Random(seed)
+    d.mkdir()
+    with open(d / "metrics.jsonl", "w") as f:
+        for s in range(1, n_steps + 1):
+            f.write(json.dumps({"kind": "train", "step": s, "time": 0.0, "epoch": 0, "loss": 5 / s + rng.random(),
+                                "lr": 1e-3 * min(1, s / 3), "samples_per_s": 10.0}) + "\n")
+            if s % 4 == 0:
+                f.write(json.dumps({"kind": "eval", "step": s, "epoch": 0, "image_to_text_R@1": rng.random(),
+                                    "val_loss": rng.random(), "retrieval_count": 60.0}) + "\n")
+        f.write('{"kind": "train", "step": 99, "loss": 1.')  # a line cut short by a crash
+
+
+def test_plot_metrics_of_two_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from sparo_fast_training import plot_metrics
+
+    fake_run(tmp_path / "a", 12, 1)
+    fake_run(tmp_path / "b", 8, 2)
+    out = tmp_path / "cmp" / "plot.png"
+    res = subprocess.run([sys.executable, "-m", "sparo_fast_training.plot_metrics", str(tmp_path / "a"),
+                          str(tmp_path / "b"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    runs = {p: plot_metrics.read_metrics(str(tmp_path / p)) for p in "ab"}
+    assert plot_metrics.panels(runs) == [("train", "loss"), ("train", "lr"), ("eval", "image_to_text_R@1"),
+                                         ("eval", "val_loss")]
+    assert len(runs["a"]["train"]["loss"]) == 12 and len(runs["b"]["eval"]["val_loss"]) == 2
+    bad = subprocess.run([sys.executable, "-m", "sparo_fast_training.plot_metrics", str(tmp_path / "nope"),
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no metrics.jsonl" in bad.stderr

@@ -5,8 +5,10 @@ Every rank and data-loader worker reads a deterministic stream: the shard order 
 shards, samples are split by index), and the sample shuffle buffer is seeded by
 (seed, epoch, rank, worker). Each yielded batch carries the reader's position in that stream (raw
 samples consumed, corrupt ones included) so the trainer can record, in a checkpoint, where every
-rank and worker stands; on resume each reader regenerates its stream and skips what was consumed.
-Random augmentations are seeded per sample from (seed, epoch, rank, worker, position), so a resumed
+rank and worker stands. On resume a reader does not re-read what it consumed: it replays the shuffle
+buffer on sample indices (see ``shuffle_state``), reads the buffered samples alone by byte range, skips
+the consumed shards unopened (counts from ``sizes.json`` or the tar headers) and seeks into the shard of
+the resume point (remote or compressed shards are re-read instead). Random augmentations are seeded per sample from (seed, epoch, rank, worker, position), so a resumed
 run sees the very same tensors. A sample that cannot be decoded is skipped and counted.
 """
 from __future__ import annotations

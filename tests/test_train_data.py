@@ -151,14 +151,15 @@ def test_resume_seeks_instead_of_rereading(shards, monkeypatch, shuffle):
         assert not opened_resume & set(opened_full[:3]), (opened_full, opened_resume)
 
 
-@pytest.mark.parametrize("world,workers,sizes", [(1, 2, False), (4, 2, True)])
-def test_resume_without_sizes_json_and_with_sliced_shards(shards, tmp_path, world, workers, sizes):
-    """Shards counted from their tar headers (no sizes.json); fewer shards than readers (4 x 2 > 6)."""
+@pytest.mark.parametrize("world,workers,sizes,n,start", [(1, 2, False, 12, 9), (4, 2, True, 6, 5),
+                                                         (1, 2, True, 30, 27)])
+def test_resume_without_sizes_json_and_with_sliced_shards(shards, tmp_path, world, workers, sizes, n, start):
+    """Shards counted from their tar headers (no sizes.json); fewer shards than readers (4 x 2 > 6);
+    a resume point in the second pass over a reader's shards (15 batches of 4 from 48 samples)."""
     if not sizes:
         for u in shards:
             shutil.copy(u, tmp_path)
         shards = [str(tmp_path / os.path.basename(u)) for u in shards]
-    n, start = 6 if world > 1 else 12, 5 if world > 1 else 9
     full = batches(shards, rank=world - 1, world=world, workers=workers, n=n)
     positions = [0] * workers
     for img, tok, info in full[:start]:

@@ -13,6 +13,7 @@ run sees the very same tensors. A sample that cannot be decoded is skipped and c
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
@@ -271,32 +272,38 @@ class TrainStream(IterableDataset):
         self.spec = spec
         self.preprocess = preprocess
         self.tokenizer = tokenizer
+        self._plans: Dict[tuple, tuple] = {}   # (worker, pass) -> shards, stride, phase
+        self._starts: Dict[tuple, List[int]] = {}  # (worker, pass) -> first global position of each shard
 
     def _plan(self, worker: int, p: int):
         """Pass ``p`` of reader (rank, worker): its shards, and which global positions of their concatenation
         it keeps (``phase``, ``phase + stride``, ...)."""
-        s = self.spec
-        nw = max(1, s.num_workers)
-        n_readers = s.world_size * nw
-        reader = s.rank * nw + worker
-        order = list(s.urls)
-        random.Random(_seed("shards", s.seed, s.epoch, p)).shuffle(order)
-        if len(s.urls) >= n_readers:
-            return order[reader::n_readers], 1, 0
-        return order, n_readers, reader  # fewer shards than readers: each reads everything, keeps its slice
+        if (worker, p) not in self._plans:
+            s = self.spec
+            nw = max(1, s.num_workers)
+            n_readers = s.world_size * nw
+            reader = s.rank * nw + worker
+            order = list(s.urls)
+            random.Random(_seed("shards", s.seed, s.epoch, p)).shuffle(order)
+            if len(s.urls) >= n_readers:
+                self._plans[worker, p] = (order[reader::n_readers], 1, 0)
+            else:  # fewer shards than readers: each reads everything and keeps its slice
+                self._plans[worker, p] = (order, n_readers, reader)
+        return self._plans[worker, p]
 
     def _seek(self, worker: int, raw: int, index: "ShardIndex"):
         """Where raw sample ``raw`` of the reader's stream lies: (pass, (shard, sample in shard, global position))."""
         p = 0
         while True:
             shards, stride, phase = self._plan(worker, p)
-            g, base = phase + raw * stride, 0
-            for i, url in enumerate(shards):
-                n = index.count(url)
-                if g < base + n:
-                    return p, (i, g - base, g)
-                base += n
-            taken = len(range(phase, base, stride))
+            g = phase + raw * stride
+            cum = self._starts.setdefault((worker, p), [0])  # cum[i]: samples of the pass before shard i
+            while len(cum) <= len(shards) and cum[-1] <= g:  # counted lazily, as far as needed
+                cum.append(cum[-1] + index.count(shards[len(cum) - 1]))
+            if cum[-1] > g:
+                i = bisect.bisect_right(cum, g) - 1
+                return p, (i, g - cum[i], g)
+            taken = len(range(phase, cum[-1], stride))
             if taken == 0:
                 raise DataError(f"rank {self.spec.rank} worker {worker}: no training samples in its shards")
             raw -= taken

@@ -1,5 +1,7 @@
 """Evaluation pieces in-process on a one-rank gloo group: ImageNet zero-shot through an ImageFolder
-tree, and the synthetic metrics (retrieval, swap accuracy, colour/shape zero-shot)."""
+tree, the synthetic metrics (retrieval, swap accuracy, colour/shape zero-shot), and known-answer tests of
+every metric on hand-built features."""
+import math
 import socket
 
 import pytest
@@ -55,10 +57,12 @@ def test_synthetic_metrics(one_rank, tiny, tmp_path):
     samples = data.load_eval_samples(data.expand_urls(d["val"]), pre_val, tok, 0, 1)
     assert len(samples) == 60
     res = ev.evaluate_pairs(model, samples, tok, 16, torch.device("cpu"), torch.zeros(3, 64, 64), 32)
-    for k in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@5",
+    for k in ("image_to_text_R@1", "image_to_text_R@5", "text_to_image_R@1", "text_to_image_R@10",
               "swap_accuracy", "zeroshot_color_top1", "zeroshot_shape_top1"):
         assert 0.0 <= res[k] <= 1.0, k
-    assert res["image_to_text_R@1"] <= res["image_to_text_R@5"]
+    assert res["image_to_text_R@1"] <= res["image_to_text_R@5"] <= res["image_to_text_R@10"]
+    assert 1 <= res["text_to_image_median_rank"] <= res["retrieval_count"] <= 60
+    assert res["val_loss"] > 0
     assert res["swap_count"] == sum(1 for s in samples if s["meta"].get("neg_caption"))
 
 
@@ -74,3 +78,174 @@ def test_synthetic_captions_and_swaps():
     # the negative swaps the two colours and keeps shapes and relation
     assert m["neg_caption"].replace(a, "@").replace(b, a).replace("@", b).replace("an ", "a ") == \
         m["caption"].replace("an ", "a ")
+
+
+# ------------------------------------------------------------------------ known answers
+
+
+def ranks_of(sim):
+    """0-based rank of the right answer (the diagonal) of each row: how many entries beat it."""
+    return [(sim[i] > sim[i, i]).sum().item() for i in range(len(sim))]
+
+
+def expected(ranks, prefix):
+    r = torch.tensor(ranks, dtype=torch.float64)
+    out = {f"{prefix}_R@{k}": (r < k).double().mean().item() for k in (1, 5, 10)}
+    out[f"{prefix}_mean_rank"] = r.mean().item() + 1
+    out[f"{prefix}_median_rank"] = math.floor(r.median().item() if len(r) % 2 else r.sort().values[
+        len(r) // 2 - 1:len(r) // 2 + 1].mean().item()) + 1
+    return out
+
+
+def sim_with_ranks(ranks):
+    """A similarity matrix whose row i has its diagonal at rank ``ranks[i]`` (no ties)."""
+    n = len(ranks)
+    sim = torch.randn(n, n, dtype=torch.float64)
+    for i, r in enumerate(ranks):
+        others = sorted((sim[i, j].item() for j in range(n) if j != i), reverse=True)
+        hi = others[r - 1] if r > 0 else others[0] + 1.0
+        lo = others[r] if r < n - 1 else others[-1] - 1.0
+        sim[i, i] = (hi + lo) / 2
+    return sim
+
+
+def test_retrieval_metrics_hand_written_case():
+    from sparo_fast_training import evaluate as ev
+
+    sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.25], [0.1, 0.3, 0.2]])
+    # image->text ranks 0, 1, 1; text->image (columns) ranks 0, 0, 1
+    m = ev.retrieval_metrics(torch.eye(3), sim.T.contiguous())
+    assert m["image_to_text_R@1"] == pytest.approx(1 / 3) and m["image_to_text_R@5"] == 1.0
+    assert m["image_to_text_mean_rank"] == pytest.approx(5 / 3) and m["image_to_text_median_rank"] == 2
+    assert m["text_to_image_R@1"] == pytest.approx(2 / 3)
+    assert m["text_to_image_mean_rank"] == pytest.approx(4 / 3) and m["text_to_image_median_rank"] == 1
+
+
+def test_retrieval_metrics_known_ranks():
+    from sparo_fast_training import evaluate as ev
+
+    n = 41
+    ranks = torch.randint(0, n, (n,)).tolist()
+    ranks[:3] = [0, 4, 9]  # always some at the R@1/5/10 borders
+    sim = sim_with_ranks(ranks)
+    assert ranks_of(sim) == ranks
+    scale = float(torch.rand(()) * 50 + 1)  # ranks do not depend on the temperature
+    m = ev.retrieval_metrics(torch.eye(n, dtype=torch.float64), sim.T.contiguous(), scale)
+    want = {**expected(ranks, "image_to_text"), **expected(ranks_of(sim.T), "text_to_image")}
+    assert m.keys() == want.keys()
+    for k, v in want.items():
+        assert m[k] == pytest.approx(v), k
+
+
+def test_validation_loss_known_answer():
+    from sparo_fast_training import evaluate as ev
+
+    # orthonormal pairs: each batch of b pairs has logits s on the diagonal, 0 elsewhere, so both
+    # directions' cross-entropy is log(1 + (b - 1) e^-s)
+    n, b = 10, 4
+    s = float(torch.rand(()) * 5 + 0.5)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    feats = q[:n]
+    got = ev.validation_loss(feats, feats, s, b)
+    want = (8 * math.log1p(3 * math.exp(-s)) + 2 * math.log1p(math.exp(-s))) / n
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_swap_accuracy_known_answer():
+    from sparo_fast_training import evaluate as ev
+
+    n = 20
+    img = torch.nn.functional.normalize(torch.randn(n, 8), dim=-1)
+    wrong = torch.randperm(n)[:7]  # the negative outscores the true caption on these
+    neg = -img.clone()
+    neg[wrong] = 2 * img[wrong]
+    assert ev.swap_accuracy(img, img, neg) == pytest.approx(13 / 20)
+
+
+class StubModel:
+    """Features looked up by an id carried in the input: image id in pixel [0, 0, 0], text id in token 0."""
+
+    def __init__(self, img, txt):
+        self.img, self.txt = img, txt
+
+    def encode_image(self, x, normalize=True):
+        return self.img[x[:, 0, 0, 0].long()]
+
+    def encode_text(self, t, normalize=True):
+        return self.txt[t[:, 0]]
+
+
+def test_evaluate_pairs_known_answer(one_rank):
+    """Through evaluate_pairs: a repeated caption is left out of retrieval, the swap set's answer is known."""
+    from sparo_fast_training import evaluate as ev
+
+    n = 12
+    ranks = torch.randint(0, n - 1, (n,)).tolist()
+    sim = sim_with_ranks(ranks)
+    captions = [f"caption {i}" for i in range(n)]
+    captions[7] = captions[3]  # a repeat: pair 7 is not a retrieval query
+    negs = {1: 5.0, 4: -5.0, 9: -5.0, 10: 5.0}  # swap negatives scoring above (5) or below (-5) the truth
+    txt = torch.cat([sim.T, torch.zeros(len(negs), n, dtype=torch.float64)])
+    ids = {}
+    for m, (i, score) in enumerate(negs.items()):
+        txt[n + m, i] = score  # image i is e_i: its score with this negative
+        ids[f"neg {i}"] = n + m
+    samples = []
+    for i in range(n):
+        image = torch.zeros(3, 2, 2)
+        image[0, 0, 0] = i
+        meta = {"neg_caption": f"neg {i}"} if i in negs else {}
+        samples.append({"index": i, "image": image, "tokens": torch.tensor([i]),
+                        "caption": captions[i], "meta": meta})
+    tok = lambda texts: torch.tensor([[ids[t]] for t in texts])  # noqa: E731
+    model = StubModel(torch.eye(n, dtype=torch.float64), txt)
+    res = ev.evaluate_pairs(model, samples, tok, 5, torch.device("cpu"), torch.zeros(3, 2, 2), 1, logit_scale=3.0)
+    keep = [i for i in range(n) if i != 7]
+    sub = sim[keep][:, keep]
+    want = {**expected(ranks_of(sub), "image_to_text"), **expected(ranks_of(sub.T), "text_to_image")}
+    for k, v in want.items():
+        assert res[k] == pytest.approx(v), k
+    assert res["retrieval_count"] == n - 1
+    assert res["swap_count"] == 4 and res["swap_accuracy"] == pytest.approx(0.5)
+    assert res["val_loss"] == pytest.approx(ev.validation_loss(torch.eye(n), sim.float(), 3.0, 5), rel=1e-5)
+
+
+# ------------------------------------------------------------------------ plot_metrics
+
+
+def fake_run(d, n_steps, seed):
+    import json
+    import random
+
+    rng = random.Random(seed)
+    d.mkdir()
+    with open(d / "metrics.jsonl", "w") as f:
+        for s in range(1, n_steps + 1):
+            f.write(json.dumps({"kind": "train", "step": s, "time": 0.0, "epoch": 0, "loss": 5 / s + rng.random(),
+                                "lr": 1e-3 * min(1, s / 3), "samples_per_s": 10.0}) + "\n")
+            if s % 4 == 0:
+                f.write(json.dumps({"kind": "eval", "step": s, "epoch": 0, "image_to_text_R@1": rng.random(),
+                                    "val_loss": rng.random(), "retrieval_count": 60.0}) + "\n")
+        f.write('{"kind": "train", "step": 99, "loss": 1.')  # a line cut short by a crash
+
+
+def test_plot_metrics_of_two_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from sparo_fast_training import plot_metrics
+
+    fake_run(tmp_path / "a", 12, 1)
+    fake_run(tmp_path / "b", 8, 2)
+    out = tmp_path / "cmp" / "plot.png"
+    res = subprocess.run([sys.executable, "-m", "sparo_fast_training.plot_metrics", str(tmp_path / "a"),
+                          str(tmp_path / "b"), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    runs = {p: plot_metrics.read_metrics(str(tmp_path / p)) for p in "ab"}
+    assert plot_metrics.panels(runs) == [("train", "loss"), ("train", "lr"), ("eval", "image_to_text_R@1"),
+                                         ("eval", "val_loss")]
+    assert len(runs["a"]["train"]["loss"]) == 12 and len(runs["b"]["eval"]["val_loss"]) == 2
+    bad = subprocess.run([sys.executable, "-m", "sparo_fast_training.plot_metrics", str(tmp_path / "nope"),
+                          "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "no metrics.jsonl" in bad.stderr

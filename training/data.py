@@ -5,17 +5,22 @@ Every rank and data-loader worker reads a deterministic stream: the shard order 
 shards, samples are split by index), and the sample shuffle buffer is seeded by
 (seed, epoch, rank, worker). Each yielded batch carries the reader's position in that stream (raw
 samples consumed, corrupt ones included) so the trainer can record, in a checkpoint, where every
-rank and worker stands; on resume each reader regenerates its stream and skips what was consumed.
-Random augmentations are seeded per sample from (seed, epoch, rank, worker, position), so a resumed
+rank and worker stands. On resume a reader does not re-read what it consumed: it replays the shuffle
+buffer on sample indices (see ``shuffle_state``), reads the buffered samples alone by byte range, skips
+the consumed shards unopened (counts from ``sizes.json`` or the tar headers) and seeks into the shard of
+the resume point (remote or compressed shards are re-read instead). Random augmentations are seeded per sample from (seed, epoch, rank, worker, position), so a resumed
 run sees the very same tensors. A sample that cannot be decoded is skipped and counted.
 """
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import logging
 import os
 import random
+import re
+import tarfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -78,27 +83,16 @@ def count_samples(urls: Sequence[str]) -> Optional[int]:
     return total
 
 
-def _raw_samples(url: str) -> Iterator[dict]:
-    """Samples (dicts of raw bytes by extension) of one shard; a broken shard is warned about and cut short."""
-    from webdataset.tariterators import tarfile_samples
-
-    def handler(exn):
-        log.warning("skipping unreadable shard data: %s", repr(exn)[:300])
-        return True
-
-    yield from tarfile_samples([{"url": url}], handler=handler)
-
-
 def _seed(*parts) -> int:
     return random.Random("/".join(str(p) for p in parts)).getrandbits(63)
 
 
-def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
-    """Buffer shuffle (as webdataset's), driven by an explicit RNG."""
+def _shuffled(items: Iterator, bufsize: int, rng: random.Random, buf: Optional[list] = None) -> Iterator:
+    """Buffer shuffle (as webdataset's), driven by an explicit RNG; ``buf``: a buffer restored on resume."""
     if bufsize <= 1:
         yield from items
         return
-    buf = []
+    buf = list(buf or [])
     for item in items:
         if len(buf) < bufsize:
             buf.append(item)
@@ -108,6 +102,133 @@ def _shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
         buf[i] = item
     while buf:
         yield buf.pop(rng.randrange(len(buf)))
+
+
+def shuffle_state(n_out: int, bufsize: int, rng: random.Random):
+    """Replay ``_shuffled`` over an endless stream on indices alone: after ``n_out`` outputs, the raw indices
+    held in the buffer (slot order) and the number of raw items taken. Advances ``rng`` exactly as the
+    real shuffle did (its draws depend only on the buffer length, never on the items)."""
+    if bufsize <= 1 or n_out == 0:
+        return [], n_out
+    buf = list(range(bufsize))
+    draw = rng.randrange
+    for t in range(bufsize, bufsize + n_out):
+        buf[draw(bufsize)] = t
+    return buf, bufsize + n_out
+
+
+def _warn_handler(exn) -> bool:
+    log.warning("skipping unreadable shard data: %s", repr(exn)[:300])
+    return True
+
+
+def _local_path(url: str) -> str:
+    return url[len("file:"):] if url.startswith("file:") else url
+
+
+def _seekable(url: str) -> bool:
+    """A local uncompressed tar: its samples can be reached by byte offset."""
+    return _is_local(url) and not url.endswith((".gz", ".tgz", ".bz2", ".xz", ".zst"))
+
+
+def _open_local(path: str):
+    """Open a local shard (a seam: tests and bench/resume_read_volume.py wrap it to count the bytes read)."""
+    return open(path, "rb")
+
+
+def _samples_from(url: str, stream) -> Iterator[dict]:
+    """webdataset's own tar expansion and key grouping over an open stream."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    files = tar_file_expander([{"url": url, "stream": stream}], handler=_warn_handler)
+    return group_by_keys(files, handler=_warn_handler)
+
+
+def _raw_samples(url: str, offset: int = 0) -> Iterator[dict]:
+    """Samples (dicts of raw bytes by extension) of one shard, from the sample whose first member starts at
+    byte ``offset``; a broken shard is warned about and cut short."""
+    if not _seekable(url):
+        from webdataset.tariterators import tarfile_samples
+
+        if offset:
+            raise ValueError(f"{url}: cannot seek in a remote or compressed shard")
+        yield from tarfile_samples([{"url": url}], handler=_warn_handler)
+        return
+    try:
+        f = _open_local(_local_path(url))
+    except OSError as exn:
+        _warn_handler(exn)
+        return
+    with f:
+        f.seek(offset)
+        yield from _samples_from(url, f)
+
+
+_META = re.compile(r"__[^/]*__($|/)")
+
+
+def sample_offsets(url: str, upto: Optional[int] = None) -> List[int]:
+    """Byte offset of the first member of each sample (of the first ``upto + 1``), read from the tar headers
+    alone (the seekable tar reader seeks past the data), grouped by key as webdataset's ``group_by_keys``."""
+    from webdataset.tariterators import base_plus_ext
+
+    offsets: List[int] = []
+    key = None
+    with _open_local(_local_path(url)) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        while True:
+            ti = tf.next()
+            if ti is None:
+                break
+            tf.members = []  # headers only; do not keep them all
+            if not ti.isreg() or _META.match(ti.name) or \
+                    ("/" not in ti.name and ti.name.startswith("__") and ti.name.endswith("__")):
+                continue
+            prefix, _ = base_plus_ext(ti.name)
+            if prefix is None or prefix == key:
+                continue
+            key = prefix
+            if upto is not None and len(offsets) > upto:
+                break
+            offsets.append(ti.offset)
+    return offsets
+
+
+def _sizes_json(folder: str, cache: Dict[str, Optional[dict]]) -> Optional[dict]:
+    if folder not in cache:
+        path = os.path.join(folder, "sizes.json")
+        cache[folder] = None
+        if os.path.isfile(path):
+            with open(path) as f:
+                cache[folder] = json.load(f)
+    return cache[folder]
+
+
+class ShardIndex:
+    """Samples per shard, from ``sizes.json`` (OpenCLIP's convention: the shard is not opened) or else counted
+    from its tar headers; and the byte offsets of its samples (from the headers, cached)."""
+
+    def __init__(self):
+        self._sizes: Dict[str, Optional[dict]] = {}
+        self._n: Dict[str, int] = {}
+        self._offsets: Dict[str, List[int]] = {}
+        self._complete: set = set()
+
+    def count(self, url: str) -> int:
+        if url not in self._n:
+            sizes = _sizes_json(os.path.dirname(_local_path(url)), self._sizes)
+            n = sizes.get(os.path.basename(url)) if sizes else None
+            self._n[url] = int(n) if n is not None else len(self.offsets(url))
+        return self._n[url]
+
+    def offsets(self, url: str, upto: Optional[int] = None) -> List[int]:
+        """Offsets of samples ``0..upto`` (fewer at the end of the shard; all when ``upto`` is None)."""
+        have = self._offsets.get(url, [])
+        if url not in self._complete and (upto is None or len(have) <= upto):
+            have = sample_offsets(url, upto)
+            self._offsets[url] = have
+            if upto is None or len(have) <= upto:
+                self._complete.add(url)
+        return have
 
 
 def _decode(sample: dict, preprocess: Callable, tokenizer: Callable):
@@ -151,26 +272,95 @@ class TrainStream(IterableDataset):
         self.spec = spec
         self.preprocess = preprocess
         self.tokenizer = tokenizer
+        self._plans: Dict[tuple, tuple] = {}   # (worker, pass) -> shards, stride, phase
+        self._starts: Dict[tuple, List[int]] = {}  # (worker, pass) -> first global position of each shard
 
-    def _reader_stream(self, worker: int) -> Iterator:
-        """Endless raw sample stream of logical reader (rank, worker), in passes over the data."""
-        s = self.spec
-        nw = max(1, s.num_workers)
-        n_readers = s.world_size * nw
-        reader = s.rank * nw + worker
-        by_shard = len(s.urls) >= n_readers
-        p = 0
-        while True:
+    def _plan(self, worker: int, p: int):
+        """Pass ``p`` of reader (rank, worker): its shards, and which global positions of their concatenation
+        it keeps (``phase``, ``phase + stride``, ...)."""
+        if (worker, p) not in self._plans:
+            s = self.spec
+            nw = max(1, s.num_workers)
+            n_readers = s.world_size * nw
+            reader = s.rank * nw + worker
             order = list(s.urls)
             random.Random(_seed("shards", s.seed, s.epoch, p)).shuffle(order)
-            if by_shard:
-                mine = order[reader::n_readers]
-                raw = (x for url in mine for x in _raw_samples(url))
-            else:  # fewer shards than readers: every reader reads everything and keeps its slice
-                everything = (y for url in order for y in _raw_samples(url))
-                raw = (x for i, x in enumerate(everything) if i % n_readers == reader)
-            yield from raw
+            if len(s.urls) >= n_readers:
+                self._plans[worker, p] = (order[reader::n_readers], 1, 0)
+            else:  # fewer shards than readers: each reads everything and keeps its slice
+                self._plans[worker, p] = (order, n_readers, reader)
+        return self._plans[worker, p]
+
+    def _seek(self, worker: int, raw: int, index: "ShardIndex"):
+        """Where raw sample ``raw`` of the reader's stream lies: (pass, (shard, sample in shard, global position))."""
+        p = 0
+        while True:
+            shards, stride, phase = self._plan(worker, p)
+            g = phase + raw * stride
+            cum = self._starts.setdefault((worker, p), [0])  # cum[i]: samples of the pass before shard i
+            while len(cum) <= len(shards) and cum[-1] <= g:  # counted lazily, as far as needed
+                cum.append(cum[-1] + index.count(shards[len(cum) - 1]))
+            if cum[-1] > g:
+                i = bisect.bisect_right(cum, g) - 1
+                return p, (i, g - cum[i], g)
+            taken = len(range(phase, cum[-1], stride))
+            if taken == 0:
+                raise DataError(f"rank {self.spec.rank} worker {worker}: no training samples in its shards")
+            raw -= taken
             p += 1
+
+    def _passes(self, worker: int, start: int = 0, index: Optional["ShardIndex"] = None) -> Iterator:
+        """Endless raw sample stream of logical reader (rank, worker), in passes over the data, from raw
+        sample ``start`` (consumed shards are not opened; the shard of ``start`` is entered by seeking)."""
+        p, first = (0, (0, 0, 0)) if start == 0 else self._seek(worker, start, index)
+        while True:
+            shards, stride, phase = self._plan(worker, p)
+            s0, k0, g = first
+            for i in range(s0, len(shards)):
+                offset = 0
+                if i == s0 and k0:
+                    offsets = index.offsets(shards[i], k0)
+                    if len(offsets) <= k0:
+                        raise DataError(f"{shards[i]}: fewer samples than sizes.json lists; cannot resume in it")
+                    offset = offsets[k0]
+                for sample in _raw_samples(shards[i], offset):
+                    if g % stride == phase:
+                        yield sample
+                    g += 1
+            first = (0, 0, 0)
+            p += 1
+
+    def _fetch(self, worker: int, raws: List[int], index: "ShardIndex") -> list:
+        """The raw samples ``raws`` of the reader's stream, each read alone by its byte range."""
+        where = {}
+        for r in set(raws):
+            p, (i, k, _) = self._seek(worker, r, index)
+            where[r] = (self._plan(worker, p)[0][i], k)
+        got: Dict[tuple, dict] = {}
+        for url in sorted({u for u, _ in where.values()}):
+            ks = sorted({k for u, k in where.values() if u == url})
+            offsets = index.offsets(url, ks[-1] + 1)
+            with _open_local(_local_path(url)) as f:
+                for k in ks:
+                    f.seek(offsets[k])
+                    blob = f.read(offsets[k + 1] - offsets[k]) if k + 1 < len(offsets) else f.read()
+                    got[url, k] = next(iter(_samples_from(url, io.BytesIO(blob))))
+        return [got[where[r]] for r in raws]
+
+    def _stream(self, worker: int, pos0: int, rng: random.Random) -> Iterator:
+        """The shuffled sample stream of the reader, after ``pos0`` samples already taken from it."""
+        s = self.spec
+        if pos0 == 0:
+            return _shuffled(self._passes(worker), s.shuffle_buffer, rng)
+        if not all(_seekable(u) for u in s.urls):  # remote or compressed shards: re-read and discard
+            stream = _shuffled(self._passes(worker), s.shuffle_buffer, rng)
+            for _ in range(pos0):
+                next(stream)
+            return stream
+        index = ShardIndex()
+        slots, taken = shuffle_state(pos0, s.shuffle_buffer, rng)
+        buf = self._fetch(worker, slots, index)
+        return _shuffled(self._passes(worker, taken, index), s.shuffle_buffer, rng, buf)
 
     def __iter__(self):
         s = self.spec
@@ -184,10 +374,8 @@ class TrainStream(IterableDataset):
         pos0 = s.positions[worker] if s.positions else 0
         skipped = s.skipped[worker] if s.skipped else 0
         rng = random.Random(_seed("samples", s.seed, s.epoch, s.rank, worker))
-        stream = _shuffled(self._reader_stream(worker), s.shuffle_buffer, rng)
+        stream = self._stream(worker, pos0, rng)
         in_worker = info is not None
-        for _ in range(pos0):
-            next(stream)
         pos = pos0
         for _ in range(my_batches):
             images, tokens = [], []
@@ -196,13 +384,16 @@ class TrainStream(IterableDataset):
                 pos += 1
                 seed = _seed("aug", s.seed, s.epoch, s.rank, worker, pos)
                 try:
+                    # the CPU generator alone (the augmentations run on the CPU): torch.manual_seed also
+                    # queues a seed for each lazily initialised accelerator, formatting a stack trace every
+                    # time, ~0.3 ms a call: most of the loader's own cost on the built-in data set
                     if in_worker:
-                        torch.manual_seed(seed)
+                        torch.default_generator.manual_seed(seed)
                         random.seed(seed)
                         image, tok = _decode(sample, self.preprocess, self.tokenizer)
                     else:
                         with torch.random.fork_rng(devices=[]):
-                            torch.manual_seed(seed)
+                            torch.default_generator.manual_seed(seed)
                             image, tok = _decode(sample, self.preprocess, self.tokenizer)
                 except Exception as exn:  # a corrupt sample: skip it, count it
                     skipped += 1

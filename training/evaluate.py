@@ -2,9 +2,11 @@
 number of forward calls, padding with dummy batches where their slice is shorter).
 
 Metrics: zero-shot classification (synthetic colour and shape classes; ImageNet top-1/top-5 with
-``--imagenet-val``), image-text retrieval recall@1/5 (a retrieved item counts when its caption equals
-the query's, since synthetic captions repeat), and compositional swap accuracy (fraction of images
-whose true caption outscores its attribute-swapped negative).
+``--imagenet-val``); image-text retrieval through OpenCLIP's own ``get_clip_metrics`` (R@1/5/10, mean
+and median rank, over the pairs whose caption is not a repeat of an earlier one, so that every query has
+exactly one right answer); the validation loss (OpenCLIP's ``ClipLoss`` over batches of the set in
+order, as ``open_clip_train`` reports it); and compositional swap accuracy (fraction of images whose true
+caption outscores its attribute-swapped negative).
 """
 from __future__ import annotations
 
@@ -42,18 +44,59 @@ def _encode_in_lockstep(fn, items: List[torch.Tensor], batch_size: int, device, 
     return torch.cat(feats) if feats else torch.zeros(0, 1)
 
 
-def _recall(sim: torch.Tensor, match: torch.Tensor, ks=(1, 5)) -> Dict[int, float]:
-    """sim [Q, C], match [Q, C] bool: recall@k = mean over queries of any match among the top k."""
-    out = {}
-    for k in ks:
-        top = sim.topk(min(k, sim.shape[1]), dim=1).indices
-        out[k] = match.gather(1, top).any(dim=1).float().mean().item()
-    return out
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, logit_scale: float = 1.0) -> Dict[str, float]:
+    """OpenCLIP's ``get_clip_metrics`` (text ``i`` is the right answer for image ``i`` and back):
+    ``{image_to_text,text_to_image}_{R@1,R@5,R@10,mean_rank,median_rank}``, ranks counted from 1."""
+    from open_clip_train.train import get_clip_metrics
+
+    m = get_clip_metrics(img.float(), txt.float(), torch.as_tensor(float(logit_scale)))
+    return {k: float(v) for k, v in m.items()}
+
+
+def first_of_each(captions: Sequence[str]) -> List[int]:
+    """Rows whose caption has not appeared before (a repeated caption would be a second right answer)."""
+    seen, rows = set(), []
+    for i, c in enumerate(captions):
+        if c not in seen:
+            seen.add(c)
+            rows.append(i)
+    return rows
+
+
+def validation_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, batch_size: int) -> float:
+    """OpenCLIP's ``ClipLoss`` over consecutive batches of ``batch_size`` pairs, averaged per pair (as
+    ``open_clip_train.train.evaluate`` reports ``clip_val_loss``)."""
+    from open_clip import ClipLoss
+
+    loss_fn = ClipLoss()
+    scale = torch.as_tensor(float(logit_scale))
+    total = 0.0
+    with torch.no_grad():
+        for b in range(0, len(img), batch_size):
+            i, t = img[b:b + batch_size].float(), txt[b:b + batch_size].float()
+            total += loss_fn(i, t, scale).item() * len(i)
+    return total / max(len(img), 1)
+
+
+def swap_accuracy(img: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Fraction of images whose true caption scores strictly above its swapped negative."""
+    return ((img * pos).sum(-1) > (img * neg).sum(-1)).float().mean().item()
+
+
+def _logit_scale(model) -> float:
+    """exp(logit_scale); under FSDP2 the parameter is a DTensor (gathered: every rank calls this)."""
+    ls = model.logit_scale.detach()
+    if hasattr(ls, "full_tensor"):
+        ls = ls.full_tensor()
+    return float(ls.float().exp().item())
 
 
 def evaluate_pairs(model, samples: List[dict], tokenizer, batch_size: int, device, dummy_image: torch.Tensor,
-                   context_length: int) -> Dict[str, float]:
-    """Retrieval, swap accuracy and synthetic zero-shot on this rank's eval slice; metrics gathered to all ranks."""
+                   context_length: int, logit_scale: Optional[float] = None) -> Dict[str, float]:
+    """Retrieval, validation loss, swap accuracy and synthetic zero-shot on this rank's eval slice; metrics
+    gathered to all ranks. ``logit_scale`` (the exponentiated temperature) defaults to the model's."""
+    if logit_scale is None:
+        logit_scale = _logit_scale(model)
     images = [s["image"] for s in samples]
     tokens = [s["tokens"] for s in samples]
     dummy_tok = torch.zeros(context_length, dtype=torch.long)
@@ -66,36 +109,26 @@ def evaluate_pairs(model, samples: List[dict], tokenizer, batch_size: int, devic
     local = {"index": [s["index"] for s in samples], "caption": [s["caption"] for s in samples],
              "meta": [s["meta"] for s in samples], "img": img_f, "txt": txt_f, "neg_idx": neg_idx, "neg": neg_f}
     parts = D.all_gather_object(local)
-    caps, metas, imgs, txts, pos_list, neg_list = [], [], [], [], [], []
-    for p in parts:
-        base = len(caps)
-        caps += p["caption"]
-        metas += p["meta"]
-        if len(p["caption"]):
-            imgs.append(p["img"])
-            txts.append(p["txt"])
-        if p["neg_idx"]:
-            pos_list += [base + i for i in p["neg_idx"]]
-            neg_list.append(p["neg"])
+    # every rank holds the pairs with index % world == rank: put them back in index order, so the figures do
+    # not depend on the number of ranks
+    order = sorted((idx, r, j) for r, p in enumerate(parts) for j, idx in enumerate(p["index"]))
     metrics: Dict[str, float] = {}
-    if not caps:
+    if not order:
         return metrics
-    img = torch.cat(imgs)
-    txt = torch.cat(txts)
-    sim = img @ txt.T
-    cap_ids = {c: i for i, c in enumerate(sorted(set(caps)))}
-    cid = torch.tensor([cap_ids[c] for c in caps])
-    match = cid[:, None] == cid[None, :]
-    for k, v in _recall(sim, match).items():
-        metrics[f"image_to_text_R@{k}"] = v
-    for k, v in _recall(sim.T, match.T).items():
-        metrics[f"text_to_image_R@{k}"] = v
-    if pos_list:
-        neg = torch.cat(neg_list)
-        pos_sim = (img[pos_list] * txt[pos_list]).sum(-1)
-        neg_sim = (img[pos_list] * neg).sum(-1)
-        metrics["swap_accuracy"] = (pos_sim > neg_sim).float().mean().item()
-        metrics["swap_count"] = float(len(pos_list))
+    caps = [parts[r]["caption"][j] for _, r, j in order]
+    metas = [parts[r]["meta"][j] for _, r, j in order]
+    img = torch.stack([parts[r]["img"][j] for _, r, j in order])
+    txt = torch.stack([parts[r]["txt"][j] for _, r, j in order])
+    uniq = first_of_each(caps)
+    metrics.update(retrieval_metrics(img[uniq], txt[uniq], logit_scale))
+    metrics["retrieval_count"] = float(len(uniq))
+    metrics["val_loss"] = validation_loss(img, txt, logit_scale, batch_size)
+    neg_of = {(r, j): p["neg"][n] for r, p in enumerate(parts) for n, j in enumerate(p["neg_idx"])}
+    with_neg = [i for i, (_, r, j) in enumerate(order) if (r, j) in neg_of]
+    if with_neg:
+        neg = torch.stack([neg_of[order[i][1:]] for i in with_neg])
+        metrics["swap_accuracy"] = swap_accuracy(img[with_neg], txt[with_neg], neg)
+        metrics["swap_count"] = float(len(with_neg))
     # zero-shot over single-object images labelled with colour and shape
     for attr, classes, templates in (("color", list(synthetic.COLORS), synthetic.COLOR_TEMPLATES),
                                      ("shape", list(synthetic.SHAPES), synthetic.SHAPE_TEMPLATES)):

@@ -83,7 +83,7 @@ def swap_accuracy(img: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> fl
     return ((img * pos).sum(-1) > (img * neg).sum(-1)).float().mean().item()
 
 
-def _logit_scale(model) -> float:
+def logit_scale_value(model) -> float:
     """exp(logit_scale); under FSDP2 the parameter is a DTensor (gathered: every rank calls this)."""
     ls = model.logit_scale.detach()
     if hasattr(ls, "full_tensor"):
@@ -96,7 +96,7 @@ def evaluate_pairs(model, samples: List[dict], tokenizer, batch_size: int, devic
     """Retrieval, validation loss, swap accuracy and synthetic zero-shot on this rank's eval slice; metrics
     gathered to all ranks. ``logit_scale`` (the exponentiated temperature) defaults to the model's."""
     if logit_scale is None:
-        logit_scale = _logit_scale(model)
+        logit_scale = logit_scale_value(model)
     images = [s["image"] for s in samples]
     tokens = [s["tokens"] for s in samples]
     dummy_tok = torch.zeros(context_length, dtype=torch.long)

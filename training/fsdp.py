@@ -66,8 +66,13 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, precisi
         # OpenCLIP's towers wrap each block call in torch.utils.checkpoint (non-reentrant): only the
         # block inputs are kept and FSDP2 re-gathers the block's weights for the recomputation.
         model.set_grad_checkpointing(True)
-    mesh = init_device_mesh(device.type, (world_size,))
     pr = PRECISIONS[precision]
+    if world_size == 1 and pr.weights == torch.float32 and pr.param_dtype in (None, torch.float32):
+        # One fp32 process has nothing to shard or cast: FSDP2 would only add copies, hooks and
+        # DTensor dispatch (+5-12% CPU per step, bench/NOTES_trainer_speed.md). DCP still saves
+        # and loads the plain module, so its checkpoints reshard onto any world size.
+        return model
+    mesh = init_device_mesh(device.type, (world_size,))
     if pr.weights != torch.float32:
         model.to(pr.weights)
     mp = MixedPrecisionPolicy(param_dtype=pr.param_dtype, reduce_dtype=pr.reduce_dtype)

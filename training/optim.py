@@ -21,8 +21,9 @@ def create_optimizer(model: nn.Module, lr: float, wd: float, betas=(0.9, 0.98), 
             continue
         (no_decay if no_weight_decay(name, p) else decay).append(p)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
-    # foreach: one fused loop over the local shards (DTensors) instead of a Python loop per tensor
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    # fused: one kernel over all local shards (DTensors or plain tensors), CPU and CUDA; measured
+    # 3-7x faster than foreach over FSDP2 DTensors on the CPU (bench/NOTES_trainer_speed.md)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def make_scheduler(args, optimizer, base_lr: float, steps_per_epoch: int, total_steps: int):

@@ -188,11 +188,13 @@ class Trainer:
         size = model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
         self.context_length = model.context_length
-        try:
-            self.fwd_flops = F.forward_flops_per_sample(model, self.image_size, self.context_length)
-        except Exception as e:  # the FLOP figure is informative only
-            log.warning(f"could not count model FLOPs ({e!r}); no MFU figure")
-            self.fwd_flops = 0.0
+        self.fwd_flops = 0.0
+        precision = getattr(self, "precision", a.precision or "fp32")  # unset when built without setup()
+        if F.peak_tflops(self.device, precision, a.peak_tflops):  # counting costs a forward pass
+            try:
+                self.fwd_flops = F.forward_flops_per_sample(model, self.image_size, self.context_length)
+            except Exception as e:  # the FLOP figure is informative only
+                log.warning(f"could not count model FLOPs ({e!r}); no MFU figure")
         self.model = model
 
     def lock(self, model) -> None:
@@ -426,7 +428,7 @@ class Trainer:
         loss /= ws
         steps = self.window[2]
         sps = steps * self.global_batch / dt
-        achieved = steps * self.step_flops / dt / 1e12  # per rank
+        achieved = steps * self.step_flops / dt / 1e12 if self.fwd_flops else None  # per rank
         elapsed = now - self.t_start
         done = self.step - self.first_step
         eta = elapsed / done * (self.planned_steps - self.step) if done else 0.0
@@ -434,14 +436,14 @@ class Trainer:
                "data_time_pct": 100.0 * self.window[1] / dt, "grad_norm": gnorm.item(),
                "peak_mem_gb": _peak_memory_gb(self.device), "tflops_per_rank": achieved,
                "mfu": achieved / self.peak if self.peak and self.fwd_flops else None,
-               "logit_scale": float(self.model.logit_scale.full_tensor().float().exp().item()),
+               "logit_scale": float(ev.logit_scale_value(self.model)),
                "elapsed_s": elapsed, "eta_s": eta}
         log.info(f"epoch {self.epoch} step {self.step}/{self.total_steps} "
                  f"({100.0 * self.step / self.total_steps:.0f}%) elapsed {_hms(elapsed)} eta {_hms(eta)} | "
                  f"loss {rec['loss']:.4f} lr {lr:.3g} | {sps:.1f} samples/s | data {rec['data_time_pct']:.0f}% "
                  f"| grad-norm {rec['grad_norm']:.3f} | peak mem {rec['peak_mem_gb']:.2f} GB | "
-                 + (f"MFU {100 * rec['mfu']:.1f}% " if rec["mfu"] is not None else "")
-                 + f"({achieved:.3f} TFLOP/s/rank) | scale {rec['logit_scale']:.1f}")
+                 + (f"MFU {100 * rec['mfu']:.1f}% ({achieved:.3f} TFLOP/s/rank) | " if rec["mfu"] is not None else "")
+                 + f"scale {rec['logit_scale']:.1f}")
         self.metrics.write("train", self.step, rec)
         self.window = [time.time(), 0.0, 0]
 

@@ -228,8 +228,9 @@ def test_eos_skips_tiles(dtype):
             _check(name, tri[name], r, tor[name], dtype)
 
 
-def test_batch_group_and_determinism(monkeypatch):
-    """Several samples per backward program (the GPU path), and bitwise-reproducible gradients."""
+def test_persistent_programs_and_determinism(monkeypatch):
+    """Persistent backward programs (several samples each, per-program dqt partials), and
+    bitwise-reproducible gradients for a given number of programs."""
     from sparo_fast_kernels import sparo_bwd
 
     cfg = dict(B=5, N=13, D=33, H=2, S=2, A=6, Vd=7, V=5, share=False, eos="random",
@@ -240,10 +241,11 @@ def test_batch_group_and_determinism(monkeypatch):
     again = _run(triton_backend.sparo_triton, *args)
     for k, v in base.items():
         assert torch.equal(v, again[k]), k
-    monkeypatch.setattr(sparo_bwd, "GROUP_OVERRIDE", 2)  # programs of 2, 2 and 1 samples
-    grouped = _run(triton_backend.sparo_triton, *args)
-    for k, v in base.items():
-        torch.testing.assert_close(grouped[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for programs in (1, 3):  # one program for all 5 samples; programs of 2, 2 and 1 samples
+        monkeypatch.setattr(sparo_bwd, "PROGRAMS_OVERRIDE", programs)
+        grouped = _run(triton_backend.sparo_triton, *args)
+        for k, v in base.items():
+            torch.testing.assert_close(grouped[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def _bf16_configs():
@@ -399,49 +401,52 @@ def test_opcheck(need_weights, with_eos):
     B, N, D, L, H, A, Vd, V = 2, 5, 20, 4, 2, 6, 7, 5
     x = torch.randn(B, N, D, device=DEV, requires_grad=True)
     qt = absorbed_query(torch.randn(1, H, L // H, 1, A), torch.randn(H * A, D)).to(DEV).requires_grad_()
+    scale = A**-0.5
     kb, vw, vb = (torch.randn(*s, device=DEV, requires_grad=True) for s in ((H * A,), (H * Vd, D), (H * Vd,)))
     pw, pb = torch.randn(V, Vd, device=DEV, requires_grad=True), torch.randn(V, device=DEV, requires_grad=True)
     eos = torch.tensor([1, 4], device=DEV) if with_eos else None
-    fwd_args = (x, eos, qt, kb, vw, vb, pw, pb, H, need_weights)
+    fwd_args = (x, eos, qt, scale, kb, vw, vb, pw, pb, H, need_weights)
     torch.library.opcheck(torch.ops.sparo_fast.readout_fwd.default, fwd_args)
-    out, attn, p, xp, o = torch.ops.sparo_fast.readout_fwd(*fwd_args)
+    out, attn, lse, xp, o = torch.ops.sparo_fast.readout_fwd(*fwd_args)
     ga = torch.randn(B, L, N, device=DEV) if need_weights else None
-    bwd_args = (torch.randn(B, L, V, device=DEV), ga, x.detach(), eos, qt.detach(), vw.detach(), pw.detach(),
-                p, xp, o, H)
+    bwd_args = (torch.randn(B, L, V, device=DEV), ga, x.detach(), eos, qt.detach(), scale, vw.detach(),
+                pw.detach(), lse, xp, o, H)
     torch.library.opcheck(torch.ops.sparo_fast.readout_bwd.default, bwd_args)
 
 
+@pytest.mark.parametrize("N", [37, 150], ids=["one_tile", "long"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_kernels_match_their_refs(dtype):
-    """Each kernel against the PyTorch ``*_ref`` beside it, on the ops' intermediate outputs."""
-    from sparo_fast.functional import absorbed_query
+def test_kernels_match_their_refs(dtype, N):
+    """Each kernel against the PyTorch ``*_ref`` beside it, on the ops' intermediate outputs
+    (lse, head-major xp, o), for the one-tile and the long-sequence paths."""
     from sparo_fast_kernels import ops  # noqa: F401
     from sparo_fast_kernels.sparo_bwd import bwd_token_ref
     from sparo_fast_kernels.sparo_fwd import fwd_pool_ref, fwd_proj_ref
 
     torch.manual_seed(0)
-    B, N, D, H, S, A, Vd, V = 3, 37, 45, 3, 2, 6, 7, 9
+    B, D, H, S, A, Vd, V = 3, 45, 3, 2, 6, 7, 9
     L = H * S
+    scale = A**-0.5
     x = torch.randn(N, B, D, device=DEV).to(dtype).permute(1, 0, 2)
-    qt = absorbed_query(torch.randn(1, H, S, 1, A), torch.randn(H * A, D) / D**0.5).to(DEV, dtype)
+    qt = torch.matmul(torch.randn(H, S, A), torch.randn(H, A, D) / D**0.5).reshape(L, D).to(DEV, dtype)
     vw, vb = torch.randn(H * Vd, D, device=DEV, dtype=dtype) / D**0.5, torch.randn(H * Vd, device=DEV, dtype=dtype)
     pw, pb = torch.randn(V, Vd, device=DEV, dtype=dtype) / Vd**0.5, torch.randn(V, device=DEV, dtype=dtype)
     kb = torch.zeros(H * A, device=DEV, dtype=dtype)
-    eos = torch.tensor([36, 3, 20], device=DEV)
-    out, attn, p, xp, o = torch.ops.sparo_fast.readout_fwd(x, eos, qt, kb, vw, vb, pw, pb, H, True)
+    eos = torch.tensor([N - 1, 3, 20], device=DEV)
+    out, attn, lse, xp, o = torch.ops.sparo_fast.readout_fwd(x, eos, qt, scale, kb, vw, vb, pw, pb, H, True)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
-    p_ref, xp_ref = fwd_pool_ref(x, eos, qt)
-    torch.testing.assert_close(p, p_ref, **tol)
+    p_ref, lse_ref, xp_ref = fwd_pool_ref(x, eos, qt, scale, H)
+    torch.testing.assert_close(lse, lse_ref, **tol)
     torch.testing.assert_close(attn, p_ref.to(dtype), **tol)
     torch.testing.assert_close(xp, xp_ref, **tol)
-    o_ref, out_ref = fwd_proj_ref(xp, vw, vb, pw, pb, H)
+    o_ref, out_ref = fwd_proj_ref(xp, vw, vb, pw, pb, H, B)
     torch.testing.assert_close(o, o_ref, **tol)
     torch.testing.assert_close(out, out_ref, **tol)
     go, ga = torch.randn(B, L, V, device=DEV, dtype=dtype), torch.randn(B, L, N, device=DEV, dtype=dtype)
-    dx, dqt, *_ = torch.ops.sparo_fast.readout_bwd(go, ga, x, eos, qt, vw, pw, p, xp, o, H)
+    dx, dqt, *_ = torch.ops.sparo_fast.readout_bwd(go, ga, x, eos, qt, scale, vw, pw, lse, xp, o, H)
     gxp = torch.einsum("blv,lvd->bld", torch.matmul(go, pw),
                        vw.view(H, Vd, D).repeat_interleave(S, dim=0))
-    dx_ref, dqt_ref = bwd_token_ref(x, p, ga, gxp, qt)
+    dx_ref, dqt_ref = bwd_token_ref(x, p_ref, ga, gxp, qt, scale)
     torch.testing.assert_close(dx, dx_ref, **tol)
     torch.testing.assert_close(dqt.float(), dqt_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
 

@@ -34,7 +34,7 @@ import triton
 from .sparo_fwd import _p2
 
 _SMEM = 200 * 1024
-_REG_TILE = 128  # fp32 registers per thread we let one [BL, BN] score-sized tile take
+_REG_TILE = 64  # fp32 registers per thread one [BL, BN] score-sized tile may take (calibrated with ptxas)
 
 
 def _half(dtype: torch.dtype) -> bool:
@@ -52,7 +52,7 @@ def n_bucket(N: int) -> int:
 
 # ----------------------------------------------------------------------------- forward pool
 def pool_meta(L: int, N: int, D: int, dtype: torch.dtype) -> Dict:
-    one_max = 512 if _half(dtype) else 128
+    one_max = 256 if _half(dtype) else 128  # 16 warps cap registers at 128: no help
     BN, BL = _p2(N), _p2(L)
     one = BN * BL <= 64 * one_max  # the [BL, BN] fp32 score block fits the registers (8 warps)
     return dict(BL=BL, BN=BN if one else (64 if _half(dtype) and BL <= 64 else 32), ONE_TILE=one)
@@ -86,6 +86,8 @@ def proj_space(M: int, D: int, VD: int, V: int, dtype: torch.dtype) -> List[Dict
     for bm, bd, w in itertools.product((64, 128, 32), (64, 32), (8, 4)):
         if bm > max(16, _p2(M)) * 2 or bd > max(16, _p2(D)):
             continue
+        if _half(dtype) and bm < 64 and M >= 64:  # wgmma needs 64-row tiles (32 rows: mma.sync)
+            continue
         if bm * m["BVD"] / (32 * w) > 64 or bm * m["BVO"] / (32 * w) > 64:  # o and one y tile in registers
             continue
         if not _half(dtype) and bd > 32:
@@ -108,12 +110,13 @@ def bwd_space(L: int, N: int, D: int, dtype: torch.dtype) -> List[Dict]:
     m = bwd_meta(L, N, D, dtype)
     BL, BN = m["BL"], m["BN"]
     out = []
-    for bd, w, st in itertools.product((64, 32, 16) if _half(dtype) else (32, 16), (8, 4), (2, 1)):
+    for bd, w, st in itertools.product((32, 64, 16) if _half(dtype) else (32, 16), (8,), (1, 2)):
         if bd > max(16, _p2(D)):
             continue
-        # s and gp tiles (fp32) plus the dx tile [BN, BD] and the dq tile [BL, BD]
+        # s and gp tiles (fp32) plus the dx tile [BN, BD] and the dq tile [BL, BD], per thread;
+        # thresholds calibrated with ptxas -v at vit_b16 (8 warps: BD 32 spill-free at 1 stage only; 4 warps spill, 16 warps cap registers at 128)
         regs = (2 * BL * BN + BN * bd + BL * bd) / (32 * w)
-        if regs > 2 * _REG_TILE - 32:
+        if regs > (170 if st == 1 else 104):
             continue
         if st * (BN + 2 * BL) * bd * _esize(dtype) > _SMEM:
             continue

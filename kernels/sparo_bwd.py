@@ -51,8 +51,10 @@ from .sparo_fwd import LOG2E, _dot, _n_valid, _xp_rows
 def _add_partial(PART, offs_l, offs_d, D, dq, ldmask, first):
     """The program's dqt partial += dq (stored outright for the program's first sample)."""
     ptrs = PART + offs_l[:, None] * D + offs_d[None, :]
-    prev = tl.load(ptrs, mask=ldmask & (first == 0), other=0.0)
-    tl.store(ptrs, prev + dq, mask=ldmask)
+    if first:
+        tl.store(ptrs, dq, mask=ldmask)
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=ldmask, other=0.0) + dq, mask=ldmask)
 
 
 @triton.jit
@@ -74,7 +76,7 @@ def _bwd_token_kernel(
     for i in range(0, tl.cdiv(B - pid, NPROG)):
         bb = pid + i * NPROG  # samples pid, pid + P, ... in a fixed order (determinism)
         b = bb.to(tl.int64)
-        first = (bb == pid).to(tl.int32)
+        first = i == 0
         x_base = X + b * stride_xb
         dx_base = DX + b * N * D
         g_rows = _xp_rows(offs_l, b, B, S)

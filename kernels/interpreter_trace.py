@@ -75,6 +75,12 @@ class _Launch:
 
 
 _current: Optional[_Launch] = None
+_launch_depth = 0
+
+
+def in_launch() -> bool:
+    """True while an interpreter launch runs (its host copies of the arguments are not traffic)."""
+    return _launch_depth > 0
 
 
 def _install() -> None:
@@ -106,10 +112,12 @@ def _install() -> None:
             return args_hst, kwargs_hst
 
         def __call__(self, *args, **kwargs):
-            global _current
+            global _current, _launch_depth
+            _launch_depth += 1
             try:
                 return orig_call(self, *args, **kwargs)
             finally:
+                _launch_depth -= 1
                 if _current is not None:
                     launch, _current = _current, None
                     for lst in list(_listeners):

@@ -189,6 +189,7 @@ def _setup_context(ctx, inputs, output):
     ctx.num_heads = num_heads
     ctx.need_weights = need_weights
     ctx.k_bias_meta = (k_bias.shape, k_bias.dtype)
+    ctx.shared_bias = k_bias is v_bias  # share_kv: v_bias's gradient reaches the tensor anyway
     ctx.mark_non_differentiable(lse, xp, o)
 
 
@@ -203,7 +204,8 @@ def _backward(ctx, g_out, g_attn, _glse, _gxp, _go):
     dx, dqt, dwv, dbv, dwo, dbo = torch.ops.sparo_fast.readout_bwd(
         g_out, g_attn, x, eos_indices, qt, ctx.scale, v_weight, proj_weight, lse, xp, o, ctx.num_heads)
     shape, dtype = ctx.k_bias_meta
-    dkb = torch.zeros(shape, dtype=dtype, device=x.device)  # the key bias cancels in the softmax
+    # the key bias cancels in the softmax: its gradient is exactly zero (no launch when shared with v)
+    dkb = None if ctx.shared_bias else torch.zeros(shape, dtype=dtype, device=x.device)
     return dx, None, dqt, None, dkb, dwv, dbv, dwo, dbo, None, None
 
 

@@ -124,6 +124,38 @@ def bwd_space(L: int, N: int, D: int, dtype: torch.dtype) -> List[Dict]:
     return out or [dict(BD=16, num_warps=8, num_stages=1)]
 
 
+# ----------------------------------------------------------------------------- backward slot / finish
+def slot_meta(M: int, D: int, VD: int, V: int, dtype: torch.dtype) -> Dict:
+    return dict(BVD=_p2(VD), BV=_p2(V))
+
+
+def slot_space(M: int, D: int, VD: int, V: int, dtype: torch.dtype) -> List[Dict]:
+    m = slot_meta(M, D, VD, V, dtype)
+    out = []
+    for bm, bd, w in itertools.product((64, 128, 32), (64, 128, 32), (4, 8)):
+        if bm > max(16, _p2(M)) * 2 or bd > max(16, _p2(D)):
+            continue
+        if _half(dtype) and bm < 64 and M >= 64:  # wgmma needs 64-row tiles
+            continue
+        if not _half(dtype) and (bd > 32 or bm > 64):
+            continue
+        # go [BM, BVD], gxp [BM, BD], dW_V [BVD, BD], dW_O [BV, BVD] (fp32) per thread
+        regs = (bm * m["BVD"] + bm * bd + m["BVD"] * bd + m["BV"] * m["BVD"]) / (32 * w)
+        if regs > 160:
+            continue
+        out.append(dict(BM=bm, BD=bd, num_warps=w, num_stages=2))
+    return out or [dict(BM=16, BD=16, num_warps=4, num_stages=1)]
+
+
+def finish_meta(S: int, A: int, H: int, VD: int, V: int) -> Dict:
+    return dict(BS=_p2(S), BA=_p2(A), BH=_p2(H, lo=2), BVD=_p2(VD, lo=2))
+
+
+def finish_space(S: int, A: int, D: int) -> List[Dict]:
+    """Weight-sized work (a few hundred kB): one config, not tuned."""
+    return [dict(BD=min(64, _p2(D)), num_warps=4, num_stages=1)]
+
+
 # ----------------------------------------------------------------------------- launching
 def split(cfg: Dict) -> Tuple[Dict, int, int]:
     """A config dict -> (kernel meta-parameters, num_warps, num_stages)."""

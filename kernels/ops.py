@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import autotune as at
-from .sparo_bwd import _bwd_token_kernel, num_programs
+from .sparo_bwd import _bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_kernel, num_programs
 from .sparo_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
 
 try:
@@ -67,24 +67,24 @@ def _launch(kernel, grid, args, meta, space, key, tag):
 
 # Explicit schemas; the annotations of the functions below infer the same ones (older torch
 # releases ignored ``schema=`` in ``triton_op`` and inferred it from the annotations).
-_FWD_SCHEMA = ("(Tensor x, Tensor? eos_indices, Tensor qt, float scale, Tensor k_bias, Tensor v_weight, "
-               "Tensor v_bias, Tensor proj_weight, Tensor proj_bias, int num_heads, bool need_weights) "
-               "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
-_BWD_SCHEMA = ("(Tensor grad_out, Tensor? grad_attn, Tensor x, Tensor? eos_indices, Tensor qt, float scale, "
-               "Tensor v_weight, Tensor proj_weight, Tensor lse, Tensor xp, Tensor o, int num_heads) "
+_FWD_SCHEMA = ("(Tensor x, Tensor? eos_indices, Tensor q_emb, Tensor k_weight, Tensor k_bias, Tensor v_weight, "
+               "Tensor v_bias, Tensor proj_weight, Tensor proj_bias, bool need_weights) "
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+_BWD_SCHEMA = ("(Tensor grad_out, Tensor? grad_attn, Tensor x, Tensor? eos_indices, Tensor q_emb, Tensor k_weight, "
+               "Tensor qt, Tensor v_weight, Tensor proj_weight, Tensor lse, Tensor xp, Tensor o, bool shared_kv) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, scale: float, k_bias: Tensor,
-                v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor, num_heads: int,
-                need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weight: Tensor, k_bias: Tensor,
+                v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
+                need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, N, D = x.shape
-    L = qt.shape[0]
-    H = num_heads
+    _, H, S, _, A = q_emb.shape
+    L = H * S
     vd = v_weight.shape[0] // H
     V = proj_weight.shape[0]
-    S = L // H
-    qt = qt.contiguous()
+    # the absorbed query, unscaled (the kernels apply 1/sqrt(A)): the one PyTorch launch
+    qt = torch.matmul(q_emb.reshape(H, S, A), k_weight.view(H, A, D)).reshape(L, D)
     v_weight, v_bias = v_weight.contiguous(), v_bias.contiguous()
     proj_weight, proj_bias = proj_weight.contiguous(), proj_bias.contiguous()
     meta = at.pool_meta(L, N, D, x.dtype)
@@ -98,7 +98,7 @@ def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, scale: fl
     eos = eos_indices.contiguous() if has_eos else lse
     prec = dot_precision(x.dtype)
     _launch(_fwd_pool_kernel, (B, triton.cdiv(L, meta["BL"])),
-            (x, eos, qt, scr, attn if need_weights else lse, lse, xp, scale, B, N, D, L, S,
+            (x, eos, qt, scr, attn if need_weights else lse, lse, xp, float(A) ** -0.5, B, N, D, L, S,
              x.stride(0), x.stride(1), x.stride(2)),
             dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=prec, UPCAST=_upcast(x), **meta),
             at.pool_space(L, N, D, x.dtype), ["N", "D", "L"], (at.n_bucket(N), D, L, x.dtype, has_eos))
@@ -113,28 +113,38 @@ def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, scale: fl
             (xp, v_weight, v_bias, proj_weight, proj_bias, o, out, M, S, L, D, vd, V),
             dict(DOT_PREC=prec, UPCAST=_upcast(x), **meta), space, ["M", "D", "VD", "V"],
             (D, vd, V, x.dtype))
-    return out, attn, lse, xp, o
+    return out, attn, qt, lse, xp, o
 
 
 def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_indices: Optional[Tensor],
-                qt: Tensor, scale: float, v_weight: Tensor, proj_weight: Tensor, lse: Tensor, xp: Tensor,
-                o: Tensor, num_heads: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                q_emb: Tensor, k_weight: Tensor, qt: Tensor, v_weight: Tensor, proj_weight: Tensor, lse: Tensor,
+                xp: Tensor, o: Tensor, shared_kv: bool
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, N, D = x.shape
-    L = qt.shape[0]
-    H = num_heads
-    S = L // H
+    _, H, S, _, A = q_emb.shape
+    L = H * S
     vd = v_weight.shape[0] // H
     V = proj_weight.shape[0]
+    M = B * S
     g = grad_out.contiguous()
-    # slot-level GEMMs (cuBLAS), head-major: xp and gxp are [H, B*S, D], no permute copies of them
-    dwo = torch.matmul(g.reshape(B * L, V).t(), o.reshape(B * L, vd))
-    dbo = g.sum(dim=(0, 1))
-    go_h = torch.matmul(g.view(B, H, S, V).transpose(0, 1), proj_weight).reshape(H, B * S, vd)
-    dwv = torch.bmm(go_h.transpose(1, 2), xp).reshape(H * vd, D)
-    dbv = go_h.sum(dim=1).reshape(H * vd)
-    gxp = torch.bmm(go_h, v_weight.reshape(H, vd, D))  # [H, B*S, D], the layout the kernel reads
-    qt = qt.contiguous()
-    # token-level work (Triton), persistent programs with per-program dqt partials
+    v_weight, proj_weight = v_weight.contiguous(), proj_weight.contiguous()
+    prec = dot_precision(x.dtype)
+    # 1. slot level: go, gxp (head-major), dW_V, db_V, per-head dW_O / db_O partials
+    gxp = torch.empty((H, M, D), device=x.device, dtype=x.dtype)
+    dwv = torch.empty_like(v_weight)
+    dbv = torch.empty((H * vd,), device=x.device, dtype=v_weight.dtype)
+    dwo_p = torch.empty((H, V, vd), device=x.device, dtype=torch.float32)
+    dbo_p = torch.empty((H, V), device=x.device, dtype=torch.float32)
+    meta = at.slot_meta(M, D, vd, V, x.dtype)
+    space = at.slot_space(M, D, vd, V, x.dtype)
+
+    def grid(m):
+        return (H, triton.cdiv(D, m["BD"]))
+
+    _launch(_bwd_slot_kernel, grid if not INTERPRETED else grid(space[0]),
+            (g, o, xp, v_weight, proj_weight, gxp, dwv, dbv, dwo_p, dbo_p, B, S, L, D, vd, V),
+            dict(DOT_PREC=prec, UPCAST=_upcast(x), **meta), space, ["M", "D", "VD", "V"], (D, vd, V, x.dtype))
+    # 2. token level: persistent programs with per-program dqt partials
     P = num_programs(B, x.device)
     meta = at.bwd_meta(L, N, D, x.dtype)
     scr = lse if meta["ONE_TILE"] else torch.empty((P, 2, L, N), device=x.device, dtype=torch.float32)
@@ -145,12 +155,23 @@ def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_i
     has_eos = eos_indices is not None
     eos = eos_indices.contiguous() if has_eos else lse
     _launch(_bwd_token_kernel, (P,),
-            (x, eos, lse, ga, gxp, qt, scr, dx, part, scale, B, N, D, L, S, P,
+            (x, eos, lse, ga, gxp, qt, scr, dx, part, float(A) ** -0.5, B, N, D, L, S, P,
              x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1), ga.stride(2)),
-            dict(HAS_EOS=has_eos, HAS_GA=has_ga, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x), **meta),
+            dict(HAS_EOS=has_eos, HAS_GA=has_ga, DOT_PREC=prec, UPCAST=_upcast(x), **meta),
             at.bwd_space(L, N, D, x.dtype), ["N", "D", "L"], (at.n_bucket(N), D, L, x.dtype, has_eos, has_ga))
-    dqt = part.sum(dim=0).to(qt.dtype)  # deterministic batch-wide reduction
-    return dx, dqt, dwv, dbv, dwo, dbo
+    # 3. weight level: dqt reduction (fixed order), dq_emb, dW_K (+ dW_V when shared), dW_O, db_O
+    dq = torch.empty_like(q_emb)
+    dwk = torch.empty_like(k_weight)
+    dwo = torch.empty_like(proj_weight)
+    dbo = torch.empty((V,), device=x.device, dtype=proj_weight.dtype)
+    cfg, w, st = at.split(at.finish_space(S, A, D)[0])
+    fin = _bwd_finish_kernel if INTERPRETED else wrap_triton(_bwd_finish_kernel)
+    fin[(H,)](part, q_emb.contiguous(), k_weight.contiguous(), dwv, dwo_p, dbo_p, dq, dwk, dwo, dbo,
+              P, H, S, A, D, V, vd, SHARED=shared_kv, **at.finish_meta(S, A, H, vd, V), **cfg,
+              num_warps=w, num_stages=st)
+    if shared_kv:
+        dwv = dwv.new_empty((0,))  # already added into dW_K
+    return dx, dq, dwk, dwv, dbv, dwo, dbo
 
 
 readout_fwd = triton_op("sparo_fast::readout_fwd", mutates_args=(), schema=_FWD_SCHEMA)(_readout_fwd)
@@ -159,54 +180,56 @@ readout_bwd = triton_op("sparo_fast::readout_bwd", mutates_args=(), schema=_BWD_
 
 # ----------------------------------------------------------------------------- fake impls
 @readout_fwd.register_fake
-def _readout_fwd_fake(x, eos_indices, qt, scale, k_bias, v_weight, v_bias, proj_weight, proj_bias, num_heads,
+def _readout_fwd_fake(x, eos_indices, q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias,
                       need_weights):
     B, N, D = x.shape
-    L = qt.shape[0]
-    vd = v_weight.shape[0] // num_heads
+    _, H, S, _, _ = q_emb.shape
+    L = H * S
+    vd = v_weight.shape[0] // H
     V = proj_weight.shape[0]
-    return (x.new_empty((B, L, V)), x.new_empty((B, L, N) if need_weights else (0,)),
-            x.new_empty((B, L), dtype=torch.float32), x.new_empty((num_heads, B * (L // num_heads), D)),
-            x.new_empty((B, L, vd)))
+    return (x.new_empty((B, L, V)), x.new_empty((B, L, N) if need_weights else (0,)), x.new_empty((L, D)),
+            x.new_empty((B, L), dtype=torch.float32), x.new_empty((H, B * S, D)), x.new_empty((B, L, vd)))
 
 
 @readout_bwd.register_fake
-def _readout_bwd_fake(grad_out, grad_attn, x, eos_indices, qt, scale, v_weight, proj_weight, lse, xp, o,
-                      num_heads):
-    B, N, D = x.shape
-    return (x.new_empty((B, N, D)), qt.new_empty(qt.shape), grad_out.new_empty(v_weight.shape),
-            grad_out.new_empty((v_weight.shape[0],)), grad_out.new_empty(proj_weight.shape),
-            grad_out.new_empty((proj_weight.shape[0],)))
+def _readout_bwd_fake(grad_out, grad_attn, x, eos_indices, q_emb, k_weight, qt, v_weight, proj_weight, lse, xp, o,
+                      shared_kv):
+    V = proj_weight.shape[0]
+    return (x.new_empty(x.shape), q_emb.new_empty(q_emb.shape), k_weight.new_empty(k_weight.shape),
+            v_weight.new_empty((0,) if shared_kv else v_weight.shape), v_weight.new_empty((v_weight.shape[0],)),
+            proj_weight.new_empty(proj_weight.shape), proj_weight.new_empty((V,)))
 
 
 # ----------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
-    x, eos_indices, qt, scale, k_bias, v_weight, v_bias, proj_weight, proj_bias, num_heads, need_weights = inputs
-    _, _, lse, xp, o = output
+    x, eos_indices, q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias, need_weights = inputs
+    _, _, qt, lse, xp, o = output
     ctx.has_eos = eos_indices is not None
-    ctx.scale = scale
-    ctx.save_for_backward(x, eos_indices if ctx.has_eos else None, qt, v_weight, proj_weight, lse, xp, o)
-    ctx.num_heads = num_heads
+    # share_kv (one tensor for k and v): the finish kernel adds dW_V into dW_K, and the key bias's
+    # (exactly zero) gradient needs no launch; separate tensors are always correct too
+    ctx.shared_w = k_weight is v_weight
+    ctx.shared_b = k_bias is v_bias
+    ctx.save_for_backward(x, eos_indices if ctx.has_eos else None, q_emb, k_weight, qt, v_weight, proj_weight,
+                          lse, xp, o)
     ctx.need_weights = need_weights
     ctx.k_bias_meta = (k_bias.shape, k_bias.dtype)
-    ctx.shared_bias = k_bias is v_bias  # share_kv: v_bias's gradient reaches the tensor anyway
-    ctx.mark_non_differentiable(lse, xp, o)
+    ctx.mark_non_differentiable(qt, lse, xp, o)
 
 
-def _backward(ctx, g_out, g_attn, _glse, _gxp, _go):
-    x, eos_indices, qt, v_weight, proj_weight, lse, xp, o = ctx.saved_tensors
+def _backward(ctx, g_out, g_attn, _gqt, _glse, _gxp, _go):
+    x, eos_indices, q_emb, k_weight, qt, v_weight, proj_weight, lse, xp, o = ctx.saved_tensors
     B, N, _ = x.shape
     L = qt.shape[0]
     if g_out is None:
         g_out = x.new_zeros((B, L, proj_weight.shape[0]))
     if not ctx.need_weights or g_attn is None:
         g_attn = None
-    dx, dqt, dwv, dbv, dwo, dbo = torch.ops.sparo_fast.readout_bwd(
-        g_out, g_attn, x, eos_indices, qt, ctx.scale, v_weight, proj_weight, lse, xp, o, ctx.num_heads)
+    dx, dq, dwk, dwv, dbv, dwo, dbo = torch.ops.sparo_fast.readout_bwd(
+        g_out, g_attn, x, eos_indices, q_emb, k_weight, qt, v_weight, proj_weight, lse, xp, o, ctx.shared_w)
     shape, dtype = ctx.k_bias_meta
     # the key bias cancels in the softmax: its gradient is exactly zero (no launch when shared with v)
-    dkb = None if ctx.shared_bias else torch.zeros(shape, dtype=dtype, device=x.device)
-    return dx, None, dqt, None, dkb, dwv, dbv, dwo, dbo, None, None
+    dkb = None if ctx.shared_b else torch.zeros(shape, dtype=dtype, device=x.device)
+    return dx, None, dq, dwk, dkb, (None if ctx.shared_w else dwv), dbv, dwo, dbo, None
 
 
 readout_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -182,6 +182,110 @@ def _bwd_token_kernel(
                                  mask=(offs_n < N)[:, None] & dmask[None, :])
 
 
+@triton.jit
+def _bwd_slot_kernel(
+    G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P,
+    B, S, L, D, VD, V,
+    BM: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr, BV: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+):
+    """Slot-level backward, grid ``(Hh, cdiv(D, BD))``: for head h and a feature tile, over the
+    head's B*S rows (contiguous in the head-major layout): ``go = g W_O`` (recomputed per feature
+    tile: [BM, V] x [V, Vd], cheap), ``gxp = go W_V[h]`` (stored head-major, as the token kernel
+    reads it), ``dW_V[h] = go^T xp``; the first feature tile also ``db_V[h]`` and the head's
+    partials of ``dW_O = g^T o`` and ``db_O`` (summed over heads by the finish kernel)."""
+    h = tl.program_id(0).to(tl.int64)
+    dt = tl.program_id(1)
+    M = B * S
+    offs_d = dt * BD + tl.arange(0, BD)
+    dmask = offs_d < D
+    offs_vd = tl.arange(0, BVD)
+    vdmask = offs_vd < VD
+    offs_v = tl.arange(0, BV)
+    vmask = offs_v < V
+    wo = tl.load(WO + offs_v[:, None] * VD + offs_vd[None, :], mask=vmask[:, None] & vdmask[None, :], other=0.0)
+    wv = tl.load(WV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], mask=vdmask[:, None] & dmask[None, :],
+                 other=0.0)
+    dwv = tl.zeros([BVD, BD], tl.float32)
+    dbv = tl.zeros([BVD], tl.float32)
+    dwo = tl.zeros([BV, BVD], tl.float32)
+    dbo = tl.zeros([BV], tl.float32)
+    for m0 in range(0, M, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mmask = offs_m < M
+        row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S  # row of the [B*L, .] tensors
+        hrow = h * M + offs_m  # row of the head-major [Hh*B*S, .] tensors
+        g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
+        go = _dot(g, wo, None, DOT_PREC, UPCAST)
+        goc = go.to(G.dtype.element_ty)
+        gxp = _dot(goc, wv, None, DOT_PREC, UPCAST)
+        tl.store(GXP + hrow[:, None] * D + offs_d[None, :], gxp.to(GXP.dtype.element_ty),
+                 mask=mmask[:, None] & dmask[None, :])
+        xp = tl.load(XP + hrow[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        dwv = _dot(tl.trans(goc), xp, dwv, DOT_PREC, UPCAST)
+        if dt == 0:
+            dbv += tl.sum(go, axis=0)
+            o = tl.load(O + row[:, None] * VD + offs_vd[None, :], mask=mmask[:, None] & vdmask[None, :], other=0.0)
+            dwo = _dot(tl.trans(g), o, dwo, DOT_PREC, UPCAST)
+            dbo += tl.sum(g.to(tl.float32), axis=0)
+    tl.store(DWV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], dwv.to(DWV.dtype.element_ty),
+             mask=vdmask[:, None] & dmask[None, :])
+    if dt == 0:
+        tl.store(DBV + h * VD + offs_vd, dbv.to(DBV.dtype.element_ty), mask=vdmask)
+        tl.store(DWO_P + h * V * VD + offs_v[:, None] * VD + offs_vd[None, :], dwo,
+                 mask=vmask[:, None] & vdmask[None, :])
+        tl.store(DBO_P + h * V + offs_v, dbo, mask=vmask)
+
+
+@triton.jit
+def _bwd_finish_kernel(
+    PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO,
+    NP, H, S, A, D, V, VD,
+    SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    BVD: tl.constexpr,
+):
+    """Weight gradients, grid ``(Hh,)``: head h sums the NP per-program ``dqt`` partials of its
+    S slots (fixed order: deterministic), then through the absorbed query ``qt = W_K[h]^T q``:
+    ``dq = dqt W_K[h]^T`` and ``dW_K[h] = q^T dqt`` (+ ``dW_V[h]`` when k and v share the weight);
+    it also sums rows ``v = h, h + Hh, ...`` of the per-head ``dW_O`` / ``db_O`` partials.
+    Weight-sized work only: products in true fp32 (``ieee``)."""
+    h = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BS)
+    smask = offs_s < S
+    offs_a = tl.arange(0, BA)
+    amask = offs_a < A
+    q = tl.load(QE + (h * S + offs_s)[:, None] * A + offs_a[None, :], mask=smask[:, None] & amask[None, :],
+                other=0.0).to(tl.float32)
+    dq = tl.zeros([BS, BA], tl.float32)
+    L = H * S
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dmask = offs_d < D
+        sd = smask[:, None] & dmask[None, :]
+        dqt = tl.zeros([BS, BD], tl.float32)
+        for p in range(0, NP):
+            dqt += tl.load(PART + p * L * D + (h * S + offs_s)[:, None] * D + offs_d[None, :], mask=sd, other=0.0)
+        ad = amask[:, None] & dmask[None, :]
+        wk = tl.load(WK + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
+        dq = tl.dot(dqt, tl.trans(wk), dq, input_precision="ieee")
+        dwk = tl.dot(tl.trans(q), dqt, None, input_precision="ieee")
+        if SHARED:
+            dwk += tl.load(DWV + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
+        tl.store(DWK + (h * A + offs_a)[:, None] * D + offs_d[None, :], dwk.to(DWK.dtype.element_ty), mask=ad)
+    tl.store(DQ + (h * S + offs_s)[:, None] * A + offs_a[None, :], dq.to(DQ.dtype.element_ty),
+             mask=smask[:, None] & amask[None, :])
+    offs_h = tl.arange(0, BH)
+    hmask = offs_h < H
+    offs_vd = tl.arange(0, BVD)
+    for i in range(0, tl.cdiv(V - h, H)):
+        v = h + i * H
+        w = tl.load(DWO_P + offs_h[:, None] * V * VD + v * VD + offs_vd[None, :],
+                    mask=hmask[:, None] & (offs_vd < VD)[None, :], other=0.0)
+        tl.store(DWO + v * VD + offs_vd, tl.sum(w, axis=0).to(DWO.dtype.element_ty), mask=offs_vd < VD)
+        bo = tl.load(DBO_P + offs_h * V + v, mask=hmask, other=0.0)
+        tl.store(DBO + v, tl.sum(bo, axis=0).to(DBO.dtype.element_ty))
+
+
 #: Tests set this to force a number of persistent programs (the CPU default is min(B, 2)).
 PROGRAMS_OVERRIDE: Optional[int] = None
 

@@ -1,10 +1,10 @@
 """The ``triton`` backend: fused kernels from ``sparo_fast_kernels`` behind PyTorch ops.
 
-``sparo_triton`` computes the unscaled absorbed query ``qt = W_K[h]^T q_l`` with PyTorch
-(weight-only, tiny, one matmul, differentiated by autograd) and calls
-``torch.ops.sparo_fast.readout_fwd`` with the ``1/sqrt(A)`` scale as an argument (two Triton
-launches; its registered backward is one Triton launch plus small cuBLAS GEMMs on slot-level
-tensors). See ``kernels/sparo_fwd.py`` and ``kernels/sparo_bwd.py`` for the design.
+``sparo_triton`` calls ``torch.ops.sparo_fast.readout_fwd`` on the published parameters (one
+PyTorch matmul for the absorbed query and two Triton launches); its registered backward is
+three Triton launches that also produce the parameters' gradients (``q_emb``, the shared or
+separate key/value weights, ``proj``). See ``kernels/sparo_fwd.py``, ``kernels/sparo_bwd.py``
+and ``kernels/ops.py`` for the design.
 
 Inputs the kernels cannot take (a dtype other than float16/bfloat16/float32, more than
 ``MAX_SLOTS`` slots, a value width over ``MAX_VALUE_DIM``) fall back to the torch backend
@@ -99,10 +99,6 @@ def sparo_triton(
         _warn_once(reason)
         return sparo_absorbed(x, eos_indices, params, need_weights=need_weights)
     _ops()  # registers torch.ops.sparo_fast.*
-    _, n_heads, n_sub, _, attn_dim = q_emb.shape
-    # unscaled qt: the kernels apply 1/sqrt(A) to the scores (one PyTorch launch fewer)
-    qt = torch.matmul(q_emb.reshape(n_heads, n_sub, attn_dim), k_weight.view(n_heads, attn_dim, -1))
-    out, attn, _, _, _ = torch.ops.sparo_fast.readout_fwd(
-        x, eos_indices, qt.reshape(n_heads * n_sub, -1), float(attn_dim) ** -0.5, k_bias, v_weight, v_bias,
-        proj_weight, proj_bias, n_heads, bool(need_weights))
+    out, attn, _, _, _, _ = torch.ops.sparo_fast.readout_fwd(
+        x, eos_indices, q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias, bool(need_weights))
     return out, (attn if need_weights else None)

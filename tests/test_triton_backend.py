@@ -394,26 +394,31 @@ def test_op_schemas_match_annotations():
         assert infer_schema(fn, mutates_args=()).replace("SymInt", "int") == schema
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_kv", "separate_kv"])
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("with_eos", [True, False])
-def test_opcheck(need_weights, with_eos):
-    from sparo_fast.functional import absorbed_query
+def test_opcheck(need_weights, with_eos, shared):
     from sparo_fast_kernels import ops  # noqa: F401  (registers the ops)
 
     torch.manual_seed(0)
-    B, N, D, L, H, A, Vd, V = 2, 5, 20, 4, 2, 6, 7, 5
+    B, N, D, H, S, A, V = 2, 5, 20, 2, 2, 6, 5
+    L = H * S
     x = torch.randn(B, N, D, device=DEV, requires_grad=True)
-    qt = absorbed_query(torch.randn(1, H, L // H, 1, A), torch.randn(H * A, D)).to(DEV).requires_grad_()
-    scale = A**-0.5
-    kb, vw, vb = (torch.randn(*s, device=DEV, requires_grad=True) for s in ((H * A,), (H * Vd, D), (H * Vd,)))
+    q = torch.randn(1, H, S, 1, A, device=DEV, requires_grad=True)
+    kw, kb = torch.randn(H * A, D, device=DEV, requires_grad=True), torch.randn(H * A, device=DEV, requires_grad=True)
+    if shared:
+        vw, vb = kw, kb
+    else:
+        vw, vb = torch.randn(H * 7, D, device=DEV, requires_grad=True), torch.randn(H * 7, device=DEV, requires_grad=True)
+    Vd = vw.shape[0] // H
     pw, pb = torch.randn(V, Vd, device=DEV, requires_grad=True), torch.randn(V, device=DEV, requires_grad=True)
     eos = torch.tensor([1, 4], device=DEV) if with_eos else None
-    fwd_args = (x, eos, qt, scale, kb, vw, vb, pw, pb, H, need_weights)
+    fwd_args = (x, eos, q, kw, kb, vw, vb, pw, pb, need_weights)
     torch.library.opcheck(torch.ops.sparo_fast.readout_fwd.default, fwd_args)
-    out, attn, lse, xp, o = torch.ops.sparo_fast.readout_fwd(*fwd_args)
+    out, attn, qt, lse, xp, o = torch.ops.sparo_fast.readout_fwd(*fwd_args)
     ga = torch.randn(B, L, N, device=DEV) if need_weights else None
-    bwd_args = (torch.randn(B, L, V, device=DEV), ga, x.detach(), eos, qt.detach(), scale, vw.detach(),
-                pw.detach(), lse, xp, o, H)
+    bwd_args = (torch.randn(B, L, V, device=DEV), ga, x.detach(), eos, q.detach(), kw.detach(), qt, vw.detach(),
+                pw.detach(), lse, xp, o, shared)
     torch.library.opcheck(torch.ops.sparo_fast.readout_bwd.default, bwd_args)
 
 
@@ -421,7 +426,8 @@ def test_opcheck(need_weights, with_eos):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_kernels_match_their_refs(dtype, N):
     """Each kernel against the PyTorch ``*_ref`` beside it, on the ops' intermediate outputs
-    (lse, head-major xp, o), for the one-tile and the long-sequence paths."""
+    (qt, lse, head-major xp, o, and dx / dqt of the token kernel), for the one-tile and the
+    long-sequence paths."""
     from sparo_fast_kernels import ops  # noqa: F401
     from sparo_fast_kernels.sparo_bwd import bwd_token_ref
     from sparo_fast_kernels.sparo_fwd import fwd_pool_ref, fwd_proj_ref
@@ -431,13 +437,14 @@ def test_kernels_match_their_refs(dtype, N):
     L = H * S
     scale = A**-0.5
     x = torch.randn(N, B, D, device=DEV).to(dtype).permute(1, 0, 2)
-    qt = torch.matmul(torch.randn(H, S, A), torch.randn(H, A, D) / D**0.5).reshape(L, D).to(DEV, dtype)
+    q = torch.randn(1, H, S, 1, A, device=DEV, dtype=dtype)
+    kw, kb = (torch.randn(H * A, D, device=DEV) / D**0.5).to(dtype), torch.zeros(H * A, device=DEV, dtype=dtype)
     vw, vb = torch.randn(H * Vd, D, device=DEV, dtype=dtype) / D**0.5, torch.randn(H * Vd, device=DEV, dtype=dtype)
     pw, pb = torch.randn(V, Vd, device=DEV, dtype=dtype) / Vd**0.5, torch.randn(V, device=DEV, dtype=dtype)
-    kb = torch.zeros(H * A, device=DEV, dtype=dtype)
     eos = torch.tensor([N - 1, 3, 20], device=DEV)
-    out, attn, lse, xp, o = torch.ops.sparo_fast.readout_fwd(x, eos, qt, scale, kb, vw, vb, pw, pb, H, True)
+    out, attn, qt, lse, xp, o = torch.ops.sparo_fast.readout_fwd(x, eos, q, kw, kb, vw, vb, pw, pb, True)
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-3)
+    torch.testing.assert_close(qt, torch.matmul(q.view(H, S, A), kw.view(H, A, D)).reshape(L, D), **tol)
     p_ref, lse_ref, xp_ref = fwd_pool_ref(x, eos, qt, scale, H)
     torch.testing.assert_close(lse, lse_ref, **tol)
     torch.testing.assert_close(attn, p_ref.to(dtype), **tol)
@@ -446,12 +453,17 @@ def test_kernels_match_their_refs(dtype, N):
     torch.testing.assert_close(o, o_ref, **tol)
     torch.testing.assert_close(out, out_ref, **tol)
     go, ga = torch.randn(B, L, V, device=DEV, dtype=dtype), torch.randn(B, L, N, device=DEV, dtype=dtype)
-    dx, dqt, *_ = torch.ops.sparo_fast.readout_bwd(go, ga, x, eos, qt, scale, vw, pw, lse, xp, o, H)
-    gxp = torch.einsum("blv,lvd->bld", torch.matmul(go, pw),
-                       vw.view(H, Vd, D).repeat_interleave(S, dim=0))
+    dx, dq, dkw, dvw, dvb, dpw, dpb = torch.ops.sparo_fast.readout_bwd(go, ga, x, eos, q, kw, qt, vw, pw, lse, xp, o,
+                                                                       False)
+    gxp = torch.einsum("blv,lvd->bld", torch.matmul(go, pw).float(),
+                       vw.float().view(H, Vd, D).repeat_interleave(S, dim=0)).to(dtype)
     dx_ref, dqt_ref = bwd_token_ref(x, p_ref, ga, gxp, qt, scale)
     torch.testing.assert_close(dx, dx_ref, **tol)
-    torch.testing.assert_close(dqt.float(), dqt_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
+    # dqt reaches q_emb and W_K through qt = W_K[h]^T q (unscaled)
+    dq_ref = torch.einsum("hsd,had->hsa", dqt_ref.view(H, S, D), kw.float().view(H, A, D)).view(q.shape)
+    dkw_ref = torch.einsum("hsa,hsd->had", q.float().view(H, S, A), dqt_ref.view(H, S, D)).reshape(H * A, D)
+    torch.testing.assert_close(dq.float(), dq_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
+    torch.testing.assert_close(dkw.float(), dkw_ref, rtol=tol["rtol"], atol=tol["atol"] * 10)
 
 
 def test_fallback_warns_once_and_matches():

@@ -79,7 +79,7 @@ def _ptxas_info(ptx: str):
 def _jobs(name, B, N, D, L, H, A, V, dtype, every):
     """(kernel, pointer types, scalar values, constexprs, config) of each kernel for one shape."""
     from . import autotune as at
-    from .sparo_bwd import _bwd_token_kernel
+    from .sparo_bwd import _bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_kernel
     from .sparo_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
 
     t = _TY[dtype]
@@ -106,6 +106,18 @@ def _jobs(name, B, N, D, L, H, A, V, dtype, every):
                      dict(scale=0.125, B=B, N=N, D=D, L=L, S=S, NPROG=132, stride_xb=N * D, stride_xn=D,
                           stride_xd=1, stride_gab=L * N, stride_gal=N, stride_gan=1),
                      dict(HAS_EOS=True, HAS_GA=True, DOT_PREC=prec, **meta), cfg))
+    meta = at.slot_meta(B * S, D, A, V, dtype)
+    for cfg in pick(at.slot_space(B * S, D, A, V, dtype)):
+        jobs.append((_bwd_slot_kernel,
+                     dict(G=f"*{t}", O=f"*{t}", XP=f"*{t}", WV=f"*{t}", WO=f"*{t}", GXP=f"*{t}", DWV=f"*{t}",
+                          DBV=f"*{t}", DWO_P="*fp32", DBO_P="*fp32"),
+                     dict(B=B, S=S, L=L, D=D, VD=A, V=V), dict(DOT_PREC=prec, **meta), cfg))
+    for cfg in at.finish_space(S, A, D):
+        jobs.append((_bwd_finish_kernel,
+                     dict(PART="*fp32", QE=f"*{t}", WK=f"*{t}", DWV=f"*{t}", DWO_P="*fp32", DBO_P="*fp32",
+                          DQ=f"*{t}", DWK=f"*{t}", DWO=f"*{t}", DBO=f"*{t}"),
+                     dict(NP=132, H=H, S=S, A=A, D=D, V=V, VD=A, NV=-(-V // H)), dict(SHARED=True, **at.finish_meta(S, A, H, A, V)),
+                     cfg))
     return [(name, t) + j for j in jobs]
 
 

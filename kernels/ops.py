@@ -167,7 +167,7 @@ def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_i
     cfg, w, st = at.split(at.finish_space(S, A, D)[0])
     fin = _bwd_finish_kernel if INTERPRETED else wrap_triton(_bwd_finish_kernel)
     fin[(H,)](part, q_emb.contiguous(), k_weight.contiguous(), dwv, dwo_p, dbo_p, dq, dwk, dwo, dbo,
-              P, H, S, A, D, V, vd, SHARED=shared_kv, **at.finish_meta(S, A, H, vd, V), **cfg,
+              P, H, S, A, D, V, vd, triton.cdiv(V, H), SHARED=shared_kv, **at.finish_meta(S, A, H, vd, V), **cfg,
               num_warps=w, num_stages=st)
     if shared_kv:
         dwv = dwv.new_empty((0,))  # already added into dW_K

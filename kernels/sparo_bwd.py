@@ -223,14 +223,18 @@ def _bwd_slot_kernel(
                  mask=mmask[:, None] & dmask[None, :])
         xp = tl.load(XP + hrow[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
         dwv = _dot(tl.trans(goc), xp, dwv, DOT_PREC, UPCAST)
-        if dt == 0:
-            dbv += tl.sum(go, axis=0)
+    tl.store(DWV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], dwv.to(DWV.dtype.element_ty),
+             mask=vdmask[:, None] & dmask[None, :])
+    if dt == 0:  # a separate sweep (not a branch inside the pipelined loop above: triton 3.6 lost it)
+        for m0 in range(0, M, BM):
+            offs_m = m0 + tl.arange(0, BM)
+            mmask = offs_m < M
+            row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S
+            g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
+            dbv += tl.sum(_dot(g, wo, None, DOT_PREC, UPCAST), axis=0)
             o = tl.load(O + row[:, None] * VD + offs_vd[None, :], mask=mmask[:, None] & vdmask[None, :], other=0.0)
             dwo = _dot(tl.trans(g), o, dwo, DOT_PREC, UPCAST)
             dbo += tl.sum(g.to(tl.float32), axis=0)
-    tl.store(DWV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], dwv.to(DWV.dtype.element_ty),
-             mask=vdmask[:, None] & dmask[None, :])
-    if dt == 0:
         tl.store(DBV + h * VD + offs_vd, dbv.to(DBV.dtype.element_ty), mask=vdmask)
         tl.store(DWO_P + h * V * VD + offs_v[:, None] * VD + offs_vd[None, :], dwo,
                  mask=vmask[:, None] & vdmask[None, :])
@@ -240,7 +244,7 @@ def _bwd_slot_kernel(
 @triton.jit
 def _bwd_finish_kernel(
     PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO,
-    NP, H, S, A, D, V, VD,
+    NP, H, S, A, D, V, VD, NV,
     SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
     BVD: tl.constexpr,
 ):
@@ -277,13 +281,14 @@ def _bwd_finish_kernel(
     offs_h = tl.arange(0, BH)
     hmask = offs_h < H
     offs_vd = tl.arange(0, BVD)
-    for i in range(0, tl.cdiv(V - h, H)):
+    for i in range(0, NV):  # the same trip count in every program (NV = cdiv(V, H)); rows v < V
         v = h + i * H
+        vok = v < V
         w = tl.load(DWO_P + offs_h[:, None] * V * VD + v * VD + offs_vd[None, :],
-                    mask=hmask[:, None] & (offs_vd < VD)[None, :], other=0.0)
-        tl.store(DWO + v * VD + offs_vd, tl.sum(w, axis=0).to(DWO.dtype.element_ty), mask=offs_vd < VD)
-        bo = tl.load(DBO_P + offs_h * V + v, mask=hmask, other=0.0)
-        tl.store(DBO + v, tl.sum(bo, axis=0).to(DBO.dtype.element_ty))
+                    mask=hmask[:, None] & (offs_vd < VD)[None, :] & vok, other=0.0)
+        tl.store(DWO + v * VD + offs_vd, tl.sum(w, axis=0).to(DWO.dtype.element_ty), mask=(offs_vd < VD) & vok)
+        bo = tl.load(DBO_P + offs_h * V + v, mask=hmask & vok, other=0.0)
+        tl.store(DBO + v, tl.sum(bo, axis=0).to(DBO.dtype.element_ty), mask=vok)
 
 
 #: Tests set this to force a number of persistent programs (the CPU default is min(B, 2)).

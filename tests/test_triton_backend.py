@@ -47,7 +47,12 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _check(name, got, ref, torch_got, dtype):
-    """got vs the float64 ref: within 2x torch's own error (torch_got) plus a one-ulp floor."""
+    """got vs the float64 ref: within 2x torch's own error plus a one-ulp floor. ``torch_got`` is
+    one PyTorch result or a tuple of them (the absorbed and the published formulations: their
+    larger error measures how ill-conditioned this gradient is, e.g. a softmax gradient that
+    cancels over two tokens)."""
+    if isinstance(torch_got, tuple):
+        torch_got = max(torch_got, key=lambda t: float((t.detach().double() - ref.detach().double()).norm()))
     assert got.shape == ref.shape, (name, got.shape, ref.shape)
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     ref = ref.detach().double()
@@ -171,6 +176,7 @@ def _compare_to_reference(cfg, dtype):
     ref = _run(sparo_reference, *args, torch.float64, False)
     tri = _run(triton_backend.sparo_triton, *args, dtype, cfg["noncontig"])
     tor = _run(sparo_absorbed, *args, dtype, False)
+    pub = _run(sparo_reference, *args, dtype, False)
     if not cfg["need_weights"]:
         assert tri["attn"] is None
     for name, r in ref.items():
@@ -179,7 +185,7 @@ def _compare_to_reference(cfg, dtype):
         if name == "k.bias" and not cfg["share"]:  # cancels in the softmax: exactly zero
             assert torch.count_nonzero(tri[name]) == 0
             continue
-        _check(name, tri[name], r, tor[name], dtype)
+        _check(name, tri[name], r, (tor[name], pub[name]), dtype)
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])

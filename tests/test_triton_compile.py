@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 needs_ptxas = pytest.mark.skipif(not os.path.exists(PTXAS), reason="Triton's NVIDIA backend (ptxas) is not installed")
 ALL = os.environ.get("SPARO_AOT_ALL") == "1"
-KERNELS = {"_fwd_pool_kernel", "_fwd_proj_kernel", "_bwd_token_kernel"}
+KERNELS = {"_fwd_pool_kernel", "_fwd_proj_kernel", "_bwd_slot_kernel", "_bwd_token_kernel", "_bwd_finish_kernel"}
 
 
 def _env():
@@ -39,11 +39,15 @@ def _aot(*args):
 def _check_row(x):
     assert x["regs"] is not None and x["regs"] <= 255, x
     assert x["shared"] <= 227 * 1024, x  # H100 shared memory per block
-    if x["shape"] == "slots128":  # ptxas may trade a few spilled bytes for occupancy at L = 128
-        assert x["spill_bytes"] <= 256, x
-    else:
+    if x["shape"] in ("slots128", "few_slots"):
+        # the extremes the kernels accept (L = 128 slots; value width 256 with 6 slots): correctness
+        # shapes, where ptxas may spill a little (the tiles hold all slots or a whole value row)
+        assert x["spill_bytes"] <= 1024, x
+    else:  # the benchmark shapes: no spills, in every config of every space
         assert x["spill_bytes"] == 0, x
-    if x["dtype"] in ("bf16", "fp16"):
+    if x["kernel"] == "_bwd_finish_kernel":  # weight-sized work, true fp32 products by design
+        assert x["matrix_ops"] == "none", x
+    elif x["dtype"] in ("bf16", "fp16"):
         # half precision reaches the tensor cores. Hopper's wgmma needs 64-row tiles: every product
         # of the benchmark shapes has them except the long-sequence path's dx product in the
         # backward, whose 32-token tile ([BN=32, BD]) lowers to mma.sync; so that path is
@@ -67,8 +71,8 @@ def _check_row(x):
 def test_kernels_compile_for_sm90(shapes, dtypes, every):
     report = _aot("--shapes", shapes, "--dtypes", dtypes, *(["--every-config", "--jobs", "2"] if every else []))
     assert {x["kernel"] for x in report} == KERNELS
-    if every:  # more than one config per kernel: the spaces are really enumerated
-        for k in KERNELS:
+    if every:  # more than one config per tuned kernel: the spaces are really enumerated
+        for k in KERNELS - {"_bwd_finish_kernel"}:
             assert sum(x["kernel"] == k for x in report) >= 2, k
     for x in report:
         _check_row(x)

@@ -17,6 +17,12 @@ SHAPE_ORDER = ("vit_b32", "vit_b16", "text_b", "vit_l14")
 BACKEND_ORDER = ("triton", "torch", "reference")
 PASS_NAME = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 DETAIL_SHAPE = "vit_b16"
+#: issue 10's targets (vit_b16, triton): (field, pass, bound, label)
+TARGETS = (("requested_x", "fwd", 3.0, "forward requested / floor"), ("dram_x", "fwd", 1.5, "forward DRAM-level / floor"),
+           ("launches", "fwd", 3, "forward launches"), ("requested_x", "fwd_bwd", 3.0, "fwd+bwd requested / floor"),
+           ("dram_x", "fwd_bwd", 1.7, "fwd+bwd DRAM-level / floor"), ("launches", "fwd_bwd", 10, "fwd+bwd launches"),
+           ("h100_pred_x", "fwd", 2.0, "forward H100 model x floor time (prediction)"),
+           ("h100_pred_x", "fwd_bwd", 3.0, "fwd+bwd H100 model x floor time (prediction)"))
 
 INTRO = """\
 ## Traffic: counted on the CPU; not timed
@@ -117,6 +123,25 @@ def _compare(docs: List[dict]) -> List[str]:
         out.append(f"| {r['shape']} | {r['pass']} | {r['requested_x']:.2f}x | {s['requested_x']:.2f}x | "
                    f"{r['dram_x']:.2f}x | {s['dram_x']:.2f}x | {r['launches']} | {s['launches']} | "
                    f"{r['h100_pred_x']:.2f}x | {s['h100_pred_x']:.2f}x |")
+    return out + [""] + _targets(a, b)
+
+
+def _targets(a: dict, b: dict) -> List[str]:
+    def get(doc, field, pass_):
+        for r in doc["rows"]:
+            if (r["shape"], r["backend"], r["pass"]) == (DETAIL_SHAPE, "triton", pass_):
+                return r[field]
+        return None
+
+    out = [f"Issue 10's targets ({DETAIL_SHAPE}, triton, B = 256):", "",
+           f"| target | bound | {a['label']} | {b['label']} | met by {b['label']} |", "| --- | ---: | ---: | ---: | --- |"]
+    for field, pass_, bound, label in TARGETS:
+        va, vb = get(a, field, pass_), get(b, field, pass_)
+        if vb is None:
+            continue
+        fmt = (lambda v: "n/a" if v is None else f"{v}") if field == "launches" else \
+            (lambda v: "n/a" if v is None else f"{v:.2f}x")
+        out.append(f"| {label} | {fmt(bound)} | {fmt(va)} | {fmt(vb)} | {'yes' if vb <= bound else 'no'} |")
     return out + [""]
 
 

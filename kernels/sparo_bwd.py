@@ -283,12 +283,13 @@ def _bwd_finish_kernel(
     offs_vd = tl.arange(0, BVD)
     for i in range(0, NV):  # the same trip count in every program (NV = cdiv(V, H)); rows v < V
         v = h + i * H
-        vok = v < V
+        hok = hmask & (offs_h * 0 + v < V)  # row masks as tensors (not a scalar mask)
+        dok = (offs_vd < VD) & (offs_vd * 0 + v < V)
         w = tl.load(DWO_P + offs_h[:, None] * V * VD + v * VD + offs_vd[None, :],
-                    mask=hmask[:, None] & (offs_vd < VD)[None, :] & vok, other=0.0)
-        tl.store(DWO + v * VD + offs_vd, tl.sum(w, axis=0).to(DWO.dtype.element_ty), mask=(offs_vd < VD) & vok)
-        bo = tl.load(DBO_P + offs_h * V + v, mask=hmask & vok, other=0.0)
-        tl.store(DBO + v, tl.sum(bo, axis=0).to(DBO.dtype.element_ty), mask=vok)
+                    mask=hok[:, None] & dok[None, :], other=0.0)
+        tl.store(DWO + v * VD + offs_vd, tl.sum(w, axis=0).to(DWO.dtype.element_ty), mask=dok)
+        bo = tl.load(DBO_P + offs_h * V + v, mask=hok, other=0.0)
+        tl.store(DBO + v + offs_h * 0, tl.zeros([BH], tl.float32) + tl.sum(bo, axis=0), mask=hok & (offs_h == 0))
 
 
 #: Tests set this to force a number of persistent programs (the CPU default is min(B, 2)).

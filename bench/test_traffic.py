@@ -67,10 +67,15 @@ def test_copy_into_counts_the_destination_once():
 def test_fit_is_exact_for_linear_counts_and_rejects_changing_launches():
     a, b = (int(v) for v in torch.randint(1, 1000, (2,)))
     ev = lambda B: [{"name": "k", "kind": "kernel", **{f: a + b * B for f in traffic._FIELDS}}]  # noqa: E731
-    (at,) = traffic.evaluate(traffic.fit(2, ev(2), 4, ev(4)), 256)
+    (at,) = traffic.evaluate(traffic.fit([(2,), (4,)], [ev(2), ev(4)]), (256,))
     assert at["requested"] == a + 256 * b
+    c = int(torch.randint(1, 1000, ()).item())
+    ev2 = lambda B, P: [{"name": "k", "kind": "kernel", **{f: a + b * B + c * P for f in traffic._FIELDS}}]  # noqa
+    pts = [(2, 1), (4, 2), (4, 4)]
+    (at,) = traffic.evaluate(traffic.fit(pts, [ev2(*p) for p in pts]), (256, 132))
+    assert at["requested"] == a + 256 * b + 132 * c
     with pytest.raises(RuntimeError, match="launch sequence changes"):
-        traffic.fit(2, ev(2), 4, ev(4) + ev(4))
+        traffic.fit([(2,), (4,)], [ev(2), ev(4) + ev(4)])
 
 
 def test_smoke_count_of_the_real_readout_at_a_tiny_shape():

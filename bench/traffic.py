@@ -55,7 +55,7 @@ FIT_BATCHES = (2, 4)
 CHECK_BATCH = 6
 DTYPE = torch.float16
 #: H100 model assumptions (SXM, bf16/fp16 dense): all written beside the predictions.
-H100 = {"hbm_Bps": 3.0e12, "l2_Bps": 7.0e12, "flops": 600e12, "launch_s": 2e-6}
+H100 = {"hbm_Bps": 3.0e12, "l2_Bps": 7.0e12, "flops": 600e12, "launch_s": 2e-6, "sms": 132}
 
 _ZERO_BYTE_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_",
                   "lift_fresh", "_local_scalar_dense", "_unsafe_view", "clone_if_view", "sym_size", "sym_stride", "sym_numel", "is_same_size"}
@@ -119,6 +119,8 @@ class TorchOpCounter(TorchDispatchMode):
             return out  # e.g. zeros((0,)): no launch
         self.events.append({"name": f"aten.{name}", "kind": "torch", "requested": nbytes, "dram": nbytes,
                             "load": sum(tensor_bytes(t) for t in ins), "store": sum(tensor_bytes(t) for t in outs),
+                            "distinct_load": sum(tensor_bytes(t) for t in ins),
+                            "distinct_store": sum(tensor_bytes(t) for t in outs),
                             "flops": _matmul_flops(name, args, out), "programs": 0})
         return out
 
@@ -151,10 +153,38 @@ def _module(shape: sb.Shape, backend: str):
     return m
 
 
-def count(shape: sb.Shape, backend: str, pass_: str, batch: int, seed: int = 0) -> List[dict]:
-    """The launches (kernels and PyTorch ops, in order) of one call at ``batch``."""
+def _programs_knob():
+    """The kernels' knob for the number of persistent programs, if they have one.
+
+    A persistent kernel's counts depend on the batch B and on its program count P (per-program
+    partials, per-program loads); on the GPU P = min(B, SMs), on the CPU the kernels pick a small
+    P. When the knob exists the counts are fitted as ``a + b*B + c*P`` and evaluated at the
+    H100's P, otherwise as ``a + b*B``.
+    """
+    try:
+        from sparo_fast_kernels import sparo_bwd
+    except Exception:  # pragma: no cover - kernels not importable
+        return None
+    return sparo_bwd if hasattr(sparo_bwd, "PROGRAMS_OVERRIDE") else None
+
+
+def count(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Optional[int] = None,
+          seed: int = 0) -> List[dict]:
+    """The launches (kernels and PyTorch ops, in order) of one call at ``batch`` (and ``programs``)."""
     from sparo_fast_kernels import interpreter_trace as trace
 
+    knob = _programs_knob()
+    saved = knob.PROGRAMS_OVERRIDE if knob is not None else None
+    if knob is not None:
+        knob.PROGRAMS_OVERRIDE = programs
+    try:
+        return _count(trace, shape, backend, pass_, batch, seed)
+    finally:
+        if knob is not None:
+            knob.PROGRAMS_OVERRIDE = saved
+
+
+def _count(trace, shape: sb.Shape, backend: str, pass_: str, batch: int, seed: int) -> List[dict]:
     torch.manual_seed(seed)
     m = _module(shape, backend)
     x = torch.randn(batch, shape.N, shape.D, dtype=DTYPE)
@@ -175,28 +205,34 @@ def count(shape: sb.Shape, backend: str, pass_: str, batch: int, seed: int = 0) 
     return events
 
 
-_FIELDS = ("requested", "dram", "load", "store", "flops", "programs")
+_FIELDS = ("requested", "dram", "load", "store", "distinct_load", "distinct_store", "flops", "programs")
 
 
-def fit(b1: int, e1: List[dict], b2: int, e2: List[dict]) -> List[dict]:
-    """Per-launch linear fits ``a + b * batch`` of every counted field."""
-    names1, names2 = [e["name"] for e in e1], [e["name"] for e in e2]
-    if names1 != names2:
-        raise RuntimeError(f"the launch sequence changes with the batch ({b1}: {names1}; {b2}: {names2}): "
+def fit(points: List[tuple], runs: List[List[dict]]) -> List[dict]:
+    """Per-launch exact fits of every counted field, linear in the variables of ``points``.
+
+    ``points``: one tuple of variables per run, e.g. ``(B,)`` or ``(B, P)``; a constant term is
+    added; there must be exactly one run more than variables.
+    """
+    names = [[e["name"] for e in r] for r in runs]
+    if any(n != names[0] for n in names):
+        raise RuntimeError(f"the launch sequence changes with the batch ({list(zip(points, names))}): "
                            "no per-launch linear fit")
+    design = torch.tensor([[1.0, *p] for p in points], dtype=torch.float64)
     fits = []
-    for a, b in zip(e1, e2):
-        f = {"name": a["name"], "kind": a["kind"]}
+    for i, first in enumerate(runs[0]):
+        f = {"name": first["name"], "kind": first["kind"]}
         for k in _FIELDS:
-            slope = (b[k] - a[k]) / (b2 - b1)
-            f[k] = (a[k] - slope * b1, slope)
+            y = torch.tensor([float(r[i][k]) for r in runs], dtype=torch.float64)
+            f[k] = torch.linalg.solve(design, y).tolist()
         fits.append(f)
     return fits
 
 
-def evaluate(fits: List[dict], batch: int) -> List[dict]:
+def evaluate(fits: List[dict], point: tuple) -> List[dict]:
     return [{"name": f["name"], "kind": f["kind"],
-             **{k: int(round(f[k][0] + f[k][1] * batch)) for k in _FIELDS}} for f in fits]
+             **{k: int(round(f[k][0] + sum(c * v for c, v in zip(f[k][1:], point)))) for k in _FIELDS}}
+            for f in fits]
 
 
 def predict_s(e: dict) -> float:
@@ -211,35 +247,53 @@ def summarize(launches: List[dict], floor: int) -> dict:
     torch_bytes = sum(e["requested"] for e in ops)
     requested = sum(e["requested"] for e in kern) + torch_bytes
     dram = sum(e["dram"] for e in kern) + torch_bytes
+    # variant: a byte a launch both loads and stores (scratch) counts once read and once written
+    dram_rw = sum(e["distinct_load"] + e["distinct_store"] for e in kern) + torch_bytes
     pred = sum(predict_s(e) for e in launches)
     floor_s = floor / H100["hbm_Bps"]
     return {"floor_bytes": floor, "kernel_launches": len(kern), "kernel_requested": sum(e["requested"] for e in kern),
             "kernel_distinct": sum(e["dram"] for e in kern), "torch_ops": len(ops), "torch_bytes": torch_bytes,
             "launches": len(launches), "requested": requested, "dram": dram,
-            "requested_x": requested / floor, "dram_x": dram / floor, "flops": sum(e["flops"] for e in launches),
+            "requested_x": requested / floor, "dram_x": dram / floor,
+            "dram_rw": dram_rw, "dram_rw_x": dram_rw / floor, "flops": sum(e["flops"] for e in launches),
             "h100_pred_us": pred * 1e6, "h100_floor_us": floor_s * 1e6, "h100_pred_x": pred / floor_s}
+
+
+def _plan(batches, check, target: int, knob) -> tuple:
+    """Fit points, check point and evaluation point: (B,) or, with a program knob, (B, P)."""
+    b1, b2 = batches
+    if knob is None:
+        return [(b1,), (b2,)], (None if check is None else (check,)), (target,)
+    pts = [(b1, b1 // 2), (b2, b2 // 2), (b2, b2)]  # P <= B: every program has samples
+    return pts, (None if check is None else (check, check // 2 + 1)), (target, min(target, H100["sms"]))
+
+
+def _run(shape, backend, pass_, point) -> List[dict]:
+    return count(shape, backend, pass_, point[0], programs=point[1] if len(point) > 1 else None)
 
 
 def run_case(shape: sb.Shape, backend: str, pass_: str, batches=FIT_BATCHES, check: Optional[int] = CHECK_BATCH,
              target: Optional[int] = None) -> dict:
-    b1, b2 = batches
-    fits = fit(b1, count(shape, backend, pass_, b1), b2, count(shape, backend, pass_, b2))
     target = shape.B if target is None else target
-    launches = evaluate(fits, target)
+    knob = _programs_knob() if backend == "triton" else None
+    points, check_pt, at = _plan(batches, check, target, knob)
+    fits = fit(points, [_run(shape, backend, pass_, p) for p in points])
+    launches = evaluate(fits, at)
     for e in launches:
         e["h100_pred_us"] = predict_s(e) * 1e6
-    row = {"shape": shape.name, "backend": backend, "pass": pass_, "batch": target, "fit_batches": [b1, b2],
+    row = {"shape": shape.name, "backend": backend, "pass": pass_, "batch": target, "fit_points": points,
+           "eval_point": list(at), "fit_vars": ["B", "P"][:len(at)],
            **summarize(launches, sb.floor_bytes(shape, target, DTYPE, pass_)), "launch_detail": launches}
-    if check is not None:
-        measured = count(shape, backend, pass_, check)
-        predicted = evaluate(fits, check)
+    if check_pt is not None:
+        measured = _run(shape, backend, pass_, check_pt)
+        predicted = evaluate(fits, check_pt)
         worst = 0.0
         for k in ("requested", "dram", "flops"):
             for p, m in zip(predicted, measured):
                 worst = max(worst, abs(p[k] - m[k]) / max(m[k], 1))
         if [e["name"] for e in measured] != [e["name"] for e in predicted]:
             worst = math.inf
-        row["check_batch"], row["check_max_rel_err"] = check, worst
+        row["check_point"], row["check_max_rel_err"] = list(check_pt), worst
     return row
 
 
@@ -266,6 +320,11 @@ def main(argv=None) -> None:
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "torch": torch.__version__, "triton": sb.triton_version(), "h100_model": H100, "rows": rows}
     out = sb.RESULTS_DIR / f"traffic-{args.label}.json"
+    if out.exists():  # keep the cases of an earlier run of the same label that were not re-run
+        done = {(r["shape"], r["backend"], r["pass"]) for r in rows}
+        old = [r for r in json.loads(out.read_text())["rows"] if (r["shape"], r["backend"], r["pass"]) not in done]
+        rows[:0] = old
+        doc["rows"] = rows
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}")
 

@@ -128,6 +128,9 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     for name, doc in sorted(docs, key=lambda nd: (not nd[0].startswith("cuda-"), nd[0])):
         lines += render_file(doc, name)
     lines += traffic_render.section(results_dir)  # bench/results/traffic-*.json: counted, not timed
+    compile_md = results_dir / "compile-sm90.md"  # aot_check's report (kernels/aot_check.py --markdown)
+    if compile_md.exists():
+        lines += ["", compile_md.read_text()]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -219,6 +219,23 @@ def _matrix_ops(ptx: str) -> str:
     return "+".join(kinds) or "none"
 
 
+def markdown(rep) -> str:
+    """The report as a markdown table: one row per (shape, dtype, kernel), configs summarised."""
+    rows, seen = [], {}
+    for r in rep:
+        seen.setdefault((r["shape"], r["dtype"], r["kernel"]), []).append(r)
+    out = ["| shape | dtype | kernel | configs | warps | registers | spill bytes | shared kB | tensor cores |",
+           "| --- | --- | --- | ---: | --- | --- | ---: | --- | --- |"]
+    for (shape, dt, kern), rs in seen.items():
+        regs = sorted({x["regs"] for x in rs})
+        sh = sorted({round(x["shared"] / 1024) for x in rs})
+        mma = sorted({x["matrix_ops"] + (" " + ",".join(x["wgmma_shapes"]) if x["wgmma_shapes"] else "") for x in rs})
+        rng = (lambda v: f"{v[0]}" if len(v) == 1 else f"{v[0]}-{v[-1]}")
+        out.append(f"| {shape} | {dt} | `{kern}` | {len(rs)} | {rng(sorted({x['num_warps'] for x in rs}))} | "
+                   f"{rng(regs)} | {max(x['spill_bytes'] or 0 for x in rs)} | {rng(sh)} | {'; '.join(mma)} |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90)
@@ -228,6 +245,7 @@ def main(argv=None):
     ap.add_argument("--every-config", action="store_true", help="every config of every autotuning space")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--int64", action="store_true", help="report non-int64 uses of x's strides (TTIR)")
+    ap.add_argument("--markdown", action="store_true", help="a markdown table (bench/RESULTS.md's compile report)")
     a = ap.parse_args(argv)
     inv = {v: k for k, v in _TY.items()}
     dtypes = tuple(inv[d] for d in a.dtypes.split(","))
@@ -238,6 +256,8 @@ def main(argv=None):
     rep = compile_all(a.arch, dtypes, shapes, every=a.every_config, jobs=a.jobs)
     if a.json:
         json.dump(rep, sys.stdout)
+    elif a.markdown:
+        print(markdown(rep))
     else:
         for r in rep:
             print(f"{r['shape']:10s} {r['dtype']:5s} {r['kernel']:18s} warps={r['num_warps']} "

@@ -100,7 +100,7 @@ def proj_space(M: int, D: int, VD: int, V: int, dtype: torch.dtype) -> List[Dict
 
 # ----------------------------------------------------------------------------- backward token
 def bwd_meta(L: int, N: int, D: int, dtype: torch.dtype) -> Dict:
-    one_max = 256 if _half(dtype) else 64
+    one_max = 256 if _half(dtype) else 32  # fp32: true-fp32 dots keep their operands in registers
     BN, BL = _p2(N), _p2(L)
     one = BN * BL <= 64 * one_max  # the s and gp blocks [BL, BN] (fp32) fit the registers (8 warps)
     return dict(BL=BL, BN=BN if one else (32 if BL <= 64 else 16), ONE_TILE=one)
@@ -156,8 +156,9 @@ def finish_meta(S: int, A: int, H: int, VD: int, V: int) -> Dict:
 
 def finish_space(S: int, A: int, D: int) -> List[Dict]:
     """Weight-sized work (a few hundred kB): one config, not tuned; the [A, BD] fp32 tiles of
-    W_K and dW_K stay at 4 registers per thread each (8 warps)."""
-    return [dict(BD=max(16, min(64, _p2(D), 1024 // _p2(A))), num_warps=8, num_stages=1)]
+    W_K and dW_K stay at 8 registers per thread each (4 warps; ptxas spilled 4 bytes at 8)."""
+    return [dict(BD=max(16, min(64, _p2(D), 1024 // _p2(A))), num_warps=4 if _p2(A) * _p2(S) <= 1024 else 8,
+                 num_stages=1)]
 
 
 # ----------------------------------------------------------------------------- launching

@@ -1,18 +1,21 @@
-"""Backward Triton kernel of the SPARO read-out (token-level work), with a PyTorch ref.
+"""Backward Triton kernels of the SPARO read-out: three launches, with PyTorch refs.
 
-With g = dL/dout and ga = dL/dattn (optional), the slot-level products are small GEMMs that
-run in PyTorch (cuBLAS) around the kernel (see ``ops.py``); ``xp`` and ``gxp`` are both
-head-major ``[Hh, B*S, D]``, so these are plain batched GEMMs with no permute copies of the
-[B, L, D] tensors::
+With g = dL/dout and ga = dL/dattn (optional); ``xp`` and ``gxp`` are head-major
+``[Hh, B*S, D]`` (the layout every kernel reads, no permute copies):
 
-    go = g W_O,  dW_O = sum g^T o,  db_O = sum g
-    gxp[h] = go[h] W_V[h],  dW_V[h] = go[h]^T xp[h],  db_V[h] = sum go[h]
+1. ``_bwd_slot_kernel``, grid ``(Hh, cdiv(D, BD))``: the slot-level products,
+   ``go = g W_O``, ``gxp[h] = go[h] W_V[h]``, ``dW_V[h] = go[h]^T xp[h]``, ``db_V[h] = sum go[h]``
+   and per-head partials of ``dW_O = sum g^T o`` and ``db_O = sum g``;
+2. ``_bwd_token_kernel`` (below): everything that touches the tokens;
+3. ``_bwd_finish_kernel``, grid ``(Hh,)``: the batch-wide ``dqt`` reduction (per-program
+   partials summed in a fixed order), then the absorbed query's gradients ``dq = dqt W_K[h]^T``,
+   ``dW_K[h] = q^T dqt`` (plus ``dW_V[h]`` when k and v share one weight), ``dW_O``, ``db_O``.
 
 ``_bwd_token_kernel`` does everything that touches the tokens, for every slot at once (all
 L <= 128 slots in one block). It is **persistent**: grid ``(P,)`` with P about one program per
 SM, program ``pid`` taking samples ``pid, pid + P, ...``. Per sample:
 
-* ``ONE_TILE`` (``BN = next_pow2(N)`` up to 256 tokens in fp16/bf16, 64 in fp32): one sweep
+* ``ONE_TILE`` (``BN = next_pow2(N)`` up to 256 tokens in fp16/bf16, 32 in fp32, at L = 64): one sweep
   over D recomputes the scores ``s = qt @ x^T`` and ``gp = gxp @ x^T`` from the same x tile
   (the probabilities are not saved by the forward: ``p = exp2(s * scale * log2(e) - lse)``
   from the saved fp32 ``lse [B, L]``), then in registers ``delta = sum_n p (gp + ga)``
@@ -25,12 +28,13 @@ SM, program ``pid`` taking samples ``pid, pid + P, ...``. Per sample:
 
 Determinism: there are no atomics. Each program owns a ``[L, D]`` fp32 partial of ``dqt``
 (first sample: store, later samples: load-add-store, in a fixed order), and the batch-wide
-reduction ``dqt = part.sum(0)`` is a PyTorch sum over the P partials, so the result is
+reduction is the finish kernel's fixed-order sum over the P partials, so the result is
 bitwise reproducible for a given (B, P). No kernel accumulates into memory it did not write in
 the same launch, so autotuning needs no ``reset_to_zero`` / ``restore_value``. The key bias
 gets an exactly-zero gradient (it only adds a per-slot constant to the scores).
 
-Saved from the forward: x, lse (fp32 [B, L]), xp (head-major [Hh, B*S, D]) and o ([B, L, Vd]).
+Saved from the forward: x, qt, lse (fp32 [B, L]), xp (head-major [Hh, B*S, D]) and
+o ([B, L, Vd]).
 Precision as in the forward: fp16/bf16 operands on tensor cores with fp32 accumulation (p and
 gs cast to the compute dtype for the dots, as FlashAttention does), float32 with
 ``input_precision="ieee"``. Offsets that multiply a token index by a stride are int64.
@@ -283,12 +287,13 @@ def _bwd_finish_kernel(
     offs_vd = tl.arange(0, BVD)
     for i in range(0, NV):  # the same trip count in every program (NV = cdiv(V, H)); rows v < V
         v = h + i * H
-        vok = v < V
+        hok = hmask & (offs_h * 0 + v < V)  # row masks as tensors (not a scalar mask)
+        dok = (offs_vd < VD) & (offs_vd * 0 + v < V)
         w = tl.load(DWO_P + offs_h[:, None] * V * VD + v * VD + offs_vd[None, :],
-                    mask=hmask[:, None] & (offs_vd < VD)[None, :] & vok, other=0.0)
-        tl.store(DWO + v * VD + offs_vd, tl.sum(w, axis=0).to(DWO.dtype.element_ty), mask=(offs_vd < VD) & vok)
-        bo = tl.load(DBO_P + offs_h * V + v, mask=hmask & vok, other=0.0)
-        tl.store(DBO + v, tl.sum(bo, axis=0).to(DBO.dtype.element_ty), mask=vok)
+                    mask=hok[:, None] & dok[None, :], other=0.0)
+        tl.store(DWO + v * VD + offs_vd, tl.sum(w, axis=0).to(DWO.dtype.element_ty), mask=dok)
+        bo = tl.load(DBO_P + offs_h * V + v, mask=hok, other=0.0)
+        tl.store(DBO + v + offs_h * 0, tl.zeros([BH], tl.float32) + tl.sum(bo, axis=0), mask=hok & (offs_h == 0))
 
 
 #: Tests set this to force a number of persistent programs (the CPU default is min(B, 2)).

@@ -3,15 +3,16 @@
 Design (three launches in all, no loop over slots, no per-slot launch; see ``shared/SPARO.md``)
 --------------------------------------------------------------------------------------------
 The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l`` (a [L, D]
-weight-only product: the one PyTorch launch of the forward, differentiated by autograd); the
-``1/sqrt(A)`` scale is a kernel argument, not a second PyTorch launch. The [B, N, Hh*A] keys
-and values are never built.
+weight-only product: the one PyTorch launch of the forward, inside the op; its gradient flows
+to ``q_emb`` and ``W_K`` through the backward's finish kernel); the ``1/sqrt(A)`` scale is a
+kernel argument, not a second PyTorch launch. The [B, N, Hh*A] keys and values are never built.
 
 1. ``_fwd_pool_kernel``, grid ``(B, cdiv(L, BL))`` (in practice one program per sample: all
    L <= 128 slots in one block). Two code paths, chosen by the constexpr ``ONE_TILE``:
 
-   * ``ONE_TILE`` (``BN = next_pow2(N)``, up to ``ONE_TILE_MAX`` tokens: 512 in fp16/bf16,
-     128 in fp32): the whole [BL, BN] score block of a sample stays in registers. One sweep
+   * ``ONE_TILE`` (``BN = next_pow2(N)`` up to 256 tokens in fp16/bf16, 64 in fp32, at
+     L = 64; ``autotune.pool_meta``): the whole [BL, BN] score block of a sample stays in
+     registers (a 512-token block spills even at 16 warps, which cap registers at 128). One sweep
      over D computes ``s = qt @ x^T`` (fp32 accumulation, each ``qt`` tile loaded once per
      program), then the softmax runs in registers (exp2, scale folded in), ``attn`` is
      written once (only when ``NEED_WEIGHTS``), and a second sweep over D pools

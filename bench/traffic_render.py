@@ -123,7 +123,12 @@ def _compare(docs: List[dict]) -> List[str]:
         out.append(f"| {r['shape']} | {r['pass']} | {r['requested_x']:.2f}x | {s['requested_x']:.2f}x | "
                    f"{r['dram_x']:.2f}x | {s['dram_x']:.2f}x | {r['launches']} | {s['launches']} | "
                    f"{r['h100_pred_x']:.2f}x | {s['h100_pred_x']:.2f}x |")
-    return out + [""] + _targets(a, b)
+    worse = [f"{r['shape']} {r['pass']} {k.replace('_x', '')} ({r[k]:.2f}x -> {rows_b[(r['shape'], 'triton', r['pass'])][k]:.2f}x)"
+             for r in sorted(a["rows"], key=lambda r: (_key(r), r["pass"])) if r["backend"] == "triton"
+             and (r["shape"], "triton", r["pass"]) in rows_b
+             for k in ("requested_x", "dram_x", "h100_pred_x") if rows_b[(r["shape"], "triton", r["pass"])][k] > r[k]]
+    out += [f"Higher in {lb} than in {la}: " + ("; ".join(worse) if worse else "nothing") + ".", ""]
+    return out + _targets(a, b)
 
 
 def _targets(a: dict, b: dict) -> List[str]:

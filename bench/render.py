@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import traffic_render  # noqa: E402  (bench/ is a plain directory, not a package)
+
 RESULTS_DIR = HERE / "results"
 RESULTS_MD = HERE / "RESULTS.md"
 SHAPE_ORDER = ("vit_b32", "vit_b16", "text_b", "vit_l14")
@@ -113,7 +116,7 @@ def render_file(doc: dict, name: str) -> list[str]:
 
 
 def render(results_dir: Path = RESULTS_DIR) -> str:
-    files = sorted(results_dir.glob("*.json"))
+    files = [f for f in sorted(results_dir.glob("*.json")) if not f.name.startswith("traffic-")]
     docs = [(f.name, json.loads(f.read_text())) for f in files]
     lines = [INTRO]
     gpu = [d for n, d in docs if n.startswith("cuda-")]
@@ -124,6 +127,10 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
                   "SPARO.md batches) and re-renders this file.", ""]
     for name, doc in sorted(docs, key=lambda nd: (not nd[0].startswith("cuda-"), nd[0])):
         lines += render_file(doc, name)
+    lines += traffic_render.section(results_dir)  # bench/results/traffic-*.json: counted, not timed
+    compile_md = results_dir / "compile-sm90.md"  # aot_check's report (kernels/aot_check.py --markdown)
+    if compile_md.exists():
+        lines += ["", compile_md.read_text()]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -1,38 +1,43 @@
-"""Backward Triton kernel of the SPARO read-out (token-level work), with a PyTorch ref.
+"""Backward Triton kernels of the SPARO read-out: three launches, with PyTorch refs.
 
-With g = dL/dout and ga = dL/dattn (optional), the slot-level products are small GEMMs that
-run in PyTorch (cuBLAS) around the kernel (see ``ops.py``)::
+With g = dL/dout and ga = dL/dattn (optional); ``xp`` and ``gxp`` are head-major
+``[Hh, B*S, D]`` (the layout every kernel reads, no permute copies):
 
-    go = g W_O,  dW_O = sum g^T o,  db_O = sum g
-    gxp[b, l] = W_V[h]^T go[b, l],  dW_V[h] = sum go xp^T,  db_V[h] = sum go
+1. ``_bwd_slot_kernel``, grid ``(Hh, cdiv(D, BD))``: the slot-level products,
+   ``go = g W_O``, ``gxp[h] = go[h] W_V[h]``, ``dW_V[h] = go[h]^T xp[h]``, ``db_V[h] = sum go[h]``
+   and per-head partials of ``dW_O = sum g^T o`` and ``db_O = sum g``;
+2. ``_bwd_token_kernel`` (below): everything that touches the tokens;
+3. ``_bwd_finish_kernel``, grid ``(Hh,)``: the batch-wide ``dqt`` reduction (per-program
+   partials summed in a fixed order), then the absorbed query's gradients ``dq = dqt W_K[h]^T``,
+   ``dW_K[h] = q^T dqt`` (plus ``dW_V[h]`` when k and v share one weight), ``dW_O``, ``db_O``.
 
-``_bwd_token_kernel`` does everything that touches the tokens, for every slot at once
-(all L <= 128 slots in one block), grid ``(P,)`` with each program owning G consecutive
-batch elements (P = cdiv(B, G), G chosen so that P is about two waves of the GPU):
+``_bwd_token_kernel`` does everything that touches the tokens, for every slot at once (all
+L <= 128 slots in one block). It is **persistent**: grid ``(P,)`` with P about one program per
+SM, program ``pid`` taking samples ``pid, pid + P, ...``. Per sample:
 
-1. per sample, sweep the tokens (up to EOS for texts; dx is zero past it):
-   ``gp = gxp @ x^T (+ ga)`` (D tiled, fp32 accumulation), ``delta_l = sum_n p gp`` (exact
-   even when a gradient arrives through attn), the raw ``gp`` parked in an fp32 scratch
-   [B, L, N]; a second sweep turns it into
-   ``gs = p * (gp - delta)`` in place;
-2. D tile by D tile, sweep samples and token tiles:
-   ``dx[n, d] = sum_l p[l, n] gxp[l, d] + sum_l gs[l, n] qt[l, d]`` (written once, no
-   atomics) and ``dqt_part[pid, l, d] += sum_n gs[l, n] x[n, d]`` accumulated in registers
-   over the program's samples and tokens and stored once.
+* ``ONE_TILE`` (``BN = next_pow2(N)`` up to 256 tokens in fp16/bf16, 32 in fp32, at L = 64): one sweep
+  over D recomputes the scores ``s = qt @ x^T`` and ``gp = gxp @ x^T`` from the same x tile
+  (the probabilities are not saved by the forward: ``p = exp2(s * scale * log2(e) - lse)``
+  from the saved fp32 ``lse [B, L]``), then in registers ``delta = sum_n p (gp + ga)``
+  (exact even when a gradient arrives through attn) and ``gs = p * (gp + ga - delta)``;
+  a second sweep over D, with 64+-row ``dx`` products, writes
+  ``dx = p^T gxp + gs^T qt`` (zero past a text's EOS, written once, no atomics) and adds
+  ``gs @ x`` into the program's own ``dqt`` partial.
+* long sequences: the same with the token axis tiled by ``BN`` and ``p`` and ``gp`` parked
+  in a per-program fp32 scratch ``[P, 2, L, N]`` between the two sweeps.
 
-Determinism: there are no atomics; the batch-wide reduction ``dqt = dqt_part.sum(0)`` is a
-PyTorch sum over the P per-program partials (fp32), so the result is bitwise reproducible
-for a given (B, device). The key bias gets an exactly-zero gradient (it only adds a
-per-slot constant to the scores, which the softmax cancels).
+Determinism: there are no atomics. Each program owns a ``[L, D]`` fp32 partial of ``dqt``
+(first sample: store, later samples: load-add-store, in a fixed order), and the batch-wide
+reduction is the finish kernel's fixed-order sum over the P partials, so the result is
+bitwise reproducible for a given (B, P). No kernel accumulates into memory it did not write in
+the same launch, so autotuning needs no ``reset_to_zero`` / ``restore_value``. The key bias
+gets an exactly-zero gradient (it only adds a per-slot constant to the scores).
 
-Saved from the forward: x, p (fp32 softmax, [B, L, N]), xp ([B, L, D]) and o ([B, L, Vd]),
-i.e. x plus O(B*L*(N+D)) state. Precision as in the forward: fp16/bf16 operands on tensor
-cores with fp32 accumulation (p and gs cast to the compute dtype for the dots, as
-FlashAttention does), float32 with ``input_precision="ieee"``.
-
-Blocks (``bwd_config``): all L slots x 32 tokens x 64 features (32 in float32), 8 warps;
-checked with ``python -m sparo_fast_kernels.aot_check`` (sm_90, no GPU needed): no spills at
-the benchmark shapes, a few spilled bytes at L > 64. Not timed on a GPU yet.
+Saved from the forward: x, qt, lse (fp32 [B, L]), xp (head-major [Hh, B*S, D]) and
+o ([B, L, Vd]).
+Precision as in the forward: fp16/bf16 operands on tensor cores with fp32 accumulation (p and
+gs cast to the compute dtype for the dots, as FlashAttention does), float32 with
+``input_precision="ieee"``. Offsets that multiply a token index by a stride are int64.
 """
 from __future__ import annotations
 
@@ -43,137 +48,281 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparo_fwd import _dot, _p2
+from .sparo_fwd import LOG2E, _dot, _n_valid, _xp_rows
+
+
+@triton.jit
+def _add_partial(PART, offs_l, offs_d, D, dq, ldmask, first):
+    """The program's dqt partial += dq (stored outright for the program's first sample)."""
+    ptrs = PART + offs_l[:, None] * D + offs_d[None, :]
+    if first:
+        tl.store(ptrs, dq, mask=ldmask)
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=ldmask, other=0.0) + dq, mask=ldmask)
 
 
 @triton.jit
 def _bwd_token_kernel(
-    X, EOS, P, GA, GXP, QT, GS, DX, DQT,
-    B, N, D, L, G,
+    X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT,
+    scale, B, N, D, L, S, NPROG,
     stride_xb, stride_xn, stride_xd,
     stride_gab, stride_gal, stride_gan,
-    HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr,
+    HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     offs_l = tl.arange(0, BL)
     lmask = offs_l < L
-    b_start = pid.to(tl.int64) * G
-
-    # 1. gp, delta, gs (per sample)
-    for bi in range(0, G):
-        b = b_start + bi
-        if b < B:
-            x_base = X + b * stride_xb
-            row_base = b * L * N
-            if HAS_EOS:  # p = 0 past EOS: those tiles are skipped (dx = 0 there)
-                n_valid = tl.minimum(tl.load(EOS + b).to(tl.int32) + 1, N)
-            else:
-                n_valid = N
+    qk = scale * 1.4426950408889634
+    part = DQT + pid.to(tl.int64) * L * D
+    scr = SCR + pid.to(tl.int64) * 2 * L * N  # per-program [2, L, N] (long-N path only)
+    for i in range(0, tl.cdiv(B - pid, NPROG)):
+        bb = pid + i * NPROG  # samples pid, pid + P, ... in a fixed order (determinism)
+        b = bb.to(tl.int64)
+        first = i == 0
+        x_base = X + b * stride_xb
+        dx_base = DX + b * N * D
+        g_rows = _xp_rows(offs_l, b, B, S)
+        lse = tl.load(LSE + b * L + offs_l, mask=lmask, other=0.0)
+        n_valid = _n_valid(EOS, b, N, HAS_EOS)
+        if ONE_TILE:
+            offs_n = tl.arange(0, BN)
+            vmask = offs_n < n_valid
+            x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
+            s = tl.zeros([BL, BN], tl.float32)
+            gp = tl.zeros([BL, BN], tl.float32)
+            for d0 in range(0, D, BD):
+                offs_d = d0 + tl.arange(0, BD)
+                dmask = offs_d < D
+                ldmask = lmask[:, None] & dmask[None, :]
+                q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+                g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+                xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
+                             other=0.0)
+                s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
+                gp = _dot(g, tl.trans(xt), gp, DOT_PREC, UPCAST)
+            msk = lmask[:, None] & vmask[None, :]
+            p = tl.where(msk, tl.exp2(s * qk - lse[:, None]), 0.0)
+            if HAS_GA:
+                ga = tl.load(GA + b * stride_gab + offs_l[:, None] * stride_gal + offs_n[None, :] * stride_gan,
+                             mask=msk, other=0.0)
+                gp += ga.to(tl.float32)
+            delta = tl.sum(p * gp, axis=1)
+            gs = p * (gp - delta[:, None]) * scale  # d/dqt of the scaled scores
+            pc = p.to(X.dtype.element_ty)
+            gsc = gs.to(X.dtype.element_ty)
+            for d0 in range(0, D, BD):
+                offs_d = d0 + tl.arange(0, BD)
+                dmask = offs_d < D
+                ldmask = lmask[:, None] & dmask[None, :]
+                q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+                g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+                dx = _dot(tl.trans(pc), g, None, DOT_PREC, UPCAST)
+                dx = _dot(tl.trans(gsc), q, dx, DOT_PREC, UPCAST)
+                tl.store(dx_base + offs_n[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
+                         mask=(offs_n < N)[:, None] & dmask[None, :])  # p = gs = 0 past EOS: dx = 0
+                xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
+                             other=0.0)
+                _add_partial(part, offs_l, offs_d, D, _dot(gsc, xt, None, DOT_PREC, UPCAST), ldmask, first)
+        else:
+            tl.debug_barrier()  # the previous sample's sweep 2 has read the scratch
             delta = tl.zeros([BL], tl.float32)
             for n0 in range(0, n_valid, BN):
                 offs_n = n0 + tl.arange(0, BN)
-                nmask = offs_n < N
-                msk = lmask[:, None] & nmask[None, :]
+                vmask = offs_n < n_valid
+                msk = lmask[:, None] & vmask[None, :]
+                x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
+                s = tl.zeros([BL, BN], tl.float32)
                 gp = tl.zeros([BL, BN], tl.float32)
                 for d0 in range(0, D, BD):
                     offs_d = d0 + tl.arange(0, BD)
                     dmask = offs_d < D
-                    g = tl.load(GXP + b * L * D + offs_l[:, None] * D + offs_d[None, :],
-                                mask=lmask[:, None] & dmask[None, :], other=0.0)
-                    xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                                 mask=nmask[:, None] & dmask[None, :], other=0.0)
+                    ldmask = lmask[:, None] & dmask[None, :]
+                    q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+                    g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+                    xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd,
+                                 mask=vmask[:, None] & dmask[None, :], other=0.0)
+                    s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
                     gp = _dot(g, tl.trans(xt), gp, DOT_PREC, UPCAST)
+                p = tl.where(msk, tl.exp2(s * qk - lse[:, None]), 0.0)
                 if HAS_GA:
                     ga = tl.load(GA + b * stride_gab + offs_l[:, None] * stride_gal + offs_n[None, :] * stride_gan,
                                  mask=msk, other=0.0)
                     gp += ga.to(tl.float32)
-                p = tl.load(P + row_base + offs_l[:, None] * N + offs_n[None, :], mask=msk, other=0.0)
                 delta += tl.sum(p * gp, axis=1)
-                tl.store(GS + row_base + offs_l[:, None] * N + offs_n[None, :], gp, mask=msk)
+                ptrs = scr + offs_l[:, None] * N + offs_n[None, :]
+                tl.store(ptrs, p, mask=msk)
+                tl.store(ptrs + L * N, gp, mask=msk)
             tl.debug_barrier()
-            for n0 in range(0, n_valid, BN):
-                offs_n = n0 + tl.arange(0, BN)
-                msk = lmask[:, None] & (offs_n < N)[None, :]
-                ptrs = row_base + offs_l[:, None] * N + offs_n[None, :]
-                p = tl.load(P + ptrs, mask=msk, other=0.0)
-                gp = tl.load(GS + ptrs, mask=msk, other=0.0)
-                tl.store(GS + ptrs, p * (gp - delta[:, None]), mask=msk)
-    tl.debug_barrier()
-
-    # 2. dx and the dqt partial, D tile by D tile
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        dmask = offs_d < D
-        ldmask = lmask[:, None] & dmask[None, :]
-        qt = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-        dq = tl.zeros([BL, BD], tl.float32)
-        for bi in range(0, G):
-            b = b_start + bi
-            if b < B:
-                x_base = X + b * stride_xb
-                row_base = b * L * N
-                g = tl.load(GXP + b * L * D + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                if HAS_EOS:
-                    n_valid = tl.minimum(tl.load(EOS + b).to(tl.int32) + 1, N)
-                else:
-                    n_valid = N
+            for d0 in range(0, D, BD):
+                offs_d = d0 + tl.arange(0, BD)
+                dmask = offs_d < D
+                ldmask = lmask[:, None] & dmask[None, :]
+                q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+                g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+                dq = tl.zeros([BL, BD], tl.float32)
                 for n0 in range(0, n_valid, BN):
                     offs_n = n0 + tl.arange(0, BN)
-                    nmask = offs_n < N
-                    msk = lmask[:, None] & nmask[None, :]
-                    p = tl.load(P + row_base + offs_l[:, None] * N + offs_n[None, :], mask=msk, other=0.0)
-                    gs = tl.load(GS + row_base + offs_l[:, None] * N + offs_n[None, :], mask=msk, other=0.0)
-                    xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                                 mask=nmask[:, None] & dmask[None, :], other=0.0)
-                    gs_c = gs.to(xt.dtype)
-                    dx = _dot(tl.trans(p.to(xt.dtype)), g, None, DOT_PREC, UPCAST)
-                    dx = _dot(tl.trans(gs_c), qt, dx, DOT_PREC, UPCAST)
-                    tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
-                             mask=nmask[:, None] & dmask[None, :])
-                    dq = _dot(gs_c, xt, dq, DOT_PREC, UPCAST)
+                    vmask = offs_n < n_valid
+                    msk = lmask[:, None] & vmask[None, :]
+                    ptrs = scr + offs_l[:, None] * N + offs_n[None, :]
+                    p = tl.load(ptrs, mask=msk, other=0.0)
+                    gs = p * (tl.load(ptrs + L * N, mask=msk, other=0.0) - delta[:, None]) * scale
+                    gsc = gs.to(X.dtype.element_ty)
+                    dx = _dot(tl.trans(p.to(X.dtype.element_ty)), g, None, DOT_PREC, UPCAST)
+                    dx = _dot(tl.trans(gsc), q, dx, DOT_PREC, UPCAST)
+                    tl.store(dx_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
+                             mask=(offs_n < N)[:, None] & dmask[None, :])
+                    xt = tl.load(x_base + offs_n.to(tl.int64)[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                                 mask=vmask[:, None] & dmask[None, :], other=0.0)
+                    dq = _dot(gsc, xt, dq, DOT_PREC, UPCAST)
+                _add_partial(part, offs_l, offs_d, D, dq, ldmask, first)
                 if HAS_EOS:  # tiles wholly past EOS: dx = 0
                     zero = tl.zeros([BN, BD], DX.dtype.element_ty)
                     for n0 in range(tl.cdiv(n_valid, BN) * BN, N, BN):
                         offs_n = n0 + tl.arange(0, BN)
-                        tl.store(DX + b * N * D + offs_n[:, None] * D + offs_d[None, :], zero,
+                        tl.store(dx_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], zero,
                                  mask=(offs_n < N)[:, None] & dmask[None, :])
-        tl.store(DQT + pid.to(tl.int64) * L * D + offs_l[:, None] * D + offs_d[None, :], dq, mask=ldmask)
 
 
-def bwd_config(L: int, N: int, D: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps of ``_bwd_token_kernel`` (checked spill-free with ptxas for sm_90)."""
-    BL = _p2(L)
-    if BL > 64:
-        return dict(BL=BL, BN=_p2(N, hi=16), BD=_p2(D, hi=16), num_warps=8)  # small spills (ptxas)
-    half = dtype != torch.float32
-    return dict(BL=BL, BN=_p2(N, hi=32), BD=_p2(D, hi=64 if half or BL < 64 else 32),
-                num_warps=8)
+@triton.jit
+def _bwd_slot_kernel(
+    G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P,
+    B, S, L, D, VD, V,
+    BM: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr, BV: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+):
+    """Slot-level backward, grid ``(Hh, cdiv(D, BD))``: for head h and a feature tile, over the
+    head's B*S rows (contiguous in the head-major layout): ``go = g W_O`` (recomputed per feature
+    tile: [BM, V] x [V, Vd], cheap), ``gxp = go W_V[h]`` (stored head-major, as the token kernel
+    reads it), ``dW_V[h] = go^T xp``; the first feature tile also ``db_V[h]`` and the head's
+    partials of ``dW_O = g^T o`` and ``db_O`` (summed over heads by the finish kernel)."""
+    h = tl.program_id(0).to(tl.int64)
+    dt = tl.program_id(1)
+    M = B * S
+    offs_d = dt * BD + tl.arange(0, BD)
+    dmask = offs_d < D
+    offs_vd = tl.arange(0, BVD)
+    vdmask = offs_vd < VD
+    offs_v = tl.arange(0, BV)
+    vmask = offs_v < V
+    wo = tl.load(WO + offs_v[:, None] * VD + offs_vd[None, :], mask=vmask[:, None] & vdmask[None, :], other=0.0)
+    wv = tl.load(WV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], mask=vdmask[:, None] & dmask[None, :],
+                 other=0.0)
+    dwv = tl.zeros([BVD, BD], tl.float32)
+    dbv = tl.zeros([BVD], tl.float32)
+    dwo = tl.zeros([BV, BVD], tl.float32)
+    dbo = tl.zeros([BV], tl.float32)
+    for m0 in range(0, M, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mmask = offs_m < M
+        row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S  # row of the [B*L, .] tensors
+        hrow = h * M + offs_m  # row of the head-major [Hh*B*S, .] tensors
+        g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
+        go = _dot(g, wo, None, DOT_PREC, UPCAST)
+        goc = go.to(G.dtype.element_ty)
+        gxp = _dot(goc, wv, None, DOT_PREC, UPCAST)
+        tl.store(GXP + hrow[:, None] * D + offs_d[None, :], gxp.to(GXP.dtype.element_ty),
+                 mask=mmask[:, None] & dmask[None, :])
+        xp = tl.load(XP + hrow[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        dwv = _dot(tl.trans(goc), xp, dwv, DOT_PREC, UPCAST)
+    tl.store(DWV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], dwv.to(DWV.dtype.element_ty),
+             mask=vdmask[:, None] & dmask[None, :])
+    if dt == 0:  # a separate sweep (not a branch inside the pipelined loop above: triton 3.6 lost it)
+        for m0 in range(0, M, BM):
+            offs_m = m0 + tl.arange(0, BM)
+            mmask = offs_m < M
+            row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S
+            g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
+            dbv += tl.sum(_dot(g, wo, None, DOT_PREC, UPCAST), axis=0)
+            o = tl.load(O + row[:, None] * VD + offs_vd[None, :], mask=mmask[:, None] & vdmask[None, :], other=0.0)
+            dwo = _dot(tl.trans(g), o, dwo, DOT_PREC, UPCAST)
+            dbo += tl.sum(g.to(tl.float32), axis=0)
+        tl.store(DBV + h * VD + offs_vd, dbv.to(DBV.dtype.element_ty), mask=vdmask)
+        tl.store(DWO_P + h * V * VD + offs_v[:, None] * VD + offs_vd[None, :], dwo,
+                 mask=vmask[:, None] & vdmask[None, :])
+        tl.store(DBO_P + h * V + offs_v, dbo, mask=vmask)
 
 
-#: Tests set this to force several samples per program (the CPU default is one).
-GROUP_OVERRIDE: Optional[int] = None
+@triton.jit
+def _bwd_finish_kernel(
+    PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO,
+    NP, H, S, A, D, V, VD, NV,
+    SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+    BVD: tl.constexpr,
+):
+    """Weight gradients, grid ``(Hh,)``: head h sums the NP per-program ``dqt`` partials of its
+    S slots (fixed order: deterministic), then through the absorbed query ``qt = W_K[h]^T q``:
+    ``dq = dqt W_K[h]^T`` and ``dW_K[h] = q^T dqt`` (+ ``dW_V[h]`` when k and v share the weight);
+    it also sums rows ``v = h, h + Hh, ...`` of the per-head ``dW_O`` / ``db_O`` partials.
+    Weight-sized work only: products in true fp32 (``ieee``)."""
+    h = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BS)
+    smask = offs_s < S
+    offs_a = tl.arange(0, BA)
+    amask = offs_a < A
+    q = tl.load(QE + (h * S + offs_s)[:, None] * A + offs_a[None, :], mask=smask[:, None] & amask[None, :],
+                other=0.0).to(tl.float32)
+    dq = tl.zeros([BS, BA], tl.float32)
+    L = H * S
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dmask = offs_d < D
+        sd = smask[:, None] & dmask[None, :]
+        dqt = tl.zeros([BS, BD], tl.float32)
+        for p in range(0, NP):
+            dqt += tl.load(PART + p * L * D + (h * S + offs_s)[:, None] * D + offs_d[None, :], mask=sd, other=0.0)
+        ad = amask[:, None] & dmask[None, :]
+        wk = tl.load(WK + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
+        dq = tl.dot(dqt, tl.trans(wk), dq, input_precision="ieee")
+        dwk = tl.dot(tl.trans(q), dqt, None, input_precision="ieee")
+        if SHARED:
+            dwk += tl.load(DWV + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
+        tl.store(DWK + (h * A + offs_a)[:, None] * D + offs_d[None, :], dwk.to(DWK.dtype.element_ty), mask=ad)
+    tl.store(DQ + (h * S + offs_s)[:, None] * A + offs_a[None, :], dq.to(DQ.dtype.element_ty),
+             mask=smask[:, None] & amask[None, :])
+    offs_h = tl.arange(0, BH)
+    hmask = offs_h < H
+    offs_vd = tl.arange(0, BVD)
+    for i in range(0, NV):  # the same trip count in every program (NV = cdiv(V, H)); rows v < V
+        v = h + i * H
+        hok = hmask & (offs_h * 0 + v < V)  # row masks as tensors (not a scalar mask)
+        dok = (offs_vd < VD) & (offs_vd * 0 + v < V)
+        w = tl.load(DWO_P + offs_h[:, None] * V * VD + v * VD + offs_vd[None, :],
+                    mask=hok[:, None] & dok[None, :], other=0.0)
+        tl.store(DWO + v * VD + offs_vd, tl.sum(w, axis=0).to(DWO.dtype.element_ty), mask=dok)
+        bo = tl.load(DBO_P + offs_h * V + v, mask=hok, other=0.0)
+        tl.store(DBO + v + offs_h * 0, tl.zeros([BH], tl.float32) + tl.sum(bo, axis=0), mask=hok & (offs_h == 0))
 
 
-def batch_group(B: int, device: torch.device) -> int:
-    """Samples per program: about two waves of programs on a GPU, one per sample on CPU."""
-    if GROUP_OVERRIDE is not None:
-        return GROUP_OVERRIDE
+#: Tests set this to force a number of persistent programs (the CPU default is min(B, 2)).
+PROGRAMS_OVERRIDE: Optional[int] = None
+
+
+def num_programs(B: int, device: torch.device) -> int:
+    """Persistent programs of the backward: about one per SM on a GPU (fewer when B is small)."""
+    if PROGRAMS_OVERRIDE is not None:
+        return max(1, min(B, PROGRAMS_OVERRIDE))
     if device.type != "cuda":
-        return 1
+        return min(B, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, triton.cdiv(B, 2 * sms))
+    return max(1, min(B, sms))
 
 
 # ----------------------------------------------------------------------------- ref
-def bwd_token_ref(x: Tensor, p: Tensor, ga: Optional[Tensor], gxp: Tensor, qt: Tensor) -> Tuple[Tensor, Tensor]:
-    """PyTorch reference of ``_bwd_token_kernel`` (after the partial sum): (dx, dqt fp32)."""
+def bwd_token_ref(x: Tensor, p: Tensor, ga: Optional[Tensor], gxp: Tensor, qt: Tensor,
+                  scale: float) -> Tuple[Tensor, Tensor]:
+    """PyTorch reference of ``_bwd_token_kernel`` (after the partial sum), with gxp in [B, L, D]
+    and the unscaled qt: (dx, dqt fp32), dqt the gradient of the unscaled qt."""
     xf, gxf = x.float(), gxp.float()
     gp = torch.einsum("bld,bnd->bln", gxf, xf)
     if ga is not None:
         gp = gp + ga.float()
     gs = p * (gp - (p * gp).sum(-1, keepdim=True))
-    dx = torch.einsum("bln,bld->bnd", p, gxf) + torch.einsum("bln,ld->bnd", gs, qt.float())
-    dqt = torch.einsum("bln,bnd->ld", gs, xf)
+    dx = torch.einsum("bln,bld->bnd", p, gxf) + torch.einsum("bln,ld->bnd", gs, qt.float()) * scale
+    dqt = torch.einsum("bln,bnd->ld", gs, xf) * scale
     return dx.to(x.dtype), dqt
+
+
+__all__ = ["_bwd_token_kernel", "num_programs", "bwd_token_ref", "LOG2E"]

@@ -1,48 +1,59 @@
 """Forward Triton kernels of the SPARO read-out (absorbed formulation), with PyTorch refs.
 
-Design (two launches, no loop over slots, no per-slot launch; see ``shared/SPARO.md``)
----------------------------------------------------------------------------------------
-The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l / sqrt(A)``
-(a [L, D] weight-only product, computed by PyTorch outside the kernels and differentiated
-by autograd), so the [B, N, Hh*A] keys and values are never built.
+Design (three launches in all, no loop over slots, no per-slot launch; see ``shared/SPARO.md``)
+--------------------------------------------------------------------------------------------
+The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l`` (a [L, D]
+weight-only product: the one PyTorch launch of the forward, inside the op; its gradient flows
+to ``q_emb`` and ``W_K`` through the backward's finish kernel); the ``1/sqrt(A)`` scale is a
+kernel argument, not a second PyTorch launch. The [B, N, Hh*A] keys and values are never built.
 
-1. ``_fwd_pool_kernel``, grid ``(B, cdiv(L, BL))``: for one batch element and a block of
-   (up to 64) slots it
+1. ``_fwd_pool_kernel``, grid ``(B, cdiv(L, BL))`` (in practice one program per sample: all
+   L <= 128 slots in one block). Two code paths, chosen by the constexpr ``ONE_TILE``:
 
-   a. sweeps the tokens up to EOS in tiles of ``BN`` (tiles past a text's EOS are skipped
-      in every sweep, forward and backward): scores ``s = qt @ x^T`` (the feature axis D
-      is tiled by ``BD`` and accumulated in fp32), eos mask, online max / sum-of-exp; the
-      raw fp32 scores go to the ``p`` buffer [B, L, N];
-   b. sweeps ``p`` again and normalises it in place (fp32 softmax), writing ``attn``
-      (compute dtype) only when ``NEED_WEIGHTS``;
-   c. pools, D tile by D tile: ``xp[b, l, d] = sum_n p[l, n] x[n, d]`` (p cast to the
-      compute dtype for the tensor-core dot, fp32 accumulation, as SDPA/FlashAttention do).
+   * ``ONE_TILE`` (``BN = next_pow2(N)`` up to 256 tokens in fp16/bf16, 64 in fp32, at
+     L = 64; ``autotune.pool_meta``): the whole [BL, BN] score block of a sample stays in
+     registers (a 512-token block spills even at 16 warps, which cap registers at 128). One sweep
+     over D computes ``s = qt @ x^T`` (fp32 accumulation, each ``qt`` tile loaded once per
+     program), then the softmax runs in registers (exp2, scale folded in), ``attn`` is
+     written once (only when ``NEED_WEIGHTS``), and a second sweep over D pools
+     ``xp = p @ x`` (p cast to the compute dtype for the tensor-core product, fp32
+     accumulation, as SDPA/FlashAttention do). No scratch: x is read twice (the second
+     read mostly hits L2: one ViT-B/16 sample is 300 kB in bf16) and nothing else.
+   * long sequences: the token axis is tiled by ``BN``; a first sweep stores the scaled
+     scores in an fp32 scratch ``[B, L, N]`` with an online max / sum-of-exp, a second
+     sweep (D tile by D tile) reads them back as ``p = exp2(s - lse)``, writes ``attn`` on
+     its first D tile, and pools.
 
-   x is read twice per program (a and c; the second read mostly hits L2: one sample of
-   ViT-B/16 is 300 kB in bf16). A one-pass online-softmax pooling would need a
-   [BL, D] fp32 accumulator (192 kB at L=64, D=768), more than a CTA's registers.
-   The bias term ``c_l = q_l . b_K / sqrt(A)`` cancels in the softmax and is omitted.
+   Token tiles past a text's EOS are never loaded (masked lanes, skipped tiles). Saved for
+   the backward: ``lse [B, L]`` (fp32, log2 domain of the scaled scores: ``p = exp2(s *
+   scale * log2(e) - lse)``) instead of the [B, L, N] probabilities.
+   ``xp`` is written **head-major**, ``[Hh, B*S, D]`` (row ``h, b*S + s`` for slot
+   ``l = h*S + s``), the layout both consumers read (the value projection below and the
+   backward's ``dW_V`` product): no permute copies.
 
 2. ``_fwd_proj_kernel``, grid ``(cdiv(B*S, BM), Hh)``: the value projection is a different
-   [D -> Vd] matrix per head, i.e. a grouped GEMM over the B*S pooled rows of each head,
-   fused with the shared [Vd -> V] output projection: ``o = xp W_V[h]^T + b_V[h]``
-   (kept in registers, also stored: the backward needs it for dW_O), then
-   ``out = o W_O^T + b_O``, V tiled by ``BV``.
+   [D -> Vd] matrix per head, i.e. a grouped GEMM over the B*S pooled rows of each head
+   (contiguous in the head-major ``xp``), fused with the shared [Vd -> V] output projection:
+   ``o = xp W_V[h]^T + b_V[h]`` (kept in registers, also stored: the backward needs it for
+   ``dW_O``), then ``out = o W_O^T + b_O``, V tiled by ``BVO``.
 
-Precision: fp16/bf16 inputs go to tensor-core dots with fp32 accumulation; softmax and
-all reductions run in fp32. float32 inputs use ``input_precision="ieee"`` (true fp32, no
-TF32) so that the float32 backend stays within 1e-3 of the float64 reference; this costs
-speed in float32 only (the forward is memory-bound in bf16, the target dtype).
+Why the projections are not fused into the pool program (counted; see bench/NOTES.md): a
+program owns one sample, and each sample needs every head's ``W_V[h]`` ([L*Vd, D], 6.3 MB at
+vit_b16 in bf16, 21x the sample's 0.3 MB of tokens). Per-sample fusion would request that
+from L2 for every sample (1.6 GB per vit_b16 batch, 19x the forward floor), while the split
+re-reads only ``xp`` (2 x 25 MB). The grouped GEMM amortises ``W_V[h]`` over BM samples.
 
-Under the Triton CPU interpreter, casts from fp32 to bfloat16 truncate instead of rounding to
-nearest (checked: the interpreted pooled rows equal a truncating emulation bit for bit), so
-interpreted bf16 errors are about 2x those of a GPU or of PyTorch's bf16 ops; GPU casts round.
+Precision: fp16/bf16 inputs go to tensor-core dots with fp32 accumulation; softmax and all
+reductions run in fp32. float32 inputs use ``input_precision="ieee"`` (true fp32, no TF32; the
+tests fail a TF32 regression). Under the Triton CPU interpreter, casts from fp32 to bfloat16
+truncate instead of rounding to nearest, so interpreted bf16 errors are about 2x a GPU's.
 
-Block sizes are powers of two >= 16 (``tl.dot`` needs >= 16 on GPU), chosen from the
-shape and dtype by ``triton.next_power_of_2`` with masks for every ragged edge. There is no
-autotuning: the configs were picked without a GPU, by compiling the kernels for sm_90
-(``triton.compile`` with a ``GPUTarget``, see ``tests/test_triton_compile.py``) and keeping
-register use below 255 without spills (``ptxas -v``); they are not timed yet.
+Offsets: every product of a token or row index with a stride is computed in int64 (the batch
+index is int64 before it meets a stride, token indices are widened before multiplying), so
+sequence-first ``[N, B, D]`` views with ``N * B * D >= 2^31`` address correctly.
+
+Block sizes, warps and stages come from ``autotune.py`` (pruned spaces keyed on the N bucket,
+D, L and dtype, tuned by ``triton.autotune`` on a GPU, one fixed config under the interpreter).
 """
 from __future__ import annotations
 
@@ -52,6 +63,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -65,76 +78,120 @@ def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _n_valid(EOS, b, N, HAS_EOS: tl.constexpr):
+    """Tokens 0..eos of a text are valid (the rest are masked out); every token otherwise."""
+    if HAS_EOS:
+        return tl.minimum(tl.load(EOS + b).to(tl.int32) + 1, N)
+    else:
+        return N
+
+
+@triton.jit
+def _xp_rows(offs_l, b, B, S):
+    """Row of the head-major ``[Hh, B*S, D]`` layout holding slot ``l = h*S + s`` of sample b
+    (int64: b is int64)."""
+    return (offs_l // S) * (B * S) + b * S + offs_l % S
+
+
+@triton.jit
 def _fwd_pool_kernel(
-    X, EOS, QT, P, ATTN, XP,
-    N, D, L,
+    X, EOS, QT, SCR, ATTN, LSE, XP,
+    scale, B, N, D, L, S,
     stride_xb, stride_xn, stride_xd,
-    HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr,
+    HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
     b = tl.program_id(0).to(tl.int64)
-    lb = tl.program_id(1)
-    offs_l = lb * BL + tl.arange(0, BL)
+    offs_l = tl.program_id(1) * BL + tl.arange(0, BL)
     lmask = offs_l < L
     x_base = X + b * stride_xb
-    row_base = b * L * N  # p / attn rows of this sample: [L, N] contiguous
-    if HAS_EOS:  # tokens after EOS: masked; whole tiles past it are skipped
-        n_valid = tl.minimum(tl.load(EOS + b).to(tl.int32) + 1, N)
-    else:
-        n_valid = N
-
-    # (a) scores, online max and sum of exp
-    m_i = tl.full([BL], float("-inf"), tl.float32)
-    l_i = tl.zeros([BL], tl.float32)
-    for n0 in range(0, n_valid, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        nmask = offs_n < N
+    row_base = b * L * N  # attn / scratch rows of this sample: [L, N] contiguous
+    n_valid = _n_valid(EOS, b, N, HAS_EOS)
+    qk = scale * 1.4426950408889634  # scores in the log2 domain: softmax with exp2
+    xp_rows = _xp_rows(offs_l, b, B, S)
+    if ONE_TILE:
+        offs_n = tl.arange(0, BN)
+        vmask = offs_n < n_valid
+        x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
         s = tl.zeros([BL, BN], tl.float32)
         for d0 in range(0, D, BD):
             offs_d = d0 + tl.arange(0, BD)
             dmask = offs_d < D
-            q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :],
-                        mask=lmask[:, None] & dmask[None, :], other=0.0)
-            xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                         mask=nmask[:, None] & dmask[None, :], other=0.0)
+            q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=lmask[:, None] & dmask[None, :], other=0.0)
+            xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
+                         other=0.0)
             s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
-        s = tl.where((offs_n < n_valid)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
-        m_i = m_new
-        tl.store(P + row_base + offs_l[:, None] * N + offs_n[None, :], s,
-                 mask=lmask[:, None] & nmask[None, :])
-    tl.debug_barrier()
-
-    # (b) normalise in place (fp32) and write attn
-    inv_l = 1.0 / l_i
-    for n0 in range(0, N, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        msk = lmask[:, None] & (offs_n < N)[None, :]
-        ptrs = row_base + offs_l[:, None] * N + offs_n[None, :]
-        s = tl.load(P + ptrs, mask=msk & (offs_n < n_valid)[None, :], other=float("-inf"))
-        p = tl.exp(s - m_i[:, None]) * inv_l[:, None]
-        tl.store(P + ptrs, p, mask=msk)
+        s = tl.where(vmask[None, :], s * qk, float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.exp2(s - m[:, None])
+        den = tl.sum(p, axis=1)
+        p = p / den[:, None]
+        tl.store(LSE + b * L + offs_l, m + tl.log2(den), mask=lmask)
         if NEED_WEIGHTS:
-            tl.store(ATTN + ptrs, p.to(ATTN.dtype.element_ty), mask=msk)
-    tl.debug_barrier()
-
-    # (c) pooling xp = p @ x, D tile by D tile
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        dmask = offs_d < D
-        acc = tl.zeros([BL, BD], tl.float32)
+            tl.store(ATTN + row_base + offs_l[:, None] * N + offs_n[None, :], p.to(ATTN.dtype.element_ty),
+                     mask=lmask[:, None] & (offs_n < N)[None, :])
+        pc = p.to(X.dtype.element_ty)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dmask = offs_d < D
+            xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
+                         other=0.0)
+            acc = _dot(pc, xt, None, DOT_PREC, UPCAST)
+            tl.store(XP + xp_rows[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
+                     mask=lmask[:, None] & dmask[None, :])
+    else:
+        # (a) scaled scores into the scratch, online max and sum of exp
+        m_i = tl.full([BL], float("-inf"), tl.float32)
+        l_i = tl.zeros([BL], tl.float32)
         for n0 in range(0, n_valid, BN):
             offs_n = n0 + tl.arange(0, BN)
-            nmask = offs_n < N
-            p = tl.load(P + row_base + offs_l[:, None] * N + offs_n[None, :],
-                        mask=lmask[:, None] & nmask[None, :], other=0.0)
-            xt = tl.load(x_base + offs_n[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                         mask=nmask[:, None] & dmask[None, :], other=0.0)
-            acc = _dot(p.to(xt.dtype), xt, acc, DOT_PREC, UPCAST)
-        tl.store(XP + b * L * D + offs_l[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
-                 mask=lmask[:, None] & dmask[None, :])
+            vmask = offs_n < n_valid
+            x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
+            s = tl.zeros([BL, BN], tl.float32)
+            for d0 in range(0, D, BD):
+                offs_d = d0 + tl.arange(0, BD)
+                dmask = offs_d < D
+                q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=lmask[:, None] & dmask[None, :],
+                            other=0.0)
+                xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
+                             other=0.0)
+                s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
+            s = tl.where(vmask[None, :], s * qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+            m_i = m_new
+            tl.store(SCR + row_base + offs_l[:, None] * N + offs_n[None, :], s, mask=lmask[:, None] & vmask[None, :])
+        lse = m_i + tl.log2(l_i)
+        tl.store(LSE + b * L + offs_l, lse, mask=lmask)
+        tl.debug_barrier()
+        if NEED_WEIGHTS:  # tiles wholly past EOS: attn = 0
+            zero = tl.zeros([BL, BN], ATTN.dtype.element_ty)
+            for n0 in range(tl.cdiv(n_valid, BN) * BN, N, BN):
+                offs_n = n0 + tl.arange(0, BN)
+                tl.store(ATTN + row_base + offs_l[:, None] * N + offs_n[None, :], zero,
+                         mask=lmask[:, None] & (offs_n < N)[None, :])
+        # (b) p = exp2(s - lse), attn on the first D tile, pooling D tile by D tile
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dmask = offs_d < D
+            acc = tl.zeros([BL, BD], tl.float32)
+            for n0 in range(0, n_valid, BN):
+                offs_n = n0 + tl.arange(0, BN)
+                vmask = offs_n < n_valid
+                s = tl.load(SCR + row_base + offs_l[:, None] * N + offs_n[None, :],
+                            mask=lmask[:, None] & vmask[None, :], other=float("-inf"))
+                p = tl.exp2(s - lse[:, None])
+                p = tl.where(vmask[None, :], p, 0.0)
+                if NEED_WEIGHTS:
+                    if d0 == 0:
+                        tl.store(ATTN + row_base + offs_l[:, None] * N + offs_n[None, :],
+                                 p.to(ATTN.dtype.element_ty), mask=lmask[:, None] & (offs_n < N)[None, :])
+                xt = tl.load(x_base + offs_n.to(tl.int64)[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                             mask=vmask[:, None] & dmask[None, :], other=0.0)
+                acc = _dot(p.to(xt.dtype), xt, acc, DOT_PREC, UPCAST)
+            tl.store(XP + xp_rows[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
+                     mask=lmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -145,9 +202,10 @@ def _fwd_proj_kernel(
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BM + tl.arange(0, BM)  # row r = b * S + s of this head's slots
     mmask = offs_m < M
+    xrow = h * M + offs_m  # head-major xp: the head's rows are contiguous
     bidx = (offs_m // S).to(tl.int64)
     row = bidx * L + h * S + offs_m % S  # row of [B*L, .] tensors
     offs_vd = tl.arange(0, BVD)
@@ -156,7 +214,7 @@ def _fwd_proj_kernel(
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dmask = offs_d < D
-        xp = tl.load(XP + row[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        xp = tl.load(XP + xrow[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
         wv = tl.load(WV + (h * VD + offs_vd)[None, :] * D + offs_d[:, None],
                      mask=vdmask[None, :] & dmask[:, None], other=0.0)  # [BD, BVD] = W_V[h]^T tile
         acc = _dot(xp, wv, acc, DOT_PREC, UPCAST)
@@ -185,38 +243,33 @@ def _p2(n: int, lo: int = 16, hi: Optional[int] = None) -> int:
     return v if hi is None else min(v, hi)
 
 
-def pool_config(L: int, N: int, D: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps of ``_fwd_pool_kernel`` (checked spill-free with ptxas for sm_90)."""
-    half = dtype != torch.float32
-    BL = _p2(L, hi=64)
-    return dict(BL=BL, BN=_p2(N, hi=32), BD=_p2(D, hi=64 if half else 32), num_warps=8 if BL >= 64 else 4)
-
-
-def proj_config(M: int, D: int, VD: int, V: int, dtype: torch.dtype) -> dict:
-    """Block sizes and warps of ``_fwd_proj_kernel`` (checked spill-free with ptxas for sm_90)."""
-    half = dtype != torch.float32
-    BVD = _p2(VD)
-    b = 64 if half and BVD <= 64 else 32
-    return dict(BM=_p2(M, hi=b), BD=_p2(D, hi=b), BVD=BVD, BVO=_p2(V, hi=64 if half else 32), num_warps=8)
-
-
 # ----------------------------------------------------------------------------- refs
-def fwd_pool_ref(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor) -> Tuple[Tensor, Tensor]:
-    """PyTorch reference of ``_fwd_pool_kernel``: (p fp32 [B, L, N], xp [B, L, D])."""
-    s = torch.einsum("ld,bnd->bln", qt.float(), x.float())
+def fwd_pool_ref(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, scale: float,
+                 num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """PyTorch reference of ``_fwd_pool_kernel``: (p fp32 [B, L, N], lse [B, L] (log2 domain),
+    xp head-major [Hh, B*S, D])."""
+    B = x.shape[0]
+    s = torch.einsum("ld,bnd->bln", qt.float(), x.float()) * (scale * LOG2E)
     if eos_indices is not None:
         n = torch.arange(x.shape[1], device=x.device)
         s = s.masked_fill((n[None, :] > eos_indices[:, None])[:, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    xp = torch.matmul(p, x.float()).to(x.dtype)
-    return p, xp
+    lse = torch.logsumexp(s / LOG2E, dim=-1) * LOG2E
+    p = torch.exp2(s - lse[..., None])
+    xp = torch.matmul(p, x.float()).to(x.dtype)  # [B, L, D]
+    return p, lse, to_head_major(xp, num_heads)
 
 
-def fwd_proj_ref(xp: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor,
-                 proj_bias: Tensor, num_heads: int) -> Tuple[Tensor, Tensor]:
-    """PyTorch reference of ``_fwd_proj_kernel``: (o [B, L, Vd], out [B, L, V])."""
-    B, L, D = xp.shape
-    vd = v_weight.shape[0] // num_heads
-    w = v_weight.view(num_heads, vd, D).repeat_interleave(L // num_heads, dim=0)  # [L, Vd, D]
-    o = torch.einsum("bld,lvd->blv", xp, w) + v_bias.view(num_heads, vd).repeat_interleave(L // num_heads, 0)
+def to_head_major(t: Tensor, num_heads: int) -> Tensor:
+    """[B, L, C] -> [Hh, B*S, C] (slot l = h*S + s)."""
+    B, L, C = t.shape
+    return t.reshape(B, num_heads, L // num_heads, C).permute(1, 0, 2, 3).reshape(num_heads, -1, C)
+
+
+def fwd_proj_ref(xp_h: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor,
+                 proj_bias: Tensor, num_heads: int, B: int) -> Tuple[Tensor, Tensor]:
+    """PyTorch reference of ``_fwd_proj_kernel`` on head-major xp: (o [B, L, Vd], out [B, L, V])."""
+    H, BS, D = xp_h.shape
+    vd = v_weight.shape[0] // H
+    o = torch.bmm(xp_h, v_weight.view(H, vd, D).transpose(1, 2)) + v_bias.view(H, 1, vd)  # [H, B*S, Vd]
+    o = o.reshape(H, B, BS // B, vd).permute(1, 0, 2, 3).reshape(B, -1, vd)
     return o, torch.nn.functional.linear(o, proj_weight, proj_bias)

@@ -1,9 +1,10 @@
 """The ``triton`` backend: fused kernels from ``sparo_fast_kernels`` behind PyTorch ops.
 
-``sparo_triton`` computes the absorbed query ``qt = W_K[h]^T q_l / sqrt(A)`` with PyTorch
-(weight-only, tiny, differentiated by autograd) and calls ``torch.ops.sparo_fast.readout_fwd``
-(two Triton launches; its registered backward is one Triton launch plus cuBLAS GEMMs). See
-``kernels/sparo_fwd.py`` and ``kernels/sparo_bwd.py`` for the design.
+``sparo_triton`` calls ``torch.ops.sparo_fast.readout_fwd`` on the published parameters (one
+PyTorch matmul for the absorbed query and two Triton launches); its registered backward is
+three Triton launches that also produce the parameters' gradients (``q_emb``, the shared or
+separate key/value weights, ``proj``). See ``kernels/sparo_fwd.py``, ``kernels/sparo_bwd.py``
+and ``kernels/ops.py`` for the design.
 
 Inputs the kernels cannot take (a dtype other than float16/bfloat16/float32, more than
 ``MAX_SLOTS`` slots, a value width over ``MAX_VALUE_DIM``) fall back to the torch backend
@@ -20,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .functional import absorbed_query, sparo_absorbed
+from .functional import sparo_absorbed
 from .params import ReadoutParams
 
 _warned: set = set()
@@ -98,8 +99,6 @@ def sparo_triton(
         _warn_once(reason)
         return sparo_absorbed(x, eos_indices, params, need_weights=need_weights)
     _ops()  # registers torch.ops.sparo_fast.*
-    n_heads = q_emb.shape[1]
-    qt = absorbed_query(q_emb, k_weight)
-    out, attn, _, _, _ = torch.ops.sparo_fast.readout_fwd(
-        x, eos_indices, qt, k_bias, v_weight, v_bias, proj_weight, proj_bias, n_heads, bool(need_weights))
+    out, attn, _, _, _, _ = torch.ops.sparo_fast.readout_fwd(
+        x, eos_indices, q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight, proj_bias, bool(need_weights))
     return out, (attn if need_weights else None)

@@ -7,7 +7,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(autouse=True)
+def _sanitize_interpreter_kernels():
+    """Every test: an unmasked interpreter load/store outside the launch's tensors fails the test."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from sparo_fast_kernels.interpreter_trace import sanitize
+    with sanitize():
+        yield

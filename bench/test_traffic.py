@@ -1,0 +1,88 @@
+"""The traffic counter (bench/traffic.py): exact on kernels and ops of known traffic, and a
+smoke run of the real count at a tiny shape (CPU, Triton interpreter, a few seconds)."""
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the counter runs the kernels in the Triton CPU interpreter")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import sparo_bench as sb  # noqa: E402
+import traffic  # noqa: E402
+from sparo_fast_kernels import interpreter_trace as trace  # noqa: E402
+
+
+@triton.jit
+def _stencil_kernel(X, Y, n, BLOCK: tl.constexpr):
+    """y[i] = x[i] + x[i + 1] (x has n + 1 elements): every x element but the ends is read twice."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    a = tl.load(X + offs, mask=m, other=0.0)
+    b = tl.load(X + offs + 1, mask=m, other=0.0)
+    tl.store(Y + offs, a + b, mask=m)
+
+
+def _count(fn):
+    events = []
+    with trace.listening(traffic._KernelEvents(trace, events)), traffic.TorchOpCounter(trace, events):
+        fn()
+    return events
+
+
+def test_kernel_requested_and_distinct_bytes_are_exact():
+    n = int(torch.randint(20, 300, ()).item())
+    x, y = torch.randn(n + 1), torch.empty(n)
+    (e,) = _count(lambda: _stencil_kernel[(triton.cdiv(n, 64),)](x, y, n, BLOCK=64))
+    assert e["kind"] == "kernel" and e["name"] == "_stencil_kernel"
+    assert e["load"] == 2 * 4 * n and e["store"] == 4 * n          # masked lanes excluded
+    assert e["requested"] == 3 * 4 * n
+    assert e["distinct_load"] == 4 * (n + 1) and e["distinct_store"] == 4 * n
+    assert e["dram"] == 4 * (n + 1) + 4 * n
+    assert e["programs"] == triton.cdiv(n, 64)
+
+
+def test_torch_ops_count_inputs_and_outputs_and_skip_views():
+    m, k, n = (int(v) for v in torch.randint(3, 40, (3,)))
+    a, b = torch.randn(m, k, dtype=torch.float16), torch.randn(k, n, dtype=torch.float16)
+    bias = torch.randn(n, dtype=torch.float16)
+    events = _count(lambda: (a.t().contiguous(), a @ b, (a @ b) + bias.expand(m, n), torch.empty(5)))
+    names = [e["name"] for e in events]
+    assert names == ["aten.clone", "aten.mm", "aten.mm", "aten.add"]  # t(), expand, empty: no traffic
+    clone, mm, _, add = events
+    assert clone["requested"] == 2 * 2 * m * k
+    assert mm["requested"] == 2 * (m * k + k * n + m * n) and mm["flops"] == 2 * m * n * k
+    assert add["requested"] == 2 * (m * n + n + m * n)  # the broadcast bias is read once
+
+
+def test_copy_into_counts_the_destination_once():
+    src, dst = torch.randn(37), torch.empty(37)
+    (e,) = _count(lambda: dst.copy_(src))
+    assert e["requested"] == 2 * 4 * 37
+
+
+def test_fit_is_exact_for_linear_counts_and_rejects_changing_launches():
+    a, b = (int(v) for v in torch.randint(1, 1000, (2,)))
+    ev = lambda B: [{"name": "k", "kind": "kernel", **{f: a + b * B for f in traffic._FIELDS}}]  # noqa: E731
+    (at,) = traffic.evaluate(traffic.fit([(2,), (4,)], [ev(2), ev(4)]), (256,))
+    assert at["requested"] == a + 256 * b
+    c = int(torch.randint(1, 1000, ()).item())
+    ev2 = lambda B, P: [{"name": "k", "kind": "kernel", **{f: a + b * B + c * P for f in traffic._FIELDS}}]  # noqa
+    pts = [(2, 1), (4, 2), (4, 4)]
+    (at,) = traffic.evaluate(traffic.fit(pts, [ev2(*p) for p in pts]), (256, 132))
+    assert at["requested"] == a + 256 * b + 132 * c
+    with pytest.raises(RuntimeError, match="launch sequence changes"):
+        traffic.fit([(2,), (4,)], [ev(2), ev(4) + ev(4)])
+
+
+def test_smoke_count_of_the_real_readout_at_a_tiny_shape():
+    shape = sb.Shape("tiny", 8, 9, 32, True)
+    row = traffic.run_case(shape, "triton", "fwd_bwd", batches=(2, 4), check=3)
+    assert row["check_max_rel_err"] < 1e-9  # counts are exactly linear in the batch
+    assert row["kernel_launches"] >= 2 and row["launches"] == len(row["launch_detail"])
+    assert row["requested"] >= row["dram"] > 0
+    assert row["dram"] >= row["floor_bytes"] * 0.5
+    assert row["h100_pred_us"] >= row["launches"] * traffic.H100["launch_s"] * 1e6

@@ -1,0 +1,295 @@
+"""Hooks on the Triton CPU interpreter's memory operations: an address sanitizer and a recorder.
+
+Under ``TRITON_INTERPRET=1`` every ``tl.load``/``tl.store`` (plain, masked, through a tensor
+descriptor) ends in ``InterpreterBuilder.create_masked_load/create_masked_store``, and every
+launch in ``GridExecutor.__call__``, which first makes host copies of the tensor arguments
+(``_init_args_hst``); the interpreter's pointers are those copies' addresses. We wrap these
+methods (once, on first use) and hand each launch's tensors and each access's *unmasked*
+addresses to the active listeners:
+
+* :func:`sanitize` (a context manager) checks that every unmasked address of a load, store or
+  atomic lies inside one of the tensors passed to the launch, and otherwise fails with the
+  kernel, the nearest argument, the offset and the program id.
+* :class:`Recorder` collects per launch: requested bytes (every unmasked access), distinct
+  bytes (the union of the byte ranges touched) and ``tl.dot`` FLOPs; ``bench/traffic.py`` uses it.
+
+With no listener active the wrappers cost one list test per access. The check is "inside some
+argument", not "inside the argument the pointer came from": the interpreter does not track a
+pointer's provenance.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+
+_listeners: list = []
+_lock = threading.Lock()
+_installed = False
+
+
+class OutOfBoundsAccess(RuntimeError):
+    """An unmasked interpreter load/store outside every tensor argument of its launch."""
+
+
+@dataclass
+class _Arg:
+    name: str
+    lo: int      # first byte of the tensor's view
+    hi: int      # one past its last byte
+    base: int    # data_ptr(), from which offsets are reported
+    itemsize: int
+
+
+def _span(t) -> Tuple[int, int]:
+    """Byte range [lo, hi) covered by a strided view (empty views cover nothing)."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        (lo, hi) = (lo + (size - 1) * stride, hi) if stride < 0 else (lo, hi + (size - 1) * stride)
+    item = t.element_size()
+    return t.data_ptr() + lo * item, t.data_ptr() + (hi + 1) * item
+
+
+def _collect(name: str, arg, out: List[_Arg]) -> None:
+    if isinstance(arg, (tuple, list)):
+        for i, a in enumerate(arg):
+            _collect(f"{name}[{i}]", a, out)
+    elif hasattr(arg, "base") and hasattr(arg, "block_shape"):  # a TensorDescriptor
+        _collect(name, arg.base, out)
+    elif hasattr(arg, "data_ptr"):
+        t = arg.base if type(arg).__name__ == "TensorWrapper" else arg  # a dtype-reinterpreting wrapper
+        lo, hi = _span(t)
+        out.append(_Arg(name, lo, hi, t.data_ptr(), t.element_size()))
+
+
+@dataclass
+class _Launch:
+    kernel: str
+    args: List[_Arg]
+    grid_idx: Tuple[int, int, int] = (0, 0, 0)
+
+
+_current: Optional[_Launch] = None
+_launch_depth = 0
+
+
+def in_launch() -> bool:
+    """True while an interpreter launch runs (its host copies of the arguments are not traffic)."""
+    return _launch_depth > 0
+
+
+def _install() -> None:
+    """Wrap the interpreter's launch and memory methods (idempotent)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        from triton.runtime import interpreter as I
+
+        gx, ib = I.GridExecutor, I.InterpreterBuilder
+        orig_init, orig_call = gx._init_args_hst, gx.__call__
+        orig_load, orig_store = ib.create_masked_load, ib.create_masked_store
+        orig_rmw, orig_cas, orig_dot = ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot
+        orig_idx = ib.set_grid_idx
+
+        def _init_args_hst(self, args_dev, kwargs):
+            args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
+            if _listeners:
+                global _current
+                found: List[_Arg] = []
+                for name, a in zip(self.arg_names, args_hst):
+                    _collect(name, a, found)
+                for name, a in kwargs_hst.items():
+                    _collect(name, a, found)
+                _current = _Launch(self.fn.__name__, found)
+                for lst in list(_listeners):
+                    lst.launch_begin(_current)
+            return args_hst, kwargs_hst
+
+        def __call__(self, *args, **kwargs):
+            global _current, _launch_depth
+            _launch_depth += 1
+            try:
+                return orig_call(self, *args, **kwargs)
+            finally:
+                _launch_depth -= 1
+                if _current is not None:
+                    launch, _current = _current, None
+                    for lst in list(_listeners):
+                        lst.launch_end(launch)
+
+        def set_grid_idx(self, x, y, z):
+            if _current is not None:
+                _current.grid_idx = (x, y, z)
+            return orig_idx(self, x, y, z)
+
+        def _notify(kind, ptrs, mask):
+            if _current is None:
+                return
+            addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+            if addrs.size == 0:
+                return
+            itemsize = np.dtype(I._get_np_dtype(ptrs.get_element_ty())).itemsize
+            addrs = np.asarray(addrs, dtype=np.uint64).ravel()
+            for lst in list(_listeners):
+                lst.access(_current, kind, addrs, itemsize)
+
+        def create_masked_load(self, ptrs, mask, other, *a, **k):
+            if _listeners:
+                _notify("load", ptrs, mask)
+            return orig_load(self, ptrs, mask, other, *a, **k)
+
+        def create_masked_store(self, ptrs, value, mask, *a, **k):
+            if _listeners:
+                _notify("store", ptrs, mask)
+            return orig_store(self, ptrs, value, mask, *a, **k)
+
+        def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
+            if _listeners:
+                _notify("atomic", ptr, mask)
+            return orig_rmw(self, op, ptr, val, mask, *a, **k)
+
+        def create_atomic_cas(self, ptr, cmp, val, *a, **k):
+            if _listeners:
+                _notify("atomic", ptr, None)
+            return orig_cas(self, ptr, cmp, val, *a, **k)
+
+        def create_dot(self, a, b, d, *rest, **k):
+            if _listeners and _current is not None:
+                sa, sb = a.data.shape, b.data.shape
+                flops = 2 * int(np.prod(sa)) * sb[-1]  # [.., M, K] x [.., K, N]
+                for lst in list(_listeners):
+                    lst.dot(_current, flops)
+            return orig_dot(self, a, b, d, *rest, **k)
+
+        gx._init_args_hst, gx.__call__ = _init_args_hst, __call__
+        ib.set_grid_idx = set_grid_idx
+        ib.create_masked_load, ib.create_masked_store = create_masked_load, create_masked_store
+        ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot = create_atomic_rmw, create_atomic_cas, create_dot
+        _installed = True
+
+
+@contextlib.contextmanager
+def listening(listener) -> Iterator:
+    """Route interpreter launches and accesses to ``listener`` inside the block."""
+    _install()
+    _listeners.append(listener)
+    try:
+        yield listener
+    finally:
+        _listeners.remove(listener)
+
+
+class _Listener:
+    def launch_begin(self, launch: _Launch) -> None:
+        pass
+
+    def launch_end(self, launch: _Launch) -> None:
+        pass
+
+    def access(self, launch: _Launch, kind: str, addrs: np.ndarray, itemsize: int) -> None:
+        pass
+
+    def dot(self, launch: _Launch, flops: int) -> None:
+        pass
+
+
+class Sanitizer(_Listener):
+    def access(self, launch, kind, addrs, itemsize):
+        ok = np.zeros(addrs.shape, dtype=bool)
+        for a in launch.args:
+            ok |= (addrs >= np.uint64(a.lo)) & (addrs + np.uint64(itemsize) <= np.uint64(a.hi))
+        if not ok.all():
+            raise OutOfBoundsAccess(_describe(launch, kind, int(addrs[~ok][0]), int((~ok).sum()), itemsize))
+
+
+def _describe(launch: _Launch, kind: str, addr: int, count: int, itemsize: int) -> str:
+    if not launch.args:
+        return f"{launch.kernel}: {kind} at 0x{addr:x} but the launch has no tensor arguments"
+    near = min(launch.args, key=lambda a: 0 if a.lo <= addr < a.hi else min(abs(addr - a.lo), abs(addr - a.hi)))
+    off = addr - near.base
+    where = ("past its end" if addr >= near.hi else "before its start") + f" ({near.hi - near.lo} bytes)"
+    return (f"out-of-bounds {kind} in kernel {launch.kernel}, program {launch.grid_idx}: argument "
+            f"{near.name!r} offset {off} bytes ({off / near.itemsize:g} elements), {where}; "
+            f"{count} unmasked lane(s) of {itemsize} bytes outside every tensor argument")
+
+
+@contextlib.contextmanager
+def sanitize() -> Iterator[Sanitizer]:
+    """Fail any interpreter load/store/atomic whose unmasked address is outside the launch's tensors."""
+    with listening(Sanitizer()) as s:
+        yield s
+
+
+# ----------------------------------------------------------------------------- recorder
+def distinct_bytes(starts: np.ndarray, itemsizes: np.ndarray) -> int:
+    """Bytes in the union of the ranges [start, start + itemsize)."""
+    if starts.size == 0:
+        return 0
+    order = np.argsort(starts, kind="stable")
+    s = starts[order].astype(np.int64)
+    e = s + itemsizes[order].astype(np.int64)
+    prev_end = np.concatenate(([np.iinfo(np.int64).min], np.maximum.accumulate(e)[:-1]))
+    return int(np.maximum(0, e - np.maximum(s, prev_end)).sum())
+
+
+@dataclass
+class LaunchRecord:
+    kernel: str
+    programs: int = 0
+    load_bytes: int = 0       # every unmasked load lane
+    store_bytes: int = 0      # every unmasked store / atomic lane
+    distinct_bytes: int = 0   # union of all byte ranges touched
+    distinct_load_bytes: int = 0
+    distinct_store_bytes: int = 0
+    flops: int = 0            # tl.dot only
+    _chunks: dict = field(default_factory=lambda: {"load": [], "store": []}, repr=False)
+
+    @property
+    def requested_bytes(self) -> int:
+        return self.load_bytes + self.store_bytes
+
+
+class Recorder(_Listener):
+    """Collects a :class:`LaunchRecord` per interpreter launch, in launch order."""
+
+    def __init__(self) -> None:
+        self.launches: List[LaunchRecord] = []
+        self._programs: set = set()
+
+    def launch_begin(self, launch):
+        self.launches.append(LaunchRecord(launch.kernel))
+        self._programs = set()
+
+    def access(self, launch, kind, addrs, itemsize):
+        rec = self.launches[-1]
+        self._programs.add(launch.grid_idx)
+        nbytes = int(addrs.size) * itemsize
+        if kind == "load":
+            rec.load_bytes += nbytes
+        else:
+            rec.store_bytes += nbytes
+        key = "load" if kind == "load" else "store"
+        rec._chunks[key].append((np.unique(addrs), itemsize))
+
+    def dot(self, launch, flops):
+        self.launches[-1].flops += flops
+
+    def launch_end(self, launch):
+        rec = self.launches[-1]
+        rec.programs = len(self._programs)
+        parts = {}
+        for key, chunks in rec._chunks.items():
+            starts = np.concatenate([c for c, _ in chunks]) if chunks else np.zeros(0, np.uint64)
+            sizes = np.concatenate([np.full(c.size, s, np.int64) for c, s in chunks]) if chunks else np.zeros(0, np.int64)
+            parts[key] = (starts, sizes)
+        rec.distinct_load_bytes = distinct_bytes(*parts["load"])
+        rec.distinct_store_bytes = distinct_bytes(*parts["store"])
+        rec.distinct_bytes = distinct_bytes(np.concatenate([parts["load"][0], parts["store"][0]]),
+                                            np.concatenate([parts["load"][1], parts["store"][1]]))
+        rec._chunks = {"load": [], "store": []}

@@ -115,7 +115,7 @@ def bwd_space(L: int, N: int, D: int, dtype: torch.dtype) -> List[Dict]:
     out = []
     # one stage: triton 3.6 (the GPU image's) fails to pipeline this persistent kernel at 2
     # the long path re-reads its p/gp scratch once per feature tile: widest tile first there
-    bds = ((32, 64, 16) if m["ONE_TILE"] else (128, 64, 32)) if _half(dtype) else (32,)
+    bds = ((32, 64, 16) if m["ONE_TILE"] else (64, 32)) if _half(dtype) else (32,)  # 128: 8 bytes spilled
     for bd, w, st in itertools.product(bds, (8,), (1,)):
         if bd > max(16, _p2(D)):
             continue

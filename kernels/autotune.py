@@ -61,13 +61,16 @@ def pool_meta(L: int, N: int, D: int, dtype: torch.dtype) -> Dict:
 def pool_space(L: int, N: int, D: int, dtype: torch.dtype) -> List[Dict]:
     m = pool_meta(L, N, D, dtype)
     BL, BN = m["BL"], m["BN"]
-    bds = (64, 32, 128) if _half(dtype) else (32, 16)
+    # the long path re-reads its score scratch once per feature tile: widest tile first
+    bds = ((64, 32, 128) if m["ONE_TILE"] else (128, 64, 32)) if _half(dtype) else (32,)
     out = []
     for bd, w, st in itertools.product(bds, (8, 4), (2, 3)):
         if bd > max(16, _p2(D)):
             continue
         tiles = 1 + (0 if m["ONE_TILE"] else 1)  # the score tile (and the long path's acc tile)
         if BL * BN * tiles / (32 * w) > _REG_TILE or BL * bd / (32 * w) > 64:
+            continue
+        if not m["ONE_TILE"] and (w < 8 or BL * bd > 8192):  # ptxas spilled these (vit_l14, L = 128)
             continue
         if st * (BN + BL) * bd * _esize(dtype) > _SMEM:
             continue
@@ -111,13 +114,17 @@ def bwd_space(L: int, N: int, D: int, dtype: torch.dtype) -> List[Dict]:
     BL, BN = m["BL"], m["BN"]
     out = []
     # one stage: triton 3.6 (the GPU image's) fails to pipeline this persistent kernel at 2
-    for bd, w, st in itertools.product((32, 64, 16) if _half(dtype) else (32, 16), (8,), (1,)):
+    # the long path re-reads its p/gp scratch once per feature tile: widest tile first there
+    bds = ((32, 64, 16) if m["ONE_TILE"] else (64, 32)) if _half(dtype) else (32,)  # 128: 8 bytes spilled
+    for bd, w, st in itertools.product(bds, (8,), (1,)):
         if bd > max(16, _p2(D)):
             continue
         # s and gp tiles (fp32) plus the dx tile [BN, BD] and the dq tile [BL, BD], per thread;
         # thresholds calibrated with ptxas -v at vit_b16 (8 warps: BD 32 spill-free at 1 stage only; 4 warps spill, 16 warps cap registers at 128)
         regs = (2 * BL * BN + BN * bd + BL * bd) / (32 * w)
         if regs > (170 if st == 1 else 104):
+            continue
+        if BL > 64 and bd > 32:  # all 128 slots: ptxas spilled the wider feature tiles
             continue
         if st * (BN + 2 * BL) * bd * _esize(dtype) > _SMEM:
             continue

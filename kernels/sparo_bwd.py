@@ -104,6 +104,9 @@ def _bwd_token_kernel(
                 gp = _dot(g, tl.trans(xt), gp, DOT_PREC, UPCAST)
             msk = lmask[:, None] & vmask[None, :]
             p = tl.where(msk, tl.exp2(s * qk - lse[:, None]), 0.0)
+            # renormalise: the recomputed row sums to 1 within an ulp again, so that gp - delta
+            # cancels as it does with the forward's probabilities (saturated softmaxes)
+            p = p / tl.maximum(tl.sum(p, axis=1), 1e-30)[:, None]
             if HAS_GA:
                 ga = tl.load(GA + b * stride_gab + offs_l[:, None] * stride_gal + offs_n[None, :] * stride_gan,
                              mask=msk, other=0.0)
@@ -128,6 +131,7 @@ def _bwd_token_kernel(
         else:
             tl.debug_barrier()  # the previous sample's sweep 2 has read the scratch
             delta = tl.zeros([BL], tl.float32)
+            psum = tl.zeros([BL], tl.float32)
             for n0 in range(0, n_valid, BN):
                 offs_n = n0 + tl.arange(0, BN)
                 vmask = offs_n < n_valid
@@ -151,10 +155,13 @@ def _bwd_token_kernel(
                                  mask=msk, other=0.0)
                     gp += ga.to(tl.float32)
                 delta += tl.sum(p * gp, axis=1)
+                psum += tl.sum(p, axis=1)
                 ptrs = scr + offs_l[:, None] * N + offs_n[None, :]
                 tl.store(ptrs, p, mask=msk)
                 tl.store(ptrs + L * N, gp, mask=msk)
             tl.debug_barrier()
+            inv = 1.0 / tl.maximum(psum, 1e-30)  # renormalise the recomputed p (see the one-tile path)
+            delta = delta * inv
             for d0 in range(0, D, BD):
                 offs_d = d0 + tl.arange(0, BD)
                 dmask = offs_d < D
@@ -167,7 +174,7 @@ def _bwd_token_kernel(
                     vmask = offs_n < n_valid
                     msk = lmask[:, None] & vmask[None, :]
                     ptrs = scr + offs_l[:, None] * N + offs_n[None, :]
-                    p = tl.load(ptrs, mask=msk, other=0.0)
+                    p = tl.load(ptrs, mask=msk, other=0.0) * inv[:, None]
                     gs = p * (tl.load(ptrs + L * N, mask=msk, other=0.0) - delta[:, None]) * scale
                     gsc = gs.to(X.dtype.element_ty)
                     dx = _dot(tl.trans(p.to(X.dtype.element_ty)), g, None, DOT_PREC, UPCAST)

@@ -132,6 +132,17 @@ def pytest_report_header(config):
         return None
 
 
+@pytest.fixture(autouse=True)
+def _sanitize_interpreter_kernels():
+    """As in tests/: under the interpreter, an unmasked load/store outside the launch's tensors fails."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from sparo_fast_kernels.interpreter_trace import sanitize
+    with sanitize():
+        yield
+
+
 @pytest.fixture(scope="session")
 def bench_env(request) -> BenchEnv:
     return _env(request.config)

@@ -20,6 +20,7 @@ pointer's provenance.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
@@ -223,6 +224,16 @@ def _describe(launch: _Launch, kind: str, addr: int, count: int, itemsize: int) 
 def sanitize() -> Iterator[Sanitizer]:
     """Fail any interpreter load/store/atomic whose unmasked address is outside the launch's tensors."""
     with listening(Sanitizer()) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def sanitize_if_interpreting() -> Iterator[Optional[Sanitizer]]:
+    """``sanitize()`` under ``TRITON_INTERPRET=1``, nothing on a GPU: the test fixtures' body."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield None
+        return
+    with sanitize() as s:
         yield s
 
 

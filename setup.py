@@ -14,12 +14,15 @@ setup(
     python_requires=">=3.10",
     # The repository keeps `kernels/` and `training/` at the top level; they are installed
     # under specific names so that no generic `kernels` or `training` lands in site-packages.
-    packages=["sparo_fast", "sparo_fast.clip", "sparo_fast_kernels", "sparo_fast_training"],
+    packages=["sparo_fast", "sparo_fast.clip", "sparo_fast_kernels", "sparo_fast_kernels.testing",
+              "sparo_fast_training", "sparo_fast_experiment"],
     package_dir={
         "sparo_fast": "sparo_fast",
         "sparo_fast.clip": "sparo_fast/clip",
         "sparo_fast_kernels": "kernels",
+        "sparo_fast_kernels.testing": "kernels/testing",
         "sparo_fast_training": "training",
+        "sparo_fast_experiment": "experiment",
     },
     package_data={"sparo_fast.clip": ["model_configs/*.json"]},
     install_requires=["torch>=2.5", "numpy"],

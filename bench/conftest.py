@@ -135,7 +135,7 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _sanitize_interpreter_kernels():
     """As in tests/: under the interpreter, an unmasked load/store outside the launch's tensors fails."""
-    from sparo_fast_kernels.interpreter_trace import sanitize_if_interpreting
+    from sparo_fast_kernels.testing.interpreter_trace import sanitize_if_interpreting
     with sanitize_if_interpreting():
         yield
 

@@ -37,7 +37,7 @@ export PYTHONUNBUFFERED=1
 case "$mode" in
   tests)
     # Every kernel test with real compiled kernels (bf16 included), then the rest of the suite.
-    python3 -m pytest -q -ra tests/test_triton_backend.py tests/test_triton_compile.py 2>&1 | tee "$OUT/tests_triton.log"
+    python3 -m pytest -q -ra tests/test_sparo_readout_triton.py tests/test_sparo_readout_compile.py 2>&1 | tee "$OUT/tests_triton.log"
     python3 -m pytest -q -ra -n 8 tests --benchmark-disable 2>&1 | tee "$OUT/tests_all.log"
     python3 -m pytest -q -ra bench --benchmark-disable 2>&1 | tee "$OUT/bench_smoke.log"
     ;;

@@ -43,7 +43,7 @@ and input checks off. `fwd` runs under `torch.no_grad()`; `fwd_bwd` is the forwa
 * Implementations: `reference` / `torch` / `triton` are `SparoReadout` backends (`+compile`:
   under `torch.compile(dynamic=False)`); `sdpa` and `xformers` materialise keys and values and
   run L single-query heads through `F.scaled_dot_product_attention` /
-  `xformers.ops.memory_efficient_attention` (peers written in `bench/sparo_bench.py`). Every
+  `xformers.ops.memory_efficient_attention` (peers written in `bench/sparo_readout_bench.py`). Every
   case is first checked against the float64 reference (outputs and all gradients).
 """
 
@@ -128,7 +128,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     for name, doc in sorted(docs, key=lambda nd: (not nd[0].startswith("cuda-"), nd[0])):
         lines += render_file(doc, name)
     lines += traffic_render.section(results_dir)  # bench/results/traffic-*.json: counted, not timed
-    compile_md = results_dir / "compile-sm90.md"  # aot_check's report (kernels/aot_check.py --markdown)
+    compile_md = results_dir / "compile-sm90.md"  # aot_check's report (kernels/testing/aot_check.py --markdown)
     if compile_md.exists():
         lines += ["", compile_md.read_text()]
     return "\n".join(lines).rstrip() + "\n"

@@ -13,7 +13,7 @@ import triton.language as tl  # noqa: E402
 
 import sparo_bench as sb  # noqa: E402
 import traffic  # noqa: E402
-from sparo_fast_kernels import interpreter_trace as trace  # noqa: E402
+from sparo_fast_kernels.testing import interpreter_trace as trace  # noqa: E402
 
 
 @triton.jit

@@ -7,7 +7,7 @@ forward plus ``autograd.grad`` of y, random dy, with respect to x and every para
 read-out (float16, L = 64, A = Vd = V = 64, shared k/v, ``need_weights=False``, input checks
 off, as in ``bench/RESULTS.md``) runs under ``TRITON_INTERPRET=1`` with two recorders:
 
-* every Triton launch (``kernels/interpreter_trace.Recorder``): **requested** bytes (every
+* every Triton launch (``kernels/testing/interpreter_trace.Recorder``): **requested** bytes (every
   unmasked load/store lane), **distinct** bytes (the union of the byte ranges the launch
   touches), ``tl.dot`` FLOPs;
 * every PyTorch op outside the kernels (a ``TorchDispatchMode``; the ``sparo_fast::*`` custom
@@ -162,7 +162,7 @@ def _programs_knob():
     H100's P, otherwise as ``a + b*B``.
     """
     try:
-        from sparo_fast_kernels import sparo_bwd
+        from sparo_fast_kernels import sparo_readout_bwd as sparo_bwd
     except Exception:  # pragma: no cover - kernels not importable
         return None
     return sparo_bwd if hasattr(sparo_bwd, "PROGRAMS_OVERRIDE") else None
@@ -171,7 +171,7 @@ def _programs_knob():
 def count(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Optional[int] = None,
           seed: int = 0) -> List[dict]:
     """The launches (kernels and PyTorch ops, in order) of one call at ``batch`` (and ``programs``)."""
-    from sparo_fast_kernels import interpreter_trace as trace
+    from sparo_fast_kernels.testing import interpreter_trace as trace
 
     knob = _programs_knob()
     saved = knob.PROGRAMS_OVERRIDE if knob is not None else None

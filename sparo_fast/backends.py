@@ -13,7 +13,7 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 
 def triton_usable(device: torch.device) -> bool:
     """True where the fused kernels can run: a CUDA device, or the Triton CPU interpreter."""
-    from . import triton_backend
+    from . import sparo_readout_triton as triton_backend
 
     return triton_backend.is_available(device)
 
@@ -40,7 +40,7 @@ def get(name: str) -> Callable:
     if name == "torch":
         return sparo_absorbed
     if name == "triton":
-        from .triton_backend import sparo_triton
+        from .sparo_readout_triton import sparo_triton
 
         return sparo_triton
     raise ValueError("backend 'auto' must be resolved for a device first (backends.resolve)")

@@ -1,7 +1,7 @@
 """``ReadoutParams``: the read-out's seven parameter tensors as one named value.
 
 Every backend (``functional.sparo_reference``, ``functional.sparo_absorbed``,
-``triton_backend.sparo_triton``) and every benchmark peer takes one ``ReadoutParams`` instead
+``sparo_readout_triton.sparo_triton``) and every benchmark peer takes one ``ReadoutParams`` instead
 of seven positional tensors, so the order is written down once, here.
 """
 from __future__ import annotations

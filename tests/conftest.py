@@ -17,6 +17,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 @pytest.fixture(autouse=True)
 def _sanitize_interpreter_kernels():
     """Every test: an unmasked interpreter load/store outside the launch's tensors fails the test."""
-    from sparo_fast_kernels.interpreter_trace import sanitize_if_interpreting
+    from sparo_fast_kernels.testing.interpreter_trace import sanitize_if_interpreting
     with sanitize_if_interpreting():
         yield

@@ -6,7 +6,7 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
-from sparo_fast import triton_backend  # noqa: E402
+from sparo_fast import sparo_readout_triton as triton_backend  # noqa: E402
 from sparo_fast.clip import (BaselineCLIP, SparoCLIP, create_model, create_model_and_transforms,  # noqa: E402
                              get_model_config, get_tokenizer, list_models, load_checkpoint)
 from sparo_fast.clip.factory import build_model  # noqa: E402
@@ -28,7 +28,7 @@ def golden_model(golden):
 
 
 TRITON_SKIP = None if triton_backend.is_available(torch.device("cpu")) else (
-    "sparo_fast.triton_backend.is_available(cpu) is False (Triton or TRITON_INTERPRET=1 missing)")
+    "sparo_fast.sparo_readout_triton.is_available(cpu) is False (Triton or TRITON_INTERPRET=1 missing)")
 
 
 def _encode_all(m, golden):

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from sparo_fast_training import compbench as C
-from sparo_fast_training import report
+from sparo_fast_experiment import compbench as C
+from sparo_fast_experiment import report
 from sparo_fast_training import synthetic as S
 
 

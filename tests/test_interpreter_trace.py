@@ -1,4 +1,4 @@
-"""The interpreter address sanitizer (kernels/interpreter_trace.py) on toy kernels."""
+"""The interpreter address sanitizer (kernels/testing/interpreter_trace.py) on toy kernels."""
 import os
 
 import pytest
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sparo_fast_kernels.interpreter_trace import OutOfBoundsAccess, Recorder, listening, sanitize  # noqa: E402
+from sparo_fast_kernels.testing.interpreter_trace import OutOfBoundsAccess, Recorder, listening, sanitize  # noqa: E402
 
 
 @triton.jit

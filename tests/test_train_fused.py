@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sparo_fast import triton_backend
+from sparo_fast import sparo_readout_triton as triton_backend
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(torch.device("cpu")) and not torch.cuda.is_available(),
                                 reason="Triton is not importable, or no CUDA device and TRITON_INTERPRET!=1")

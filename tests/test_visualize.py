@@ -1,4 +1,4 @@
-"""``python -m sparo_fast.visualize``: writes a PNG of the expected size, fails cleanly on bad input."""
+"""``python -m sparo_fast.clip.visualize``: writes a PNG of the expected size, fails cleanly on bad input."""
 import json
 import os
 import subprocess
@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("open_clip")
 Image = pytest.importorskip("PIL.Image")
 
-from sparo_fast import visualize as viz  # noqa: E402
+from sparo_fast.clip import visualize as viz  # noqa: E402
 from sparo_fast.clip import create_model  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -100,12 +100,12 @@ def test_cli_writes_png_subprocess(tmp_path, image_path, golden_files):
     cfg, ckpt = golden_files
     out = tmp_path / "viz.png"
     r = subprocess.run(
-        [sys.executable, "-m", "sparo_fast.visualize", "--model", str(cfg), "--checkpoint", str(ckpt),
+        [sys.executable, "-m", "sparo_fast.clip.visualize", "--model", str(cfg), "--checkpoint", str(ckpt),
          "--image", str(image_path), "--text", "a red circle above a blue square", "--top-k", "6",
          "--cell", "96", "--out", str(out)],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"sparo_fast.visualize: wrote {out}" and "warning" not in r.stderr
+    assert r.stdout.strip() == f"sparo_fast.clip.visualize: wrote {out}" and "warning" not in r.stderr
     with Image.open(out) as im:
         assert im.format == "PNG"
         assert im.size == viz.figure_size(6, True, 96)
@@ -117,8 +117,8 @@ def test_cli_without_text_in_process(tmp_path, image_path, capsys, monkeypatch):
     assert viz.main(["--model", "ViT-Tiny-SPARO", "--image", str(image_path), "--top-k", "3",
                      "--out", "viz.png"]) == 0
     cap = capsys.readouterr()
-    assert cap.out.strip() == f"sparo_fast.visualize: wrote {out}"  # the absolute path
-    assert cap.err.strip().splitlines() == ["sparo_fast.visualize: warning: no --checkpoint given: the weights "
+    assert cap.out.strip() == f"sparo_fast.clip.visualize: wrote {out}"  # the absolute path
+    assert cap.err.strip().splitlines() == ["sparo_fast.clip.visualize: warning: no --checkpoint given: the weights "
                                             "are random, so the maps show no learned attention"]
     with Image.open(out) as im:
         assert im.size == viz.figure_size(3, False, 160)
@@ -153,7 +153,7 @@ def _fails(capsys, argv, pattern):
     code = viz.main(argv)
     err = capsys.readouterr().err.strip()
     assert code == 1
-    assert len(err.splitlines()) == 1 and err.startswith("sparo_fast.visualize: error:"), err
+    assert len(err.splitlines()) == 1 and err.startswith("sparo_fast.clip.visualize: error:"), err
     assert pattern in err, err
 
 
@@ -184,8 +184,8 @@ def test_cli_errors(tmp_path, capsys, image_path):
 
 
 def test_cli_error_subprocess(tmp_path, image_path):
-    r = subprocess.run([sys.executable, "-m", "sparo_fast.visualize", "--model", "ViT-Tiny-SPARO", "--image",
+    r = subprocess.run([sys.executable, "-m", "sparo_fast.clip.visualize", "--model", "ViT-Tiny-SPARO", "--image",
                         str(tmp_path / "missing.png"), "--out", str(tmp_path / "o.png")],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == [f"sparo_fast.visualize: error: image '{tmp_path / 'missing.png'}' not found"]
+    assert r.stderr.strip().splitlines() == [f"sparo_fast.clip.visualize: error: image '{tmp_path / 'missing.png'}' not found"]

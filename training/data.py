@@ -132,7 +132,7 @@ def _seekable(url: str) -> bool:
 
 
 def _open_local(path: str):
-    """Open a local shard (a seam: tests and bench/resume_read_volume.py wrap it to count the bytes read)."""
+    """Open a local shard (a seam: tests and bench/trainer/resume_read_volume.py wrap it to count the bytes read)."""
     return open(path, "rb")
 
 

@@ -69,7 +69,7 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, precisi
     pr = PRECISIONS[precision]
     if world_size == 1 and pr.weights == torch.float32 and pr.param_dtype in (None, torch.float32):
         # One fp32 process has nothing to shard or cast: FSDP2 would only add copies, hooks and
-        # DTensor dispatch (+5-12% CPU per step, bench/NOTES_trainer_speed.md). DCP still saves
+        # DTensor dispatch (+5-12% CPU per step, bench/trainer/NOTES.md). DCP still saves
         # and loads the plain module, so its checkpoints reshard onto any world size.
         return model
     mesh = init_device_mesh(device.type, (world_size,))

@@ -22,7 +22,7 @@ def create_optimizer(model: nn.Module, lr: float, wd: float, betas=(0.9, 0.98), 
         (no_decay if no_weight_decay(name, p) else decay).append(p)
     groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
     # fused: one kernel over all local shards (DTensors or plain tensors), CPU and CUDA; measured
-    # 3-7x faster than foreach over FSDP2 DTensors on the CPU (bench/NOTES_trainer_speed.md)
+    # 3-7x faster than foreach over FSDP2 DTensors on the CPU (bench/trainer/NOTES.md)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 

@@ -1,7 +1,7 @@
 """The paper in miniature: train SPARO and the published baselines for the same budget over several
 seeds on the built-in synthetic world, evaluate them on ``compbench``, write a table and plots.
 
-    python -m sparo_fast_training.experiment --out results/paper_cpu
+    python -m sparo_fast_experiment.run --out results/paper_cpu
 
 Each (model, seed) is trained by the trainer's command line (``training/main.py``, one process,
 or ``torchrun`` with ``--nproc N``) into ``OUT/runs/<model>-s<seed>/``; its exported state dict is
@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+import sparo_fast_training
+
 # name -> (model, --override-model-config or None). The baselines' ViT-Tiny-* configs are ViT-Tiny
 # with the published scripts' overrides (sparo_fast/clip/model_configs, sparo_fast.clip.baselines)
 MODELS: Dict[str, tuple] = {
@@ -34,11 +36,11 @@ MODELS: Dict[str, tuple] = {
     "bottleneck": ("ViT-Tiny-Bottleneck", None),
     "codebook": ("ViT-Tiny-Codebook", None),
 }
-TRAINER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "main.py")
+TRAINER = os.path.join(os.path.dirname(os.path.abspath(sparo_fast_training.__file__)), "main.py")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m sparo_fast_training.experiment", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m sparo_fast_experiment.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder (runs/, data_cache/, table.md, *.png)")
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
@@ -194,8 +196,8 @@ def evaluate(args, key: str, seed: int, export: str, items, device) -> dict:
 
 
 def slot_panels(args, exports: Dict[str, str], items, device) -> List[str]:
-    """One slot-attention figure (``sparo_fast.visualize``) per trained model family that has slots."""
-    from sparo_fast.visualize import render
+    """One slot-attention figure (``sparo_fast.clip.visualize``) per trained model family that has slots."""
+    from sparo_fast.clip.visualize import render
 
     paths = []
     item = items["swap_att"][0]
@@ -253,7 +255,7 @@ def main(argv=None) -> int:
     if args.no_report:
         return 0
     header = (f"# Results: {', '.join(models)} on the synthetic world v{compbench.S.VERSION}\n\n"
-              f"`python -m sparo_fast_training.experiment {' '.join(argv if argv is not None else sys.argv[1:])}`"
+              f"`python -m sparo_fast_experiment.run {' '.join(argv if argv is not None else sys.argv[1:])}`"
               f" — {args.steps} steps x batch {args.batch_size} x {args.nproc} rank(s) per run; "
               f"{args.n_items} items per category; {versions()}. Time: training loops + evaluations "
               f"{run_s / 60:.1f} min summed over runs; this invocation {wall / 60:.1f} min.\n\n")

@@ -67,7 +67,7 @@ def test_bad_config(kwargs, match):
 
 
 def test_triton_backend_unavailable_is_a_clear_error(monkeypatch):
-    from sparo_fast import triton_backend
+    from sparo_fast import sparo_readout_triton as triton_backend
     monkeypatch.setattr(triton_backend, "is_available", lambda device: False)
     m = SparoReadout(8, 4, 3, 2, backend="triton")
     with pytest.raises(RuntimeError, match="'triton' backend is not available"):

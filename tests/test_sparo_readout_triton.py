@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sparo_fast import SparoReadout, sparo_absorbed, sparo_reference
-from sparo_fast import triton_backend
+from sparo_fast import sparo_readout_triton as triton_backend
 from sparo_fast.params import ReadoutParams
 
 DATA = Path(__file__).parent / "data"
@@ -280,7 +280,7 @@ def test_eos_skips_tiles(dtype):
 def test_persistent_programs_and_determinism(monkeypatch):
     """Persistent backward programs (several samples each, per-program dqt partials), and
     bitwise-reproducible gradients for a given number of programs."""
-    from sparo_fast_kernels import sparo_bwd
+    from sparo_fast_kernels import sparo_readout_bwd as sparo_bwd
 
     cfg = dict(B=5, N=13, D=33, H=2, S=2, A=6, Vd=7, V=5, share=False, eos="random",
                need_weights=True, grad_attn=True, noncontig=False, xscale=1.0, seed=7)
@@ -317,7 +317,7 @@ def test_bf16_interpreter_data_path():
     The interpreter's bf16 ``tl.dot`` is broken, so there (only) the ops pass UPCAST=True and
     the kernels multiply bf16 operands in fp32; everything else is the bfloat16 code path.
     """
-    from sparo_fast_kernels import ops
+    from sparo_fast_kernels import sparo_readout_op as ops
 
     assert ops.INTERPRETED
     for cfg in _bf16_configs():
@@ -434,7 +434,7 @@ def test_op_schemas_match_annotations():
     """Older torch releases ignore ``schema=`` in ``triton_op`` and infer it from annotations."""
     from torch._library.infer_schema import infer_schema
 
-    from sparo_fast_kernels import ops
+    from sparo_fast_kernels import sparo_readout_op as ops
 
     for fn, schema in ((ops._readout_fwd, ops._FWD_SCHEMA), (ops._readout_bwd, ops._BWD_SCHEMA)):
         assert infer_schema(fn, mutates_args=()).replace("SymInt", "int") == schema
@@ -444,7 +444,7 @@ def test_op_schemas_match_annotations():
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("with_eos", [True, False])
 def test_opcheck(need_weights, with_eos, shared):
-    from sparo_fast_kernels import ops  # noqa: F401  (registers the ops)
+    from sparo_fast_kernels import sparo_readout_op as ops  # noqa: F401  (registers the ops)
 
     torch.manual_seed(0)
     B, N, D, H, S, A, V = 2, 5, 20, 2, 2, 6, 5
@@ -474,9 +474,9 @@ def test_kernels_match_their_refs(dtype, N):
     """Each kernel against the PyTorch ``*_ref`` beside it, on the ops' intermediate outputs
     (qt, lse, head-major xp, o, and dx / dqt of the token kernel), for the one-tile and the
     long-sequence paths."""
-    from sparo_fast_kernels import ops  # noqa: F401
-    from sparo_fast_kernels.sparo_bwd import bwd_token_ref
-    from sparo_fast_kernels.sparo_fwd import fwd_pool_ref, fwd_proj_ref
+    from sparo_fast_kernels import sparo_readout_op as ops  # noqa: F401
+    from sparo_fast_kernels.sparo_readout_bwd import bwd_token_ref
+    from sparo_fast_kernels.sparo_readout_fwd import fwd_pool_ref, fwd_proj_ref
 
     torch.manual_seed(0)
     B, D, H, S, A, Vd, V = 3, 45, 3, 2, 6, 7, 9
@@ -513,7 +513,7 @@ def test_kernels_match_their_refs(dtype, N):
 
 
 def test_fallback_warns_once_and_matches():
-    from sparo_fast_kernels import ops
+    from sparo_fast_kernels import sparo_readout_op as ops
 
     triton_backend._warned.clear()
     L = ops.MAX_SLOTS + 2

@@ -1,6 +1,6 @@
 """Compile the SPARO kernels for a GPU target without a GPU, and report registers and spills.
 
-``python -m sparo_fast_kernels.aot_check [--arch 90] [--json] [--every-config] [--jobs J]``
+``python -m sparo_fast_kernels.testing.aot_check [--arch 90] [--json] [--every-config] [--jobs J]``
 compiles every kernel with the launch configuration the ops would pick under the interpreter
 (the first config of its ``autotune.py`` space) or, with ``--every-config``, every config of
 every space, for a set of shapes and dtypes (Triton's own
@@ -78,9 +78,9 @@ def _ptxas_info(ptx: str):
 
 def _jobs(name, B, N, D, L, H, A, V, dtype, every):
     """(kernel, pointer types, scalar values, constexprs, config) of each kernel for one shape."""
-    from . import autotune as at
-    from .sparo_bwd import _bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_kernel
-    from .sparo_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
+    from .. import sparo_readout_autotune as at
+    from ..sparo_readout_bwd import _bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_kernel
+    from ..sparo_readout_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
 
     t = _TY[dtype]
     prec = dot_precision(dtype)
@@ -127,7 +127,7 @@ def compile_one(job, arch: int = 90, keep_asm: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .autotune import split
+    from ..sparo_readout_autotune import split
 
     name, t, fn, ptrs, values, consts, cfg = job
     meta, warps, stages = split(cfg)
@@ -198,7 +198,7 @@ def int64_report(arch: int = 90):
     """For the kernels that read x (one-tile and long paths) and a negative control: per stride of
     x, how many uses sign-extend it to i64 and the other uses (none = every token-index x stride
     product is int64). Strides are those of a sequence-first [N, B, D] view."""
-    from .autotune import split
+    from ..sparo_readout_autotune import split
 
     res = {}
     for n in (100, 300):  # fp16, L = 64: one-tile at N = 100, the long path at N = 300

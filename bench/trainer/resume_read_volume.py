@@ -5,7 +5,7 @@ what was consumed): exactly the bytes an uninterrupted run reads up to that batc
 resumed reader reads (the shuffle buffer's samples fetched by byte range, the headers of the shards it
 enters, then the rest). Counted by wrapping the shard file objects; not a timing.
 
-    python bench/resume_read_volume.py [--samples 8000] [--shard-size 1000] [--batch-size 64] [--step 62]
+    python bench/trainer/resume_read_volume.py [--samples 8000] [--shard-size 1000] [--batch-size 64] [--step 62]
 """
 import argparse
 import os

@@ -1,7 +1,7 @@
 """Time one training step of ViT-Tiny-SPARO, eager vs ``--torchcompile`` (the trainer's compile_model:
 every residual block and both read-outs compiled with inductor), on the CPU, in one process.
 
-    python bench/compile_step.py [--batch 32] [--steps 10] [--threads N] [--fused/--reference]
+    python bench/trainer/compile_step.py [--batch 32] [--steps 10] [--threads N] [--fused/--reference]
 
 Both variants start from the same weights and take the same (fresh random) batches; compilation
 time is reported separately (first steps) and the steady-state step is the median of ``--steps``

@@ -9,7 +9,7 @@ from train_utils import env
 
 
 def _run(out):
-    cmd = [sys.executable, "-m", "sparo_fast_training.experiment", "--out", str(out), "--models", "sparo,clip",
+    cmd = [sys.executable, "-m", "sparo_fast_experiment.run", "--out", str(out), "--models", "sparo,clip",
            "--seeds", "0", "--steps", "2", "--batch-size", "8", "--n-items", "6", "--n-select", "5",
            "--ks", "1,4", "--device", "cpu", "--threads", "1"]
     res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)

@@ -3,8 +3,8 @@
 ``sparo_triton`` calls ``torch.ops.sparo_fast.readout_fwd`` on the published parameters (one
 PyTorch matmul for the absorbed query and two Triton launches); its registered backward is
 three Triton launches that also produce the parameters' gradients (``q_emb``, the shared or
-separate key/value weights, ``proj``). See ``kernels/sparo_fwd.py``, ``kernels/sparo_bwd.py``
-and ``kernels/ops.py`` for the design.
+separate key/value weights, ``proj``). See ``kernels/sparo_readout_fwd.py``, ``kernels/sparo_readout_bwd.py``
+and ``kernels/sparo_readout_op.py`` for the design.
 
 Inputs the kernels cannot take (a dtype other than float16/bfloat16/float32, more than
 ``MAX_SLOTS`` slots, a value width over ``MAX_VALUE_DIM``) fall back to the torch backend
@@ -25,7 +25,7 @@ from .functional import sparo_absorbed
 from .params import ReadoutParams
 
 _warned: set = set()
-_KERNELS_MODULE = "sparo_fast_kernels.ops"
+_KERNELS_MODULE = "sparo_fast_kernels.sparo_readout_op"
 
 
 def _triton_importable() -> bool:
@@ -54,7 +54,7 @@ def is_available(device) -> bool:
 
 
 def _ops():
-    from sparo_fast_kernels import ops
+    from sparo_fast_kernels import sparo_readout_op as ops
 
     return ops
 

@@ -1,6 +1,6 @@
 """The kernels lower to sm_90 machine code: every autotuning config, no spills, wgmma, int64 offsets.
 
-No GPU is needed: ``sparo_fast_kernels.aot_check`` compiles the kernels (``triton.compile`` with
+No GPU is needed: ``sparo_fast_kernels.testing.aot_check`` compiles the kernels (``triton.compile`` with
 ``GPUTarget("cuda", 90, 32)``, then the ``ptxas`` bundled with Triton) in a subprocess without
 ``TRITON_INTERPRET`` (the test session itself runs the interpreter). This catches what the
 interpreter does not check: ``tl.dot`` shape rules, layouts, shared memory, register pressure
@@ -30,7 +30,7 @@ def _env():
 
 
 def _aot(*args):
-    r = subprocess.run([sys.executable, "-m", "sparo_fast_kernels.aot_check", "--arch", "90", "--json", *args],
+    r = subprocess.run([sys.executable, "-m", "sparo_fast_kernels.testing.aot_check", "--arch", "90", "--json", *args],
                        capture_output=True, text=True, env=_env(), timeout=1800)
     assert r.returncode == 0, r.stderr[-4000:]
     return json.loads(r.stdout)

@@ -10,7 +10,7 @@ wall-time ratios (and of the CPU-time ratios: user + system of the process and i
 ``KeyError: 'fname'``) and needs pandas; install it apart and pass it with ``--oc-path``:
 
     pip install --target /tmp/oc_target webdataset==0.2.86      # (remove the numpy it pulls in)
-    python bench/trainer_vs_openclip.py --pairs 3 --oc-path /tmp/oc_target
+    python bench/trainer/trainer_vs_openclip.py --pairs 3 --oc-path /tmp/oc_target
 
 Not a test: it takes minutes. ``--steps N`` limits both to N steps (a quick look).
 """
@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 OC_LAUNCHER = """
 import sys, open_clip

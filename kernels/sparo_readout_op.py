@@ -35,9 +35,9 @@ import triton
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-from . import autotune as at
-from .sparo_bwd import _bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_kernel, num_programs
-from .sparo_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
+from . import sparo_readout_autotune as at
+from .sparo_readout_bwd import _bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_kernel, num_programs
+from .sparo_readout_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
 
 try:
     from triton.runtime.jit import JITFunction as _JITFunction

@@ -19,8 +19,8 @@ write in the same launch (the backward's ``dqt`` partials are stored outright fo
 first sample), so re-running a config while tuning is harmless: no ``reset_to_zero`` or
 ``restore_value`` is needed, and none is passed.
 
-``tests/test_triton_compile.py`` compiles every config of every space for sm_90 and checks
-registers, spills and tensor-core instructions (``python -m sparo_fast_kernels.aot_check
+``tests/test_sparo_readout_compile.py`` compiles every config of every space for sm_90 and checks
+registers, spills and tensor-core instructions (``python -m sparo_fast_kernels.testing.aot_check
 --every-config``).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Dict, List, Tuple
 import torch
 import triton
 
-from .sparo_fwd import _p2
+from .sparo_readout_fwd import _p2
 
 _SMEM = 200 * 1024
 _REG_TILE = 64  # fp32 registers per thread one [BL, BN] score-sized tile may take (calibrated with ptxas)

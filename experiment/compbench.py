@@ -31,7 +31,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 
-from . import synthetic as S
+from sparo_fast_training import synthetic as S
 
 BENCH_VERSION = 1  # bump when items or metrics change: the experiment then re-evaluates finished runs
 CATEGORIES = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_att", "add_obj")

@@ -1,6 +1,6 @@
 """Slot visualisation for SPARO CLIP models (PIL only).
 
-    python -m sparo_fast.visualize --model ViT-B-16-SPARO --checkpoint epoch_25.pt \\
+    python -m sparo_fast.clip.visualize --model ViT-B-16-SPARO --checkpoint epoch_25.pt \\
         --image dog.jpg --text "a dog on a sofa" --top-k 8 --out viz.png
 
 The figure: a header with the input image as the model sees it (after the model's
@@ -151,7 +151,7 @@ def _display_image(pixels: torch.Tensor, preprocess_cfg) -> "Image.Image":
 def slot_views(model, pixels: torch.Tensor, tokens: Optional[torch.Tensor] = None, top_k: int = 8,
                slots: Optional[Sequence[int]] = None) -> List[SlotView]:
     """Per-slot attention maps (and scores) of one preprocessed image [3, H, W] (and caption [ctx])."""
-    from .clip.concepts import check_slots
+    from .concepts import check_slots
 
     if not getattr(model, "use_sparo", False):
         raise ValueError("the model has no SPARO slots (it is a baseline CLIP)")
@@ -275,7 +275,7 @@ def visualize(model, image, text: Optional[str] = None, *, top_k: int = 8, slots
     """The slot figure for a PIL ``image`` (and optional caption) as a PIL image."""
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    from .clip.factory import tokenizer_for
+    from .factory import tokenizer_for
 
     pp_cfg = getattr(model.visual, "preprocess_cfg", None) or {"size": model.visual.image_size}
     if preprocess is None:
@@ -320,7 +320,7 @@ def render(model, image, text: Optional[str], out_path: Union[str, os.PathLike],
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m sparo_fast.visualize",
+    p = argparse.ArgumentParser(prog="python -m sparo_fast.clip.visualize",
                                 description="Visualise the attention of a SPARO CLIP model's slots.")
     p.add_argument("--model", required=True, help="model name (sparo_fast.clip.list_models()) or a JSON config file")
     p.add_argument("--checkpoint", help="trainer checkpoint or state dict to load (strict); without it the "
@@ -345,14 +345,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except _Fail as e:
-        print(f"sparo_fast.visualize: error: {e}", file=sys.stderr)
+        print(f"sparo_fast.clip.visualize: error: {e}", file=sys.stderr)
         return 1
 
 
 def _run(args) -> int:
     from PIL import Image, UnidentifiedImageError
 
-    from .clip import CheckpointError, create_model, load_checkpoint
+    from . import CheckpointError, create_model, load_checkpoint
 
     if args.cell < 32:
         raise _Fail(f"--cell must be at least 32 pixels, got {args.cell}")
@@ -410,9 +410,9 @@ def _run(args) -> int:
     except OSError as e:
         raise _Fail(f"cannot write {args.out!r}: {e}") from None
     if not args.checkpoint:
-        print("sparo_fast.visualize: warning: no --checkpoint given: the weights are random, so the maps "
+        print("sparo_fast.clip.visualize: warning: no --checkpoint given: the weights are random, so the maps "
               "show no learned attention", file=sys.stderr)
-    print(f"sparo_fast.visualize: wrote {out}")
+    print(f"sparo_fast.clip.visualize: wrote {out}")
     return 0
 
 

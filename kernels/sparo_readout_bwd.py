@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparo_fwd import LOG2E, _dot, _n_valid, _xp_rows
+from .sparo_readout_fwd import LOG2E, _dot, _n_valid, _xp_rows
 
 
 @triton.jit

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 
-import sparo_bench as sb  # noqa: E402
+import sparo_readout_bench as sb  # noqa: E402
 
 
 def pytest_addoption(parser):

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-import sparo_bench as sb
+import sparo_readout_bench as sb
 from sparo_fast import SparoReadout
 from sparo_fast.functional import sparo_reference
 from sparo_fast.params import ReadoutParams

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-import sparo_bench as sb  # noqa: E402
+import sparo_readout_bench as sb  # noqa: E402
 import traffic  # noqa: E402
 from sparo_fast_kernels.testing import interpreter_trace as trace  # noqa: E402
 

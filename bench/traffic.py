@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
-import sparo_bench as sb  # noqa: E402
+import sparo_readout_bench as sb  # noqa: E402
 
 BACKENDS = ("triton", "torch", "reference")
 PASSES = ("fwd", "fwd_bwd")

@@ -46,7 +46,7 @@ column is a **prediction** of a simple model fed with those counts.
 * **DRAM-level**: the distinct bytes each Triton launch touches (union of the byte ranges of
   its loads and stores) plus the same PyTorch-op bytes: what HBM must serve if each launch reads
   its data once and nothing stays in L2 between launches.
-* Ratios are to the floor bytes of `sparo_bench.floor_bytes` (SPARO.md "The floor": forward
+* Ratios are to the floor bytes of `sparo_readout_bench.floor_bytes` (SPARO.md "The floor": forward
   reads x and the weights once and writes y; the backward adds x, dy, the weights, dx and the
   weight gradients).
 * **launches**: Triton launches + PyTorch ops that move bytes (each one GPU kernel in eager);

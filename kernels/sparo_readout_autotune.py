@@ -162,9 +162,11 @@ def finish_meta(S: int, A: int, H: int, VD: int, V: int) -> Dict:
 
 
 def finish_space(S: int, A: int, D: int) -> List[Dict]:
-    """Weight-sized work (a few hundred kB): one config, not tuned; the [A, BD] fp32 tiles of
-    W_K and dW_K stay at 8 registers per thread each (4 warps; ptxas spilled 4 bytes at 8)."""
-    return [dict(BD=max(16, min(64, _p2(D), 1024 // _p2(A))), num_warps=4 if _p2(A) * _p2(S) <= 1024 else 8,
+    """Weight-sized work (a few hundred kB of weights, P x L x D fp32 partials): one config, not
+    tuned. Grid (Hh, cdiv(D, BD)); BP partials per [BP, BS, BD] load, about 32 fp32 registers
+    per thread at S = A = 64 (8 warps), so many loads are in flight at once."""
+    bd = max(16, min(32, _p2(D)))
+    return [dict(BD=bd, BP=max(1, 4096 // (_p2(S) * bd)), num_warps=8 if _p2(A) * _p2(S) > 1024 else 4,
                  num_stages=1)]
 
 

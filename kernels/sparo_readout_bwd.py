@@ -48,17 +48,121 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparo_readout_fwd import LOG2E, _dot, _n_valid, _xp_rows
+from .sparo_readout_common import LOG2E, _dot, _n_valid, _score_sweep, _xp_rows
 
 
 @triton.jit
 def _add_partial(PART, offs_l, offs_d, D, dq, ldmask, first):
-    """The program's dqt partial += dq (stored outright for the program's first sample)."""
+    """The program's dqt partial += dq (stored outright for the program's first sample). The
+    read-back may run on other threads than the store of the previous sample (the dot's layout
+    differs from the load's): the token kernel's barrier at the top of each sample orders them."""
     ptrs = PART + offs_l[:, None] * D + offs_d[None, :]
     if first:
         tl.store(ptrs, dq, mask=ldmask)
     else:
         tl.store(ptrs, tl.load(ptrs, mask=ldmask, other=0.0) + dq, mask=ldmask)
+
+
+@triton.jit
+def _bwd_one_tile(X, GA, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs_l, lmask, lse, n_valid, b, qk,
+                  scale, N, D, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                  HAS_GA: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One sample, the whole [BL, BN] block in registers: score sweep, gs, then dx and dqt."""
+    offs_n = tl.arange(0, BN)
+    vmask = offs_n < n_valid
+    s, gp = _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
+                         True, BL, BN, BD, DOT_PREC, UPCAST)
+    msk = lmask[:, None] & vmask[None, :]
+    p = tl.where(msk, tl.exp2(s * qk - lse[:, None]), 0.0)
+    # renormalise: the recomputed row sums to 1 within an ulp again, so that gp - delta
+    # cancels as it does with the forward's probabilities (saturated softmaxes)
+    p = p / tl.maximum(tl.sum(p, axis=1), 1e-30)[:, None]
+    if HAS_GA:
+        ga = tl.load(GA + b * stride_gab + offs_l[:, None] * stride_gal + offs_n[None, :] * stride_gan,
+                     mask=msk, other=0.0)
+        gp += ga.to(tl.float32)
+    delta = tl.sum(p * gp, axis=1)
+    gs = p * (gp - delta[:, None]) * scale  # d/dqt of the scaled scores
+    _bwd_dx_dq(X, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs_l, lmask, offs_n, vmask,
+               p.to(X.dtype.element_ty), gs.to(X.dtype.element_ty), N, D, stride_xn, stride_xd, BD, DOT_PREC, UPCAST)
+
+
+@triton.jit
+def _bwd_dx_dq(X, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs_l, lmask, offs_n, vmask, pc, gsc, N, D,
+               stride_xn, stride_xd, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """One-tile second sweep over D: ``dx = p^T gxp + gs^T qt`` (zero past EOS: p = gs = 0 there,
+    written once, no atomics) and the program's dqt partial += ``gs @ x``."""
+    x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dmask = offs_d < D
+        ldmask = lmask[:, None] & dmask[None, :]
+        q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+        g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+        dx = _dot(tl.trans(pc), g, None, DOT_PREC, UPCAST)
+        dx = _dot(tl.trans(gsc), q, dx, DOT_PREC, UPCAST)
+        tl.store(dx_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
+                 mask=(offs_n < N)[:, None] & dmask[None, :])
+        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0)
+        _add_partial(part, offs_l, offs_d, D, _dot(gsc, xt, None, DOT_PREC, UPCAST), ldmask, first)
+
+
+@triton.jit
+def _bwd_tiled_scores(GA, GXP, QT, scr, x_base, g_rows, offs_l, lmask, lse, n_valid, b, qk, N, D, L, stride_xn,
+                      stride_xd, stride_gab, stride_gal, stride_gan, HAS_GA: tl.constexpr, BL: tl.constexpr,
+                      BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Tiled sweep 1: p and gp (+ ga) of every valid token tile parked in the program's scratch
+    [2, L, N]; returns the row sums of p (to renormalise) and the unnormalised delta."""
+    delta = tl.zeros([BL], tl.float32)
+    psum = tl.zeros([BL], tl.float32)
+    for n0 in range(0, n_valid, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        vmask = offs_n < n_valid
+        msk = lmask[:, None] & vmask[None, :]
+        s, gp = _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
+                             True, BL, BN, BD, DOT_PREC, UPCAST)
+        p = tl.where(msk, tl.exp2(s * qk - lse[:, None]), 0.0)
+        if HAS_GA:
+            ga = tl.load(GA + b * stride_gab + offs_l[:, None] * stride_gal + offs_n[None, :] * stride_gan,
+                         mask=msk, other=0.0)
+            gp += ga.to(tl.float32)
+        delta += tl.sum(p * gp, axis=1)
+        psum += tl.sum(p, axis=1)
+        ptrs = scr + offs_l[:, None] * N + offs_n[None, :]
+        tl.store(ptrs, p, mask=msk)
+        tl.store(ptrs + (N * L), gp, mask=msk)
+    return psum, delta
+
+
+@triton.jit
+def _bwd_tiled_grads(X, GXP, QT, DX, scr, part, first, x_base, dx_base, g_rows, offs_l, lmask, inv, delta, n_valid,
+                     scale, N, D, L, stride_xn, stride_xd, BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Tiled sweep 2, feature tile by feature tile: gs from the scratch, dx of every token tile
+    (zero past EOS, written once) and the program's dqt partial."""
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dmask = offs_d < D
+        ldmask = lmask[:, None] & dmask[None, :]
+        q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+        g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+        dq = tl.zeros([BL, BD], tl.float32)
+        for n0 in range(0, N, BN):  # every tile: p = gs = 0 past EOS (no scratch read there) gives dx = 0
+            offs_n = n0 + tl.arange(0, BN)
+            vmask = offs_n < n_valid
+            msk = lmask[:, None] & vmask[None, :]
+            ptrs = scr + offs_l[:, None] * N + offs_n[None, :]
+            p = tl.load(ptrs, mask=msk, other=0.0) * inv[:, None]
+            gsc = (p * (tl.load(ptrs + (N * L), mask=msk, other=0.0) - delta[:, None]) * scale).to(X.dtype.element_ty)
+            dx = _dot(tl.trans(p.to(X.dtype.element_ty)), g, None, DOT_PREC, UPCAST)
+            dx = _dot(tl.trans(gsc), q, dx, DOT_PREC, UPCAST)
+            tl.store(dx_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
+                     mask=(offs_n < N)[:, None] & dmask[None, :])
+            xt = tl.load(x_base + offs_n.to(tl.int64)[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                         mask=vmask[:, None] & dmask[None, :], other=0.0)
+            dq = _dot(gsc, xt, dq, DOT_PREC, UPCAST)
+        _add_partial(part, offs_l, offs_d, D, dq, ldmask, first)
 
 
 @triton.jit
@@ -71,126 +175,35 @@ def _bwd_token_kernel(
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
+    """Persistent token-level backward, grid ``(P,)``: program pid takes samples pid, pid + P, ..."""
     pid = tl.program_id(0)
     offs_l = tl.arange(0, BL)
     lmask = offs_l < L
     qk = scale * 1.4426950408889634
     part = DQT + pid.to(tl.int64) * L * D
-    scr = SCR + pid.to(tl.int64) * 2 * L * N  # per-program [2, L, N] (long-N path only)
+    scr = SCR + pid.to(tl.int64) * 2 * L * N  # per-program [2, L, N] (tiled path only)
     for i in range(0, tl.cdiv(B - pid, NPROG)):
-        bb = pid + i * NPROG  # samples pid, pid + P, ... in a fixed order (determinism)
-        b = bb.to(tl.int64)
-        first = i == 0
+        b = (pid + i * NPROG).to(tl.int64)  # a fixed order of samples (determinism)
+        # the previous sample's dqt-partial stores and scratch reads (other threads) are done
+        # before this sample reads the partial back or overwrites the scratch
+        tl.debug_barrier()
         x_base = X + b * stride_xb
         dx_base = DX + b * N * D
         g_rows = _xp_rows(offs_l, b, B, S)
         lse = tl.load(LSE + b * L + offs_l, mask=lmask, other=0.0)
         n_valid = _n_valid(EOS, b, N, HAS_EOS)
         if ONE_TILE:
-            offs_n = tl.arange(0, BN)
-            vmask = offs_n < n_valid
-            x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
-            s = tl.zeros([BL, BN], tl.float32)
-            gp = tl.zeros([BL, BN], tl.float32)
-            for d0 in range(0, D, BD):
-                offs_d = d0 + tl.arange(0, BD)
-                dmask = offs_d < D
-                ldmask = lmask[:, None] & dmask[None, :]
-                q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
-                             other=0.0)
-                s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
-                gp = _dot(g, tl.trans(xt), gp, DOT_PREC, UPCAST)
-            msk = lmask[:, None] & vmask[None, :]
-            p = tl.where(msk, tl.exp2(s * qk - lse[:, None]), 0.0)
-            # renormalise: the recomputed row sums to 1 within an ulp again, so that gp - delta
-            # cancels as it does with the forward's probabilities (saturated softmaxes)
-            p = p / tl.maximum(tl.sum(p, axis=1), 1e-30)[:, None]
-            if HAS_GA:
-                ga = tl.load(GA + b * stride_gab + offs_l[:, None] * stride_gal + offs_n[None, :] * stride_gan,
-                             mask=msk, other=0.0)
-                gp += ga.to(tl.float32)
-            delta = tl.sum(p * gp, axis=1)
-            gs = p * (gp - delta[:, None]) * scale  # d/dqt of the scaled scores
-            pc = p.to(X.dtype.element_ty)
-            gsc = gs.to(X.dtype.element_ty)
-            for d0 in range(0, D, BD):
-                offs_d = d0 + tl.arange(0, BD)
-                dmask = offs_d < D
-                ldmask = lmask[:, None] & dmask[None, :]
-                q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                dx = _dot(tl.trans(pc), g, None, DOT_PREC, UPCAST)
-                dx = _dot(tl.trans(gsc), q, dx, DOT_PREC, UPCAST)
-                tl.store(dx_base + offs_n[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
-                         mask=(offs_n < N)[:, None] & dmask[None, :])  # p = gs = 0 past EOS: dx = 0
-                xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
-                             other=0.0)
-                _add_partial(part, offs_l, offs_d, D, _dot(gsc, xt, None, DOT_PREC, UPCAST), ldmask, first)
+            _bwd_one_tile(X, GA, GXP, QT, DX, part, i == 0, x_base, dx_base, g_rows, offs_l, lmask, lse, n_valid, b,
+                          qk, scale, N, D, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                          HAS_GA, BL, BN, BD, DOT_PREC, UPCAST)
         else:
-            tl.debug_barrier()  # the previous sample's sweep 2 has read the scratch
-            delta = tl.zeros([BL], tl.float32)
-            psum = tl.zeros([BL], tl.float32)
-            for n0 in range(0, n_valid, BN):
-                offs_n = n0 + tl.arange(0, BN)
-                vmask = offs_n < n_valid
-                msk = lmask[:, None] & vmask[None, :]
-                x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
-                s = tl.zeros([BL, BN], tl.float32)
-                gp = tl.zeros([BL, BN], tl.float32)
-                for d0 in range(0, D, BD):
-                    offs_d = d0 + tl.arange(0, BD)
-                    dmask = offs_d < D
-                    ldmask = lmask[:, None] & dmask[None, :]
-                    q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                    g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                    xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd,
-                                 mask=vmask[:, None] & dmask[None, :], other=0.0)
-                    s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
-                    gp = _dot(g, tl.trans(xt), gp, DOT_PREC, UPCAST)
-                p = tl.where(msk, tl.exp2(s * qk - lse[:, None]), 0.0)
-                if HAS_GA:
-                    ga = tl.load(GA + b * stride_gab + offs_l[:, None] * stride_gal + offs_n[None, :] * stride_gan,
-                                 mask=msk, other=0.0)
-                    gp += ga.to(tl.float32)
-                delta += tl.sum(p * gp, axis=1)
-                psum += tl.sum(p, axis=1)
-                ptrs = scr + offs_l[:, None] * N + offs_n[None, :]
-                tl.store(ptrs, p, mask=msk)
-                tl.store(ptrs + L * N, gp, mask=msk)
-            tl.debug_barrier()
+            psum, delta = _bwd_tiled_scores(GA, GXP, QT, scr, x_base, g_rows, offs_l, lmask, lse, n_valid, b, qk,
+                                            N, D, L, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                                            HAS_GA, BL, BN, BD, DOT_PREC, UPCAST)
+            tl.debug_barrier()  # scratch written by one thread is read back by another
             inv = 1.0 / tl.maximum(psum, 1e-30)  # renormalise the recomputed p (see the one-tile path)
-            delta = delta * inv
-            for d0 in range(0, D, BD):
-                offs_d = d0 + tl.arange(0, BD)
-                dmask = offs_d < D
-                ldmask = lmask[:, None] & dmask[None, :]
-                q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-                dq = tl.zeros([BL, BD], tl.float32)
-                for n0 in range(0, n_valid, BN):
-                    offs_n = n0 + tl.arange(0, BN)
-                    vmask = offs_n < n_valid
-                    msk = lmask[:, None] & vmask[None, :]
-                    ptrs = scr + offs_l[:, None] * N + offs_n[None, :]
-                    p = tl.load(ptrs, mask=msk, other=0.0) * inv[:, None]
-                    gs = p * (tl.load(ptrs + L * N, mask=msk, other=0.0) - delta[:, None]) * scale
-                    gsc = gs.to(X.dtype.element_ty)
-                    dx = _dot(tl.trans(p.to(X.dtype.element_ty)), g, None, DOT_PREC, UPCAST)
-                    dx = _dot(tl.trans(gsc), q, dx, DOT_PREC, UPCAST)
-                    tl.store(dx_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
-                             mask=(offs_n < N)[:, None] & dmask[None, :])
-                    xt = tl.load(x_base + offs_n.to(tl.int64)[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                                 mask=vmask[:, None] & dmask[None, :], other=0.0)
-                    dq = _dot(gsc, xt, dq, DOT_PREC, UPCAST)
-                _add_partial(part, offs_l, offs_d, D, dq, ldmask, first)
-                if HAS_EOS:  # tiles wholly past EOS: dx = 0
-                    zero = tl.zeros([BN, BD], DX.dtype.element_ty)
-                    for n0 in range(tl.cdiv(n_valid, BN) * BN, N, BN):
-                        offs_n = n0 + tl.arange(0, BN)
-                        tl.store(dx_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], zero,
-                                 mask=(offs_n < N)[:, None] & dmask[None, :])
+            _bwd_tiled_grads(X, GXP, QT, DX, scr, part, i == 0, x_base, dx_base, g_rows, offs_l, lmask, inv,
+                             delta * inv, n_valid, scale, N, D, L, stride_xn, stride_xd, BL, BN, BD, DOT_PREC, UPCAST)
 
 
 @triton.jit
@@ -257,44 +270,59 @@ def _bwd_finish_kernel(
     PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO,
     NP, H, S, A, D, V, VD, NV,
     SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-    BVD: tl.constexpr,
+    BVD: tl.constexpr, BP: tl.constexpr,
 ):
-    """Weight gradients, grid ``(Hh,)``: head h sums the NP per-program ``dqt`` partials of its
-    S slots (fixed order: deterministic), then through the absorbed query ``qt = W_K[h]^T q``:
-    ``dq = dqt W_K[h]^T`` and ``dW_K[h] = q^T dqt`` (+ ``dW_V[h]`` when k and v share the weight);
-    it also sums rows ``v = h, h + Hh, ...`` of the per-head ``dW_O`` / ``db_O`` partials.
+    """Weight gradients, grid ``(Hh, cdiv(D, BD))``: program (h, t) sums the NP per-program
+    ``dqt`` partials of head h's S slots over feature tile t, BP partials per vector load
+    ([BP, BS, BD] blocks, a fixed order: deterministic), then through the absorbed query
+    ``qt = W_K[h]^T q``: the ``dW_K[h]`` tile ``q^T dqt`` (+ ``dW_V[h]`` when k and v share the
+    weight) and the tile's fp32 partial of ``dq = dqt W_K[h]^T`` at ``DQ[t]`` (summed over the
+    cdiv(D, BD) tiles by the op: one small PyTorch sum). Each program also sums NV rows of the
+    per-head ``dW_O`` / ``db_O`` partials (rows ``pid, pid + P, ...``, P = the grid size).
     Weight-sized work only: products in true fp32 (``ieee``)."""
     h = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1)
     offs_s = tl.arange(0, BS)
     smask = offs_s < S
     offs_a = tl.arange(0, BA)
     amask = offs_a < A
+    offs_d = t * BD + tl.arange(0, BD)
+    dmask = offs_d < D
+    L = H * S
+    offs_p = tl.arange(0, BP)
+    rows = (h * S + offs_s)[:, None] * D + offs_d[None, :]  # [BS, BD] offsets within one partial
+    sd = smask[:, None] & dmask[None, :]
+    dqt = tl.zeros([BS, BD], tl.float32)
+    for p0 in range(0, NP, BP):
+        pp = p0 + offs_p
+        blk = tl.load(PART + pp.to(tl.int64)[:, None, None] * L * D + rows[None, :, :],
+                      mask=(pp < NP)[:, None, None] & sd[None, :, :], other=0.0)
+        dqt += tl.sum(blk, axis=0)
+    ad = amask[:, None] & dmask[None, :]
     q = tl.load(QE + (h * S + offs_s)[:, None] * A + offs_a[None, :], mask=smask[:, None] & amask[None, :],
                 other=0.0).to(tl.float32)
-    dq = tl.zeros([BS, BA], tl.float32)
-    L = H * S
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
-        dmask = offs_d < D
-        sd = smask[:, None] & dmask[None, :]
-        dqt = tl.zeros([BS, BD], tl.float32)
-        for p in range(0, NP):
-            dqt += tl.load(PART + p * L * D + (h * S + offs_s)[:, None] * D + offs_d[None, :], mask=sd, other=0.0)
-        ad = amask[:, None] & dmask[None, :]
-        wk = tl.load(WK + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
-        dq = tl.dot(dqt, tl.trans(wk), dq, input_precision="ieee")
-        dwk = tl.dot(tl.trans(q), dqt, None, input_precision="ieee")
-        if SHARED:
-            dwk += tl.load(DWV + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
-        tl.store(DWK + (h * A + offs_a)[:, None] * D + offs_d[None, :], dwk.to(DWK.dtype.element_ty), mask=ad)
-    tl.store(DQ + (h * S + offs_s)[:, None] * A + offs_a[None, :], dq.to(DQ.dtype.element_ty),
+    wk = tl.load(WK + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
+    dwk = tl.dot(tl.trans(q), dqt, None, input_precision="ieee")
+    if SHARED:
+        dwk += tl.load(DWV + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
+    tl.store(DWK + (h * A + offs_a)[:, None] * D + offs_d[None, :], dwk.to(DWK.dtype.element_ty), mask=ad)
+    dq = tl.dot(dqt, tl.trans(wk), None, input_precision="ieee")
+    tl.store(DQ + t * L * A + (h * S + offs_s)[:, None] * A + offs_a[None, :], dq,
              mask=smask[:, None] & amask[None, :])
+    _sum_head_partials(DWO_P, DBO_P, DWO, DBO, h * tl.num_programs(1) + t, H * tl.num_programs(1), H, V, VD, NV,
+                       BH, BVD)
+
+
+@triton.jit
+def _sum_head_partials(DWO_P, DBO_P, DWO, DBO, pid, P, H, V, VD, NV, BH: tl.constexpr, BVD: tl.constexpr):
+    """Rows v = pid, pid + P, ... of ``dW_O = sum_h dW_O_h`` and ``db_O`` (the same NV trips in
+    every program; rows past V masked by tensors, not a scalar branch)."""
     offs_h = tl.arange(0, BH)
     hmask = offs_h < H
     offs_vd = tl.arange(0, BVD)
-    for i in range(0, NV):  # the same trip count in every program (NV = cdiv(V, H)); rows v < V
-        v = h + i * H
-        hok = hmask & (offs_h * 0 + v < V)  # row masks as tensors (not a scalar mask)
+    for i in range(0, NV):
+        v = pid + i * P
+        hok = hmask & (offs_h * 0 + v < V)
         dok = (offs_vd < VD) & (offs_vd * 0 + v < V)
         w = tl.load(DWO_P + offs_h[:, None] * V * VD + v * VD + offs_vd[None, :],
                     mask=hok[:, None] & dok[None, :], other=0.0)

@@ -64,33 +64,95 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
+from .sparo_readout_common import LOG2E, _dot, _n_valid, _score_sweep, _xp_rows, next_pow2
+
+@triton.jit
+def _fwd_pool_one_tile(X, QT, ATTN, LSE, XP, x_base, row_base, xp_rows, offs_l, lmask, n_valid, qk, b, N, D, L,
+                       stride_xn, stride_xd, NEED_WEIGHTS: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr,
+                       BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """The whole [BL, BN] score block in registers: one score sweep, the softmax, attn, pooling."""
+    offs_n = tl.arange(0, BN)
+    vmask = offs_n < n_valid
+    s, _ = _score_sweep(QT, QT, x_base, offs_l, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
+                        False, BL, BN, BD, DOT_PREC, UPCAST)
+    s = tl.where(vmask[None, :], s * qk, float("-inf"))
+    m = tl.max(s, axis=1)
+    p = tl.exp2(s - m[:, None])  # no valid token: m = -inf, p = NaN (see sparo_readout_common)
+    den = tl.sum(p, axis=1)
+    p = p / den[:, None]
+    tl.store(LSE + b * L + offs_l, m + tl.log2(den), mask=lmask)
+    if NEED_WEIGHTS:
+        tl.store(ATTN + row_base + offs_l[:, None] * N + offs_n[None, :], p.to(ATTN.dtype.element_ty),
+                 mask=lmask[:, None] & (offs_n < N)[None, :])
+    pc = p.to(X.dtype.element_ty)
+    x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dmask = offs_d < D
+        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0)
+        acc = _dot(pc, xt, None, DOT_PREC, UPCAST)
+        tl.store(XP + xp_rows[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
+                 mask=lmask[:, None] & dmask[None, :])
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """``tl.dot`` with fp32 accumulation; ``UPCAST`` (interpreter + bfloat16 only, whose bf16
-    ``tl.dot`` is broken) multiplies in fp32 instead, so the rest of the bf16 path is testable."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=DOT_PREC)
+def _fwd_tiled_scores(QT, SCR, x_base, row_base, offs_l, lmask, n_valid, qk, N, D, stride_xn, stride_xd,
+                      BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+                      UPCAST: tl.constexpr):
+    """Tiled pass (a): scaled scores of every valid token tile into the fp32 scratch, with an
+    online max and sum of exp; returns the log2-domain log-sum-exp (-inf with no valid token)."""
+    m_i = tl.full([BL], float("-inf"), tl.float32)
+    l_i = tl.zeros([BL], tl.float32)
+    for n0 in range(0, n_valid, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        vmask = offs_n < n_valid
+        s, _ = _score_sweep(QT, QT, x_base, offs_l, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
+                            False, BL, BN, BD, DOT_PREC, UPCAST)
+        s = tl.where(vmask[None, :], s * qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+        tl.store(SCR + row_base + offs_l[:, None] * N + offs_n[None, :], s, mask=lmask[:, None] & vmask[None, :])
+    return m_i + tl.log2(l_i)
 
 
 @triton.jit
-def _n_valid(EOS, b, N, HAS_EOS: tl.constexpr):
-    """Tokens 0..eos of a text are valid (the rest are masked out); every token otherwise."""
-    if HAS_EOS:
-        return tl.minimum(tl.load(EOS + b).to(tl.int32) + 1, N)
-    else:
-        return N
+def _fwd_tiled_attn(SCR, ATTN, row_base, offs_l, lmask, lse, n_valid, N, BN: tl.constexpr):
+    """Tiled pass (b), only when attn is asked for: ``attn = exp2(s - lse)`` for every token tile,
+    a pass of its own (a store under a runtime branch inside the pipelined pooling loop is the
+    pattern behind an earlier miscompile). Lanes past EOS read no scratch (masked to -inf): 0,
+    or NaN for a sample with no valid token (lse = -inf), as in the torch backend."""
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        vmask = offs_n < n_valid
+        s = tl.load(SCR + row_base + offs_l[:, None] * N + offs_n[None, :], mask=lmask[:, None] & vmask[None, :],
+                    other=float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        tl.store(ATTN + row_base + offs_l[:, None] * N + offs_n[None, :], p.to(ATTN.dtype.element_ty),
+                 mask=lmask[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
-def _xp_rows(offs_l, b, B, S):
-    """Row of the head-major ``[Hh, B*S, D]`` layout holding slot ``l = h*S + s`` of sample b
-    (int64: b is int64)."""
-    return (offs_l // S) * (B * S) + b * S + offs_l % S
+def _fwd_tiled_pool(X, SCR, XP, x_base, row_base, xp_rows, offs_l, lmask, lse, n_valid, N, D, stride_xn, stride_xd,
+                    BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+                    UPCAST: tl.constexpr):
+    """Tiled pass (c): ``xp = sum_n exp2(s - lse) x_n``, feature tile by feature tile."""
+    for d0 in range(0, D, BD):
+        offs_d = d0 + tl.arange(0, BD)
+        dmask = offs_d < D
+        acc = tl.zeros([BL, BD], tl.float32)
+        for n0 in range(0, n_valid, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            vmask = offs_n < n_valid
+            s = tl.load(SCR + row_base + offs_l[:, None] * N + offs_n[None, :],
+                        mask=lmask[:, None] & vmask[None, :], other=float("-inf"))
+            p = tl.where(vmask[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            xt = tl.load(x_base + offs_n.to(tl.int64)[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+                         mask=vmask[:, None] & dmask[None, :], other=0.0)
+            acc = _dot(p.to(xt.dtype), xt, acc, DOT_PREC, UPCAST)
+        acc = tl.where(n_valid > 0, acc, float("nan"))  # no valid token: 0/0, as on the one-tile path
+        tl.store(XP + xp_rows[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
+                 mask=lmask[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -102,6 +164,7 @@ def _fwd_pool_kernel(
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
+    """Softmax pooling of one sample's tokens for all slots (grid ``(B, cdiv(L, BL))``)."""
     b = tl.program_id(0).to(tl.int64)
     offs_l = tl.program_id(1) * BL + tl.arange(0, BL)
     lmask = offs_l < L
@@ -111,87 +174,17 @@ def _fwd_pool_kernel(
     qk = scale * 1.4426950408889634  # scores in the log2 domain: softmax with exp2
     xp_rows = _xp_rows(offs_l, b, B, S)
     if ONE_TILE:
-        offs_n = tl.arange(0, BN)
-        vmask = offs_n < n_valid
-        x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
-        s = tl.zeros([BL, BN], tl.float32)
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            dmask = offs_d < D
-            q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=lmask[:, None] & dmask[None, :], other=0.0)
-            xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
-                         other=0.0)
-            s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
-        s = tl.where(vmask[None, :], s * qk, float("-inf"))
-        m = tl.max(s, axis=1)
-        p = tl.exp2(s - m[:, None])
-        den = tl.sum(p, axis=1)
-        p = p / den[:, None]
-        tl.store(LSE + b * L + offs_l, m + tl.log2(den), mask=lmask)
-        if NEED_WEIGHTS:
-            tl.store(ATTN + row_base + offs_l[:, None] * N + offs_n[None, :], p.to(ATTN.dtype.element_ty),
-                     mask=lmask[:, None] & (offs_n < N)[None, :])
-        pc = p.to(X.dtype.element_ty)
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            dmask = offs_d < D
-            xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
-                         other=0.0)
-            acc = _dot(pc, xt, None, DOT_PREC, UPCAST)
-            tl.store(XP + xp_rows[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
-                     mask=lmask[:, None] & dmask[None, :])
+        _fwd_pool_one_tile(X, QT, ATTN, LSE, XP, x_base, row_base, xp_rows, offs_l, lmask, n_valid, qk, b, N, D, L,
+                           stride_xn, stride_xd, NEED_WEIGHTS, BL, BN, BD, DOT_PREC, UPCAST)
     else:
-        # (a) scaled scores into the scratch, online max and sum of exp
-        m_i = tl.full([BL], float("-inf"), tl.float32)
-        l_i = tl.zeros([BL], tl.float32)
-        for n0 in range(0, n_valid, BN):
-            offs_n = n0 + tl.arange(0, BN)
-            vmask = offs_n < n_valid
-            x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
-            s = tl.zeros([BL, BN], tl.float32)
-            for d0 in range(0, D, BD):
-                offs_d = d0 + tl.arange(0, BD)
-                dmask = offs_d < D
-                q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=lmask[:, None] & dmask[None, :],
-                            other=0.0)
-                xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :],
-                             other=0.0)
-                s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
-            s = tl.where(vmask[None, :], s * qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
-            m_i = m_new
-            tl.store(SCR + row_base + offs_l[:, None] * N + offs_n[None, :], s, mask=lmask[:, None] & vmask[None, :])
-        lse = m_i + tl.log2(l_i)
+        lse = _fwd_tiled_scores(QT, SCR, x_base, row_base, offs_l, lmask, n_valid, qk, N, D, stride_xn, stride_xd,
+                                BL, BN, BD, DOT_PREC, UPCAST)
         tl.store(LSE + b * L + offs_l, lse, mask=lmask)
-        tl.debug_barrier()
-        if NEED_WEIGHTS:  # tiles wholly past EOS: attn = 0
-            zero = tl.zeros([BL, BN], ATTN.dtype.element_ty)
-            for n0 in range(tl.cdiv(n_valid, BN) * BN, N, BN):
-                offs_n = n0 + tl.arange(0, BN)
-                tl.store(ATTN + row_base + offs_l[:, None] * N + offs_n[None, :], zero,
-                         mask=lmask[:, None] & (offs_n < N)[None, :])
-        # (b) p = exp2(s - lse), attn on the first D tile, pooling D tile by D tile
-        for d0 in range(0, D, BD):
-            offs_d = d0 + tl.arange(0, BD)
-            dmask = offs_d < D
-            acc = tl.zeros([BL, BD], tl.float32)
-            for n0 in range(0, n_valid, BN):
-                offs_n = n0 + tl.arange(0, BN)
-                vmask = offs_n < n_valid
-                s = tl.load(SCR + row_base + offs_l[:, None] * N + offs_n[None, :],
-                            mask=lmask[:, None] & vmask[None, :], other=float("-inf"))
-                p = tl.exp2(s - lse[:, None])
-                p = tl.where(vmask[None, :], p, 0.0)
-                if NEED_WEIGHTS:
-                    if d0 == 0:
-                        tl.store(ATTN + row_base + offs_l[:, None] * N + offs_n[None, :],
-                                 p.to(ATTN.dtype.element_ty), mask=lmask[:, None] & (offs_n < N)[None, :])
-                xt = tl.load(x_base + offs_n.to(tl.int64)[:, None] * stride_xn + offs_d[None, :] * stride_xd,
-                             mask=vmask[:, None] & dmask[None, :], other=0.0)
-                acc = _dot(p.to(xt.dtype), xt, acc, DOT_PREC, UPCAST)
-            tl.store(XP + xp_rows[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
-                     mask=lmask[:, None] & dmask[None, :])
+        tl.debug_barrier()  # scratch written by one thread is read back by another below
+        if NEED_WEIGHTS:
+            _fwd_tiled_attn(SCR, ATTN, row_base, offs_l, lmask, lse, n_valid, N, BN)
+        _fwd_tiled_pool(X, SCR, XP, x_base, row_base, xp_rows, offs_l, lmask, lse, n_valid, N, D, stride_xn,
+                        stride_xd, BL, BN, BD, DOT_PREC, UPCAST)
 
 
 @triton.jit
@@ -238,9 +231,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _p2(n: int, lo: int = 16, hi: Optional[int] = None) -> int:
-    v = max(lo, triton.next_power_of_2(int(n)))
-    return v if hi is None else min(v, hi)
+_p2 = next_pow2  # the autotune module's name for it
 
 
 # ----------------------------------------------------------------------------- refs

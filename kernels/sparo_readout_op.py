@@ -28,7 +28,7 @@ kernel + 8 small PyTorch ops on slot-level tensors (see ``_readout_bwd``).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -75,100 +75,152 @@ _BWD_SCHEMA = ("(Tensor grad_out, Tensor? grad_attn, Tensor x, Tensor? eos_indic
                "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weight: Tensor, k_bias: Tensor,
-                v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-                need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+#: Tests set this to a token tile (a power of two >= 16) to force the tiled (long-sequence)
+#: paths of the pool and token kernels at any N; None: the autotune module's choice.
+TILED_OVERRIDE: Optional[int] = None
+#: The path each token-axis kernel took on its latest launch ("one_tile" / "tiled"), for tests.
+LAST_PATHS: Dict[str, str] = {}
+
+
+def _path_meta(meta: Dict, kernel: str) -> Dict:
+    if TILED_OVERRIDE is not None:
+        meta = dict(meta, ONE_TILE=False, BN=TILED_OVERRIDE)
+    LAST_PATHS[kernel] = "one_tile" if meta["ONE_TILE"] else "tiled"
+    return meta
+
+
+def launch_fwd_pool(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float, num_heads: int,
+                    need_weights: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``_fwd_pool_kernel`` (ref: ``fwd_pool_ref``): (attn or an empty tensor, lse, xp head-major)."""
     B, N, D = x.shape
-    _, H, S, _, A = q_emb.shape
-    L = H * S
-    vd = v_weight.shape[0] // H
-    V = proj_weight.shape[0]
-    # the absorbed query, unscaled (the kernels apply 1/sqrt(A)): the one PyTorch launch
-    qt = torch.matmul(q_emb.reshape(H, S, A), k_weight.view(H, A, D)).reshape(L, D)
-    v_weight, v_bias = v_weight.contiguous(), v_bias.contiguous()
-    proj_weight, proj_bias = proj_weight.contiguous(), proj_bias.contiguous()
-    meta = at.pool_meta(L, N, D, x.dtype)
+    L = qt.shape[0]
+    meta = _path_meta(at.pool_meta(L, N, D, x.dtype), "pool")
     lse = torch.empty((B, L), device=x.device, dtype=torch.float32)
     scr = lse if meta["ONE_TILE"] else torch.empty((B, L, N), device=x.device, dtype=torch.float32)
     attn = torch.empty((B, L, N) if need_weights else (0,), device=x.device, dtype=x.dtype)
-    xp = torch.empty((H, B * S, D), device=x.device, dtype=x.dtype)
-    o = torch.empty((B, L, vd), device=x.device, dtype=x.dtype)
-    out = torch.empty((B, L, V), device=x.device, dtype=x.dtype)
-    has_eos = eos_indices is not None
-    eos = eos_indices.contiguous() if has_eos else lse
-    prec = dot_precision(x.dtype)
+    xp = torch.empty((num_heads, B * (L // num_heads), D), device=x.device, dtype=x.dtype)
+    has_eos = eos is not None
     _launch(_fwd_pool_kernel, (B, triton.cdiv(L, meta["BL"])),
-            (x, eos, qt, scr, attn if need_weights else lse, lse, xp, float(A) ** -0.5, B, N, D, L, S,
-             x.stride(0), x.stride(1), x.stride(2)),
-            dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=prec, UPCAST=_upcast(x), **meta),
+            (x, eos.contiguous() if has_eos else lse, qt, scr, attn if need_weights else lse, lse, xp, scale,
+             B, N, D, L, L // num_heads, x.stride(0), x.stride(1), x.stride(2)),
+            dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
+                 **meta),
             at.pool_space(L, N, D, x.dtype), ["N", "D", "L"], (at.n_bucket(N), D, L, x.dtype, has_eos))
-    M = B * S
-    meta = at.proj_meta(M, D, vd, V, x.dtype)
-    space = at.proj_space(M, D, vd, V, x.dtype)
+    return attn, lse, xp
+
+
+def launch_fwd_proj(xp: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
+                    B: int) -> Tuple[Tensor, Tensor]:
+    """``_fwd_proj_kernel`` (ref: ``fwd_proj_ref``): (o [B, L, Vd], out [B, L, V])."""
+    H, M, D = xp.shape
+    S, vd, V = M // B, v_weight.shape[0] // H, proj_weight.shape[0]
+    o = xp.new_empty((B, H * S, vd))
+    out = xp.new_empty((B, H * S, V))
+    meta = at.proj_meta(M, D, vd, V, xp.dtype)
+    space = at.proj_space(M, D, vd, V, xp.dtype)
 
     def grid(m):
         return (triton.cdiv(M, m["BM"]), H)
 
     _launch(_fwd_proj_kernel, grid if not INTERPRETED else grid(space[0]),
-            (xp, v_weight, v_bias, proj_weight, proj_bias, o, out, M, S, L, D, vd, V),
-            dict(DOT_PREC=prec, UPCAST=_upcast(x), **meta), space, ["M", "D", "VD", "V"],
-            (D, vd, V, x.dtype))
+            (xp, v_weight.contiguous(), v_bias.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(), o,
+             out, M, S, H * S, D, vd, V),
+            dict(DOT_PREC=dot_precision(xp.dtype), UPCAST=_upcast(xp), **meta), space, ["M", "D", "VD", "V"],
+            (D, vd, V, xp.dtype))
+    return o, out
+
+
+def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weight: Tensor, k_bias: Tensor,
+                v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
+                need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    B, N, D = x.shape
+    _, H, S, _, A = q_emb.shape
+    # the absorbed query, unscaled (the kernels apply 1/sqrt(A)): the one PyTorch launch
+    qt = torch.matmul(q_emb.reshape(H, S, A), k_weight.view(H, A, D)).reshape(H * S, D)
+    attn, lse, xp = launch_fwd_pool(x, eos_indices, qt, float(A) ** -0.5, H, need_weights)
+    o, out = launch_fwd_proj(xp, v_weight, v_bias, proj_weight, proj_bias, B)
     return out, attn, qt, lse, xp, o
+
+
+def launch_bwd_slot(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_weight: Tensor
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``_bwd_slot_kernel`` (ref: ``bwd_slot_ref``): (gxp head-major, dW_V, db_V, per-head dW_O and
+    db_O partials in fp32)."""
+    B, L, V = g.shape
+    H, M, D = xp.shape
+    S, vd = M // B, v_weight.shape[0] // H
+    v_weight = v_weight.contiguous()
+    gxp = torch.empty_like(xp)
+    dwv = torch.empty_like(v_weight)
+    dbv = v_weight.new_empty((H * vd,))
+    dwo_p = torch.empty((H, V, vd), device=g.device, dtype=torch.float32)
+    dbo_p = torch.empty((H, V), device=g.device, dtype=torch.float32)
+    meta = at.slot_meta(M, D, vd, V, xp.dtype)
+    space = at.slot_space(M, D, vd, V, xp.dtype)
+
+    def grid(m):
+        return (H, triton.cdiv(D, m["BD"]))
+
+    _launch(_bwd_slot_kernel, grid if not INTERPRETED else grid(space[0]),
+            (g.contiguous(), o, xp, v_weight, proj_weight.contiguous(), gxp, dwv, dbv, dwo_p, dbo_p,
+             B, S, L, D, vd, V),
+            dict(DOT_PREC=dot_precision(xp.dtype), UPCAST=_upcast(xp), **meta), space, ["M", "D", "VD", "V"],
+            (D, vd, V, xp.dtype))
+    return gxp, dwv, dbv, dwo_p, dbo_p
+
+
+def launch_bwd_token(x: Tensor, eos: Optional[Tensor], lse: Tensor, ga: Optional[Tensor], gxp: Tensor, qt: Tensor,
+                     scale: float) -> Tuple[Tensor, Tensor]:
+    """``_bwd_token_kernel`` (ref: ``bwd_token_ref``): (dx, the P per-program fp32 dqt partials)."""
+    B, N, D = x.shape
+    L = qt.shape[0]
+    P = num_programs(B, x.device)
+    meta = _path_meta(at.bwd_meta(L, N, D, x.dtype), "token")
+    scr = lse if meta["ONE_TILE"] else torch.empty((P, 2, L, N), device=x.device, dtype=torch.float32)
+    dx = torch.empty((B, N, D), device=x.device, dtype=x.dtype)
+    part = torch.empty((P, L, D), device=x.device, dtype=torch.float32)
+    has_ga, has_eos = ga is not None, eos is not None
+    ga = ga if has_ga else lse.view(B, L, 1)
+    _launch(_bwd_token_kernel, (P,),
+            (x, eos.contiguous() if has_eos else lse, lse, ga, gxp, qt, scr, dx, part, scale, B, N, D, L,
+             gxp.shape[1] // B, P, x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1), ga.stride(2)),
+            dict(HAS_EOS=has_eos, HAS_GA=has_ga, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x), **meta),
+            at.bwd_space(L, N, D, x.dtype), ["N", "D", "L"], (at.n_bucket(N), D, L, x.dtype, has_eos, has_ga))
+    return dx, part
+
+
+def launch_bwd_finish(part: Tensor, q_emb: Tensor, k_weight: Tensor, dwv: Tensor, dwo_p: Tensor, dbo_p: Tensor,
+                      shared_kv: bool, dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``_bwd_finish_kernel`` (ref: ``bwd_finish_ref``), then the one PyTorch sum of its dq
+    partials: (dq_emb, dW_K (+ dW_V when shared), dW_O, db_O)."""
+    P, L, D = part.shape
+    _, H, S, _, A = q_emb.shape
+    _, V, vd = dwo_p.shape
+    cfg, w, st = at.split(at.finish_space(S, A, D)[0])
+    tiles = triton.cdiv(D, cfg["BD"])
+    dq_p = torch.empty((tiles, L, A), device=part.device, dtype=torch.float32)
+    dwk = torch.empty_like(k_weight)
+    dwo = torch.empty((V, vd), device=part.device, dtype=dtype)
+    dbo = torch.empty((V,), device=part.device, dtype=dtype)
+    fin = _bwd_finish_kernel if INTERPRETED else wrap_triton(_bwd_finish_kernel)
+    fin[(H, tiles)](part, q_emb.contiguous(), k_weight.contiguous(), dwv, dwo_p, dbo_p, dq_p, dwk, dwo, dbo,
+                    P, H, S, A, D, V, vd, triton.cdiv(V, H * tiles), SHARED=shared_kv,
+                    **at.finish_meta(S, A, H, vd, V), **cfg, num_warps=w, num_stages=st)
+    # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype
+    return dq_p.sum(0).to(q_emb.dtype).view(q_emb.shape), dwk, dwo, dbo
 
 
 def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_indices: Optional[Tensor],
                 q_emb: Tensor, k_weight: Tensor, qt: Tensor, v_weight: Tensor, proj_weight: Tensor, lse: Tensor,
                 xp: Tensor, o: Tensor, shared_kv: bool
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    B, N, D = x.shape
-    _, H, S, _, A = q_emb.shape
-    L = H * S
-    vd = v_weight.shape[0] // H
-    V = proj_weight.shape[0]
-    M = B * S
-    g = grad_out.contiguous()
-    v_weight, proj_weight = v_weight.contiguous(), proj_weight.contiguous()
-    prec = dot_precision(x.dtype)
+    A = q_emb.shape[-1]
     # 1. slot level: go, gxp (head-major), dW_V, db_V, per-head dW_O / db_O partials
-    gxp = torch.empty((H, M, D), device=x.device, dtype=x.dtype)
-    dwv = torch.empty_like(v_weight)
-    dbv = torch.empty((H * vd,), device=x.device, dtype=v_weight.dtype)
-    dwo_p = torch.empty((H, V, vd), device=x.device, dtype=torch.float32)
-    dbo_p = torch.empty((H, V), device=x.device, dtype=torch.float32)
-    meta = at.slot_meta(M, D, vd, V, x.dtype)
-    space = at.slot_space(M, D, vd, V, x.dtype)
-
-    def grid(m):
-        return (H, triton.cdiv(D, m["BD"]))
-
-    _launch(_bwd_slot_kernel, grid if not INTERPRETED else grid(space[0]),
-            (g, o, xp, v_weight, proj_weight, gxp, dwv, dbv, dwo_p, dbo_p, B, S, L, D, vd, V),
-            dict(DOT_PREC=prec, UPCAST=_upcast(x), **meta), space, ["M", "D", "VD", "V"], (D, vd, V, x.dtype))
+    gxp, dwv, dbv, dwo_p, dbo_p = launch_bwd_slot(grad_out, o, xp, v_weight, proj_weight)
     # 2. token level: persistent programs with per-program dqt partials
-    P = num_programs(B, x.device)
-    meta = at.bwd_meta(L, N, D, x.dtype)
-    scr = lse if meta["ONE_TILE"] else torch.empty((P, 2, L, N), device=x.device, dtype=torch.float32)
-    dx = torch.empty((B, N, D), device=x.device, dtype=x.dtype)
-    part = torch.empty((P, L, D), device=x.device, dtype=torch.float32)
-    has_ga = grad_attn is not None
-    ga = grad_attn if has_ga else lse.view(B, L, 1)
-    has_eos = eos_indices is not None
-    eos = eos_indices.contiguous() if has_eos else lse
-    _launch(_bwd_token_kernel, (P,),
-            (x, eos, lse, ga, gxp, qt, scr, dx, part, float(A) ** -0.5, B, N, D, L, S, P,
-             x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1), ga.stride(2)),
-            dict(HAS_EOS=has_eos, HAS_GA=has_ga, DOT_PREC=prec, UPCAST=_upcast(x), **meta),
-            at.bwd_space(L, N, D, x.dtype), ["N", "D", "L"], (at.n_bucket(N), D, L, x.dtype, has_eos, has_ga))
+    dx, part = launch_bwd_token(x, eos_indices, lse, grad_attn, gxp, qt, float(A) ** -0.5)
     # 3. weight level: dqt reduction (fixed order), dq_emb, dW_K (+ dW_V when shared), dW_O, db_O
-    dq = torch.empty_like(q_emb)
-    dwk = torch.empty_like(k_weight)
-    dwo = torch.empty_like(proj_weight)
-    dbo = torch.empty((V,), device=x.device, dtype=proj_weight.dtype)
-    cfg, w, st = at.split(at.finish_space(S, A, D)[0])
-    fin = _bwd_finish_kernel if INTERPRETED else wrap_triton(_bwd_finish_kernel)
-    fin[(H,)](part, q_emb.contiguous(), k_weight.contiguous(), dwv, dwo_p, dbo_p, dq, dwk, dwo, dbo,
-              P, H, S, A, D, V, vd, triton.cdiv(V, H), SHARED=shared_kv, **at.finish_meta(S, A, H, vd, V), **cfg,
-              num_warps=w, num_stages=st)
+    dq, dwk, dwo, dbo = launch_bwd_finish(part, q_emb, k_weight, dwv, dwo_p, dbo_p, shared_kv, proj_weight.dtype)
     if shared_kv:
         dwv = dwv.new_empty((0,))  # already added into dW_K
     return dx, dq, dwk, dwv, dbv, dwo, dbo

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparo_readout_common import LOG2E, _dot, _n_valid, _score_sweep, _xp_rows
+from .sparo_readout_common import LOG2E, _wide, _dot, _n_valid, _score_sweep, _xp_rows
 
 
 @triton.jit
@@ -345,19 +345,52 @@ def num_programs(B: int, device: torch.device) -> int:
     return max(1, min(B, sms))
 
 
-# ----------------------------------------------------------------------------- ref
+# ----------------------------------------------------------------------------- refs
+def bwd_slot_ref(g: Tensor, o: Tensor, xp_h: Tensor, v_weight: Tensor, proj_weight: Tensor
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """PyTorch reference of ``_bwd_slot_kernel`` in fp32: (gxp head-major [Hh, B*S, D], dW_V,
+    db_V, per-head dW_O partials [Hh, V, Vd], per-head db_O partials [Hh, V])."""
+    H, M, D = xp_h.shape
+    B, L, V = g.shape
+    S, vd = M // B, v_weight.shape[0] // H
+    g_h = _wide(g).view(B, H, S, V).permute(1, 0, 2, 3).reshape(H, M, V)  # head-major rows
+    o_h = _wide(o).view(B, H, S, vd).permute(1, 0, 2, 3).reshape(H, M, vd)
+    go = g_h @ _wide(proj_weight)  # [Hh, B*S, Vd]
+    wv = _wide(v_weight).view(H, vd, D)
+    gxp = torch.bmm(go, wv)
+    dwv = torch.bmm(go.transpose(1, 2), _wide(xp_h)).reshape(H * vd, D)
+    return gxp, dwv, go.sum(1).reshape(-1), torch.bmm(g_h.transpose(1, 2), o_h), g_h.sum(1)
+
+
 def bwd_token_ref(x: Tensor, p: Tensor, ga: Optional[Tensor], gxp: Tensor, qt: Tensor,
                   scale: float) -> Tuple[Tensor, Tensor]:
     """PyTorch reference of ``_bwd_token_kernel`` (after the partial sum), with gxp in [B, L, D]
     and the unscaled qt: (dx, dqt fp32), dqt the gradient of the unscaled qt."""
-    xf, gxf = x.float(), gxp.float()
+    xf, gxf = _wide(x), _wide(gxp)
     gp = torch.einsum("bld,bnd->bln", gxf, xf)
     if ga is not None:
-        gp = gp + ga.float()
+        gp = gp + _wide(ga)
     gs = p * (gp - (p * gp).sum(-1, keepdim=True))
-    dx = torch.einsum("bln,bld->bnd", p, gxf) + torch.einsum("bln,ld->bnd", gs, qt.float()) * scale
+    dx = torch.einsum("bln,bld->bnd", p, gxf) + torch.einsum("bln,ld->bnd", gs, _wide(qt)) * scale
     dqt = torch.einsum("bln,bnd->ld", gs, xf) * scale
     return dx.to(x.dtype), dqt
 
 
-__all__ = ["_bwd_token_kernel", "num_programs", "bwd_token_ref", "LOG2E"]
+def bwd_finish_ref(part: Tensor, q_emb: Tensor, k_weight: Tensor, dwv: Optional[Tensor], dwo_p: Tensor,
+                   dbo_p: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PyTorch reference of ``_bwd_finish_kernel`` (and the op's sum of its dq partials) in fp32:
+    (dq_emb, dW_K (+ dW_V when ``dwv`` is given: shared k/v), dW_O, db_O)."""
+    _, H, S, _, A = q_emb.shape
+    D = part.shape[-1]
+    dqt = _wide(part).sum(0).view(H, S, D)
+    q = _wide(q_emb).view(H, S, A)
+    wk = _wide(k_weight).view(H, A, D)
+    dq = torch.bmm(dqt, wk.transpose(1, 2)).view(q_emb.shape)
+    dwk = torch.bmm(q.transpose(1, 2), dqt).reshape(H * A, D)
+    if dwv is not None:
+        dwk = dwk + _wide(dwv)
+    return dq, dwk, _wide(dwo_p).sum(0), _wide(dbo_p).sum(0)
+
+
+__all__ = ["_bwd_slot_kernel", "_bwd_token_kernel", "_bwd_finish_kernel", "num_programs", "bwd_slot_ref",
+           "bwd_token_ref", "bwd_finish_ref", "LOG2E"]

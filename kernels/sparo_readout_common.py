@@ -77,3 +77,10 @@ def next_pow2(n: int, lo: int = 16, hi=None) -> int:
     """Block size for an extent: the next power of two, at least ``lo`` (and at most ``hi``)."""
     v = max(lo, triton.next_power_of_2(int(n)))
     return v if hi is None else min(v, hi)
+
+
+def _wide(t):
+    """The refs' accumulation dtype: float64 stays float64 (a float64 truth), the rest float32."""
+    import torch
+
+    return t if t.dtype == torch.float64 else t.float()

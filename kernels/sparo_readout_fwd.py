@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparo_readout_common import LOG2E, _dot, _n_valid, _score_sweep, _xp_rows, next_pow2
+from .sparo_readout_common import LOG2E, _wide, _dot, _n_valid, _score_sweep, _xp_rows, next_pow2
 
 @triton.jit
 def _fwd_pool_one_tile(X, QT, ATTN, LSE, XP, x_base, row_base, xp_rows, offs_l, lmask, n_valid, qk, b, N, D, L,
@@ -240,13 +240,13 @@ def fwd_pool_ref(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, scale: fl
     """PyTorch reference of ``_fwd_pool_kernel``: (p fp32 [B, L, N], lse [B, L] (log2 domain),
     xp head-major [Hh, B*S, D])."""
     B = x.shape[0]
-    s = torch.einsum("ld,bnd->bln", qt.float(), x.float()) * (scale * LOG2E)
+    s = torch.einsum("ld,bnd->bln", _wide(qt), _wide(x)) * (scale * LOG2E)
     if eos_indices is not None:
         n = torch.arange(x.shape[1], device=x.device)
         s = s.masked_fill((n[None, :] > eos_indices[:, None])[:, None, :], float("-inf"))
     lse = torch.logsumexp(s / LOG2E, dim=-1) * LOG2E
     p = torch.exp2(s - lse[..., None])
-    xp = torch.matmul(p, x.float()).to(x.dtype)  # [B, L, D]
+    xp = torch.matmul(p, _wide(x)).to(x.dtype)  # [B, L, D]
     return p, lse, to_head_major(xp, num_heads)
 
 
@@ -264,3 +264,9 @@ def fwd_proj_ref(xp_h: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: Te
     o = torch.bmm(xp_h, v_weight.view(H, vd, D).transpose(1, 2)) + v_bias.view(H, 1, vd)  # [H, B*S, Vd]
     o = o.reshape(H, B, BS // B, vd).permute(1, 0, 2, 3).reshape(B, -1, vd)
     return o, torch.nn.functional.linear(o, proj_weight, proj_bias)
+
+
+def from_head_major(t: Tensor, batch: int) -> Tensor:
+    """[Hh, B*S, C] -> [B, L, C] (the inverse of ``to_head_major``)."""
+    H, M, C = t.shape
+    return t.reshape(H, batch, M // batch, C).permute(1, 0, 2, 3).reshape(batch, -1, C)

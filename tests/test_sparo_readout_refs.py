@@ -1,0 +1,168 @@
+"""Each of the five kernels against the PyTorch ``*_ref`` beside it, one kernel at a time.
+
+Every kernel is launched on its own (the op module's ``launch_*`` functions) on independent
+random inputs, so a wrong kernel cannot be masked by a compensating one. Truth is the ref in
+float64; the allowance is twice PyTorch's own error at the kernel's precision (the same ref on
+the same dtype-representable inputs, its products in that dtype, outputs rounded to the
+kernel's output dtype) plus an ulp floor: ``ULPS`` ulps times the reference's norm. Both token-axis
+kernels run their one-tile and their tiled paths (``TILED_OVERRIDE``), and the test asserts
+which path ran.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparo_fast import sparo_readout_triton as triton_backend
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not triton_backend.is_available(DEV), reason="needs Triton (GPU or interpreter)")
+
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10}
+# fp32: the kernels' fp32 accumulation order differs from PyTorch's (tens of ulps on sums of
+# hundreds of terms); half: p and gs are cast to the compute dtype before their products, as
+# the torch backend does, which costs a few ulps of the result
+ULPS = {torch.float32: 64, torch.float16: 1}
+SEED = 1234
+
+
+def _check(name, got, truth, ref_lo, out_dtype):
+    got, truth, ref_lo = got.double(), truth.double(), ref_lo.to(out_dtype).double()
+    err = float((got - truth).norm())
+    own = float((ref_lo - truth).norm())
+    allowed = 2 * own + ULPS[out_dtype if out_dtype in ULPS else torch.float32] * EPS.get(
+        out_dtype, EPS[torch.float32]) * float(truth.norm()) + 1e-12
+    assert err <= allowed, f"{name}: error {err:.3e} > allowed {allowed:.3e} (ref's own {own:.3e}, seed {SEED})"
+
+
+def _inputs(dtype, B=3, N=37, D=45, H=3, S=2, A=6, Vd=7, V=9):
+    print(f"seed {SEED}")
+    gen = torch.Generator().manual_seed(SEED)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(DEV)
+
+    x = r(N, B, D).permute(1, 0, 2)  # sequence-first storage: strided x
+    return dict(x=x, eos=torch.tensor([N - 1, 3, 20], device=DEV), q=r(1, H, S, 1, A), kw=r(H * A, D, scale=D**-0.5),
+                vw=r(H * Vd, D, scale=D**-0.5), vb=r(H * Vd), pw=r(V, Vd, scale=Vd**-0.5), pb=r(V),
+                qt=r(H * S, D, scale=0.5), xp=r(H, B * S, D), o=r(B, H * S, Vd), g=r(B, H * S, V),
+                ga=r(B, H * S, N), gxp=r(H, B * S, D), part=r(4, H * S, D).float(), dwv=r(H * A, D),
+                dwo_p=r(H, V, Vd).float(), dbo_p=r(H, V).float(), H=H, S=S, A=A)
+
+
+def _wide(d):
+    return {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in d.items()}
+
+
+@pytest.fixture(autouse=True)
+def _refs_at_precision(monkeypatch):
+    """``lo(fn, *args)``: a ref with its products in the inputs' own dtype (PyTorch at that
+    precision) instead of the refs' fp32 accumulation."""
+    from sparo_fast_kernels import sparo_readout_bwd as bwd
+    from sparo_fast_kernels import sparo_readout_fwd as fwd
+
+    def lo(fn, *args):
+        with monkeypatch.context() as m:
+            m.setattr(fwd, "_wide", lambda t: t)
+            m.setattr(bwd, "_wide", lambda t: t)
+            return fn(*args)
+
+    global _lo
+    _lo = lo
+
+
+def _lo(fn, *args):  # replaced by the fixture above
+    raise AssertionError
+
+
+@pytest.fixture
+def ops():
+    from sparo_fast_kernels import sparo_readout_op as ops
+
+    yield ops
+    ops.TILED_OVERRIDE = None
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fwd_pool(ops, dtype, tiled):
+    from sparo_fast_kernels.sparo_readout_fwd import fwd_pool_ref
+
+    ops.TILED_OVERRIDE = 16 if tiled else None
+    t = _inputs(dtype)
+    scale = t["A"] ** -0.5
+    attn, lse, xp = ops.launch_fwd_pool(t["x"], t["eos"], t["qt"], scale, t["H"], True)
+    assert ops.LAST_PATHS["pool"] == ("tiled" if tiled else "one_tile")
+    w = _wide(t)
+    truth = fwd_pool_ref(w["x"], w["eos"], w["qt"], scale, t["H"])
+    lo = _lo(fwd_pool_ref, t["x"], t["eos"], t["qt"], scale, t["H"])
+    for name, got, tr, r, od in zip(("attn", "lse", "xp"), (attn, lse, xp), truth, lo, (dtype, torch.float32, dtype)):
+        _check(name, got, tr, r, od)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fwd_proj(ops, dtype):
+    from sparo_fast_kernels.sparo_readout_fwd import fwd_proj_ref
+
+    t = _inputs(dtype)
+    B = t["x"].shape[0]
+    got = ops.launch_fwd_proj(t["xp"], t["vw"], t["vb"], t["pw"], t["pb"], B)
+    w = _wide(t)
+    truth = fwd_proj_ref(w["xp"], w["vw"], w["vb"], w["pw"], w["pb"], t["H"], B)
+    lo = _lo(fwd_proj_ref, t["xp"], t["vw"], t["vb"], t["pw"], t["pb"], t["H"], B)
+    for name, g_, tr, r in zip(("o", "out"), got, truth, lo):
+        _check(name, g_, tr, r, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_bwd_slot(ops, dtype):
+    from sparo_fast_kernels.sparo_readout_bwd import bwd_slot_ref
+
+    t = _inputs(dtype)
+    got = ops.launch_bwd_slot(t["g"], t["o"], t["xp"], t["vw"], t["pw"])
+    w = _wide(t)
+    truth = bwd_slot_ref(w["g"], w["o"], w["xp"], w["vw"], w["pw"])
+    lo = _lo(bwd_slot_ref, t["g"], t["o"], t["xp"], t["vw"], t["pw"])
+    for name, g_, tr, r, od in zip(("gxp", "dW_V", "db_V", "dW_O partials", "db_O partials"), got, truth, lo,
+                                   (dtype, dtype, dtype, torch.float32, torch.float32)):
+        _check(name, g_, tr, r, od)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_bwd_token(ops, dtype, tiled, monkeypatch):
+    from sparo_fast_kernels import sparo_readout_bwd as bwd
+    from sparo_fast_kernels.sparo_readout_fwd import from_head_major, fwd_pool_ref
+
+    monkeypatch.setattr(bwd, "PROGRAMS_OVERRIDE", 2)  # one program takes two samples: partial read-back
+    ops.TILED_OVERRIDE = 16 if tiled else None
+    t = _inputs(dtype)
+    B, scale = t["x"].shape[0], t["A"] ** -0.5
+    _, lse, _ = fwd_pool_ref(t["x"], t["eos"], t["qt"], scale, t["H"])
+    dx, part = ops.launch_bwd_token(t["x"], t["eos"], lse, t["ga"], t["gxp"], t["qt"], scale)
+    assert ops.LAST_PATHS["token"] == ("tiled" if tiled else "one_tile")
+    assert part.shape[0] == 2
+    res = {}
+    for key, d in (("truth", _wide(t)), ("lo", t)):
+        run = (lambda fn, *a: fn(*a)) if key == "truth" else _lo
+        p, _, _ = run(fwd_pool_ref, d["x"], d["eos"], d["qt"], scale, t["H"])
+        res[key] = run(bwd.bwd_token_ref, d["x"], p.to(dtype) if key == "lo" else p, d["ga"],
+                       from_head_major(d["gxp"], B), d["qt"], scale)
+    _check("dx", dx, res["truth"][0], res["lo"][0], dtype)
+    _check("dqt", part.sum(0), res["truth"][1], res["lo"][1], torch.float32)
+    for b, e in enumerate(t["eos"].tolist()):
+        assert torch.count_nonzero(dx[b, e + 1:]) == 0  # no gradient past EOS, exactly
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared_kv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_bwd_finish(ops, dtype, shared):
+    from sparo_fast_kernels.sparo_readout_bwd import bwd_finish_ref
+
+    t = _inputs(dtype, D=70)  # several feature tiles, the last one partial; weight-sized fp32 products
+    got = ops.launch_bwd_finish(t["part"], t["q"], t["kw"], t["dwv"], t["dwo_p"], t["dbo_p"], shared, dtype)
+    w = _wide(t)
+    truth = bwd_finish_ref(w["part"], w["q"], w["kw"], w["dwv"] if shared else None, w["dwo_p"], w["dbo_p"])
+    lo = bwd_finish_ref(t["part"], t["q"], t["kw"], t["dwv"] if shared else None, t["dwo_p"], t["dbo_p"])
+    for name, g_, tr, r in zip(("dq", "dW_K", "dW_O", "db_O"), got, truth, lo):
+        _check(name, g_, tr, r, dtype)

@@ -6,7 +6,7 @@ of seven positional tensors, so the order is written down once, here.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -44,7 +44,17 @@ class ReadoutParams(NamedTuple):
         return self.v_weight.shape[0] // self.num_heads
 
     def cast(self, dtype: Optional[torch.dtype]) -> "ReadoutParams":
-        """The same parameters in ``dtype`` (tensors already in it are kept, not copied)."""
+        """The same parameters in ``dtype`` (tensors already in it are kept, not copied).
+
+        A tensor that appears twice (``v`` is ``k`` under ``share_kv``) is cast once and stays
+        one tensor, so the cast costs one copy (and one gradient cast back) and the backends'
+        shared-weight paths (``k_weight is v_weight``) still apply under autocast."""
         if dtype is None:
             return self
-        return ReadoutParams(*(p if p.dtype == dtype else p.to(dtype) for p in self))
+        done: Dict[int, Tensor] = {}
+        out = []
+        for p in self:
+            if p.dtype != dtype and id(p) not in done:
+                done[id(p)] = p.to(dtype)
+            out.append(done.get(id(p), p))
+        return ReadoutParams(*out)

@@ -56,11 +56,19 @@ def _upcast(x: Tensor) -> bool:
     return INTERPRETED and x.dtype == torch.bfloat16
 
 
+#: Launch every kernel with its space's first config instead of autotuning (the interpreter
+#: always does): the same code in every process, for bitwise comparisons across processes.
+FIXED_CONFIGS: bool = False
+
+
 def _launch(kernel, grid, args, meta, space, key, tag):
-    """The interpreter: the space's first config; a GPU: ``triton.autotune`` over the space."""
-    if INTERPRETED:
+    """The interpreter (or ``FIXED_CONFIGS``): the space's first config; a GPU:
+    ``triton.autotune`` over the space."""
+    if INTERPRETED or FIXED_CONFIGS:
         cfg, w, st = at.split(space[0])
-        kernel[grid](*args, **meta, **cfg, num_warps=w, num_stages=st)
+        if callable(grid):
+            grid = grid(space[0])
+        (kernel if INTERPRETED else wrap_triton(kernel))[grid](*args, **meta, **cfg, num_warps=w, num_stages=st)
     else:
         wrap_triton(at.tuned(kernel, space, key, tag))[grid](*args, **meta)
 
@@ -122,7 +130,7 @@ def launch_fwd_proj(xp: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: T
     def grid(m):
         return (triton.cdiv(M, m["BM"]), H)
 
-    _launch(_fwd_proj_kernel, grid if not INTERPRETED else grid(space[0]),
+    _launch(_fwd_proj_kernel, grid,
             (xp, v_weight.contiguous(), v_bias.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(), o,
              out, M, S, H * S, D, vd, V),
             dict(DOT_PREC=dot_precision(xp.dtype), UPCAST=_upcast(xp), **meta), space, ["M", "D", "VD", "V"],
@@ -161,7 +169,7 @@ def launch_bwd_slot(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_wei
     def grid(m):
         return (H, triton.cdiv(D, m["BD"]))
 
-    _launch(_bwd_slot_kernel, grid if not INTERPRETED else grid(space[0]),
+    _launch(_bwd_slot_kernel, grid,
             (g.contiguous(), o, xp, v_weight, proj_weight.contiguous(), gxp, dwv, dbv, dwo_p, dbo_p,
              B, S, L, D, vd, V),
             dict(DOT_PREC=dot_precision(xp.dtype), UPCAST=_upcast(xp), **meta), space, ["M", "D", "VD", "V"],

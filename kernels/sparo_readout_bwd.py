@@ -7,9 +7,13 @@ With g = dL/dout and ga = dL/dattn (optional); ``xp`` and ``gxp`` are head-major
    ``go = g W_O``, ``gxp[h] = go[h] W_V[h]``, ``dW_V[h] = go[h]^T xp[h]``, ``db_V[h] = sum go[h]``
    and per-head partials of ``dW_O = sum g^T o`` and ``db_O = sum g``;
 2. ``_bwd_token_kernel`` (below): everything that touches the tokens;
-3. ``_bwd_finish_kernel``, grid ``(Hh,)``: the batch-wide ``dqt`` reduction (per-program
-   partials summed in a fixed order), then the absorbed query's gradients ``dq = dqt W_K[h]^T``,
-   ``dW_K[h] = q^T dqt`` (plus ``dW_V[h]`` when k and v share one weight), ``dW_O``, ``db_O``.
+3. ``_bwd_finish_kernel``, grid ``(Hh, cdiv(D, BD))``: the batch-wide ``dqt`` reduction of
+   one head's feature tile (the per-program partials summed BP at a time with vector loads, in
+   a fixed order), then the absorbed query's gradients: the ``dW_K[h]`` tile ``q^T dqt`` (plus
+   ``dW_V[h]`` when k and v share one weight), a per-tile fp32 partial of ``dq = dqt W_K[h]^T``
+   (summed over the feature tiles by one PyTorch ``sum`` in the op), and rows of ``dW_O``,
+   ``db_O``. (The earlier grid ``(Hh,)`` walked every feature tile and every partial in one
+   program: about 1,600 dependent round trips each; see bench/NOTES.md.)
 
 ``_bwd_token_kernel`` does everything that touches the tokens, for every slot at once (all
 L <= 128 slots in one block). It is **persistent**: grid ``(P,)`` with P about one program per
@@ -23,13 +27,20 @@ SM, program ``pid`` taking samples ``pid, pid + P, ...``. Per sample:
   a second sweep over D, with 64+-row ``dx`` products, writes
   ``dx = p^T gxp + gs^T qt`` (zero past a text's EOS, written once, no atomics) and adds
   ``gs @ x`` into the program's own ``dqt`` partial.
-* long sequences: the same with the token axis tiled by ``BN`` and ``p`` and ``gp`` parked
-  in a per-program fp32 scratch ``[P, 2, L, N]`` between the two sweeps.
+* long sequences (``_bwd_tiled_*``): the same with the token axis tiled by ``BN`` and ``p``
+  and ``gp`` parked in a per-program fp32 scratch ``[P, 2, L, N]`` between the two sweeps; the
+  second sweep visits every token tile (past EOS nothing is read and ``dx = 0`` is written).
+
+Both paths form ``s`` and ``gp`` with the one ``_score_sweep`` helper of
+``sparo_readout_common``. A barrier at the top of each sample orders the previous sample's
+partial stores and scratch reads (done by other threads: the dot's register layout is not
+the load's) before this sample reads the partial back or overwrites the scratch.
 
 Determinism: there are no atomics. Each program owns a ``[L, D]`` fp32 partial of ``dqt``
 (first sample: store, later samples: load-add-store, in a fixed order), and the batch-wide
 reduction is the finish kernel's fixed-order sum over the P partials, so the result is
-bitwise reproducible for a given (B, P). No kernel accumulates into memory it did not write in
+bitwise reproducible for a given (B, P) and launch configuration
+(``tests/test_sparo_readout_triton_paths.py`` compares two processes bitwise). No kernel accumulates into memory it did not write in
 the same launch, so autotuning needs no ``reset_to_zero`` / ``restore_value``. The key bias
 gets an exactly-zero gradient (it only adds a per-slot constant to the scores).
 

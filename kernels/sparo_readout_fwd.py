@@ -1,7 +1,7 @@
 """Forward Triton kernels of the SPARO read-out (absorbed formulation), with PyTorch refs.
 
-Design (three launches in all, no loop over slots, no per-slot launch; see ``shared/SPARO.md``)
---------------------------------------------------------------------------------------------
+Design (three launches in all, no loop over slots, no per-slot launch; see ``docs/DESIGN.md``)
+---------------------------------------------------------------------------------------------
 The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l`` (a [L, D]
 weight-only product: the one PyTorch launch of the forward, inside the op; its gradient flows
 to ``q_emb`` and ``W_K`` through the backward's finish kernel); the ``1/sqrt(A)`` scale is a
@@ -19,12 +19,18 @@ kernel argument, not a second PyTorch launch. The [B, N, Hh*A] keys and values a
      ``xp = p @ x`` (p cast to the compute dtype for the tensor-core product, fp32
      accumulation, as SDPA/FlashAttention do). No scratch: x is read twice (the second
      read mostly hits L2: one ViT-B/16 sample is 300 kB in bf16) and nothing else.
-   * long sequences: the token axis is tiled by ``BN``; a first sweep stores the scaled
-     scores in an fp32 scratch ``[B, L, N]`` with an online max / sum-of-exp, a second
-     sweep (D tile by D tile) reads them back as ``p = exp2(s - lse)``, writes ``attn`` on
-     its first D tile, and pools.
+   * long sequences (``_fwd_tiled_*``): the token axis is tiled by ``BN``; pass (a) stores the
+     scaled scores in an fp32 scratch ``[B, L, N]`` with an online max / sum-of-exp; pass (b),
+     only when ``attn`` is asked for, writes ``attn = exp2(s - lse)`` for every token tile (a
+     pass of its own: no store under a runtime branch inside the pipelined pooling loop, the
+     pattern behind an earlier miscompile); pass (c), D tile by D tile, reads the scores back
+     as ``p = exp2(s - lse)`` and pools.
 
-   Token tiles past a text's EOS are never loaded (masked lanes, skipped tiles). Saved for
+   Both paths form their scores with the one ``_score_sweep`` helper of
+   ``sparo_readout_common`` (shared with the backward). Token tiles past a text's EOS are
+   never loaded (masked lanes, skipped tiles). A sample with no valid token (``eos < 0``,
+   input checks off) gets NaN ``attn`` and ``xp`` rows on both paths, as ``torch.softmax``
+   gives the torch backend. Saved for
    the backward: ``lse [B, L]`` (fp32, log2 domain of the scaled scores: ``p = exp2(s *
    scale * log2(e) - lse)``) instead of the [B, L, N] probabilities.
    ``xp`` is written **head-major**, ``[Hh, B*S, D]`` (row ``h, b*S + s`` for slot
@@ -52,7 +58,7 @@ Offsets: every product of a token or row index with a stride is computed in int6
 index is int64 before it meets a stride, token indices are widened before multiplying), so
 sequence-first ``[N, B, D]`` views with ``N * B * D >= 2^31`` address correctly.
 
-Block sizes, warps and stages come from ``autotune.py`` (pruned spaces keyed on the N bucket,
+Block sizes, warps and stages come from ``sparo_readout_autotune.py`` (pruned spaces keyed on the N bucket,
 D, L and dtype, tuned by ``triton.autotune`` on a GPU, one fixed config under the interpreter).
 """
 from __future__ import annotations

@@ -13,18 +13,22 @@ launched directly with the space's first (fixed) config (older torch releases' `
 reject them), and the ops are kept opaque under ``torch.compile`` (the FunctionalTensorMode
 decomposition is replaced by a plain redispatch).
 
-``readout_fwd(x, eos_indices, qt, scale, k_bias, v_weight, v_bias, proj_weight, proj_bias,
-num_heads, need_weights) -> (out, attn, lse, xp, o)``: ``qt`` is the *unscaled* absorbed query
-``W_K[h]^T q_l`` [L, D] (computed by PyTorch, so autograd carries dqt to ``q_emb`` and
-``k.weight``) and ``scale`` the ``1/sqrt(A)`` the kernels apply to the scores; ``k_bias`` is
-only there to receive its (exactly zero) gradient; ``attn`` is an empty tensor when
-``need_weights`` is false; ``lse`` (fp32 [B, L], log2 domain), ``xp`` (pooled tokens,
-head-major [Hh, B*S, D]) and ``o`` (pooled values [B, L, Vd]) are the state saved for the
-backward. ``readout_bwd(grad_out, grad_attn, x, eos_indices, qt, scale, v_weight, proj_weight,
-lse, xp, o, num_heads) -> (dx, dqt, dW_V, db_V, dW_O, db_O)``.
+``readout_fwd(x, eos_indices, q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight,
+proj_bias, need_weights) -> (out, attn, qt, lse, xp, o)``: the absorbed query ``qt =
+W_K[h]^T q_l`` [L, D] is computed inside, *unscaled*, by one PyTorch matmul (the kernels
+apply ``1/sqrt(A)`` to the scores); ``k_bias`` is only there to receive its (exactly zero)
+gradient; ``attn`` is an empty tensor when ``need_weights`` is false; ``qt``, ``lse`` (fp32
+[B, L], log2 domain), ``xp`` (pooled tokens, head-major [Hh, B*S, D]) and ``o`` (pooled
+values [B, L, Vd]) are the state saved for the backward. ``readout_bwd(grad_out, grad_attn,
+x, eos_indices, q_emb, k_weight, qt, v_weight, proj_weight, lse, xp, o, shared_kv) -> (dx,
+dq_emb, dW_K, dW_V, db_V, dW_O, db_O)`` (``dW_V`` empty when ``shared_kv``: it is already in
+``dW_K``).
 
-Launches: forward = ``qt`` (one PyTorch matmul, in the backend) + 2 kernels; backward = 1
-kernel + 8 small PyTorch ops on slot-level tensors (see ``_readout_bwd``).
+Each kernel has a ``launch_*`` function here (allocation and launch, nothing else), tested
+one by one against its ``*_ref`` in ``tests/test_sparo_readout_refs.py``. Launches: forward =
+``qt`` (one PyTorch matmul) + 2 kernels; backward = 3 kernels + the sum of the finish
+kernel's per-feature-tile ``dq`` partials (one PyTorch ``sum``, written in the parameter's
+dtype) and, only with separate k/v tensors, a zero-filled key-bias gradient.
 """
 from __future__ import annotations
 
@@ -214,8 +218,11 @@ def launch_bwd_finish(part: Tensor, q_emb: Tensor, k_weight: Tensor, dwv: Tensor
     fin[(H, tiles)](part, q_emb.contiguous(), k_weight.contiguous(), dwv, dwo_p, dbo_p, dq_p, dwk, dwo, dbo,
                     P, H, S, A, D, V, vd, triton.cdiv(V, H * tiles), SHARED=shared_kv,
                     **at.finish_meta(S, A, H, vd, V), **cfg, num_warps=w, num_stages=st)
-    # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype
-    return dq_p.sum(0).to(q_emb.dtype).view(q_emb.shape), dwk, dwo, dbo
+    # a fixed-order sum over the few feature tiles (deterministic), written in the parameter's
+    # dtype by the same launch
+    dq = torch.empty(q_emb.shape, device=part.device, dtype=q_emb.dtype)
+    torch.sum(dq_p, 0, out=dq.view(L, A))
+    return dq, dwk, dwo, dbo
 
 
 def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_indices: Optional[Tensor],

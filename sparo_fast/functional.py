@@ -1,7 +1,7 @@
 """SPARO read-out as plain functions: the published math and the absorbed formulation.
 
 Every backend takes the same arguments ``(x, eos_indices, params: ReadoutParams,
-need_weights)`` and returns ``(out [B, L, V], attn [B, L, N] or None)``; see ``../shared/SPARO.md`` for the
+need_weights)`` and returns ``(out [B, L, V], attn [B, L, N] or None)``; see ``docs/DESIGN.md`` for the
 derivation of the absorbed form.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def sparo_absorbed(
     c = absorbed_query_bias(q_emb, k_bias)  # [L]
     scores = torch.baddbmm(c.view(1, n_slots, 1).to(x.dtype), qt.expand(B, -1, -1), x.transpose(1, 2))
     mask = eos_mask(eos_indices, N, x.device)
-    if mask is not None:
+    if mask is not None:  # eos < 0 (checks off) masks every token: NaN rows, on every backend
         scores = scores.masked_fill(mask[:, None, :], float("-inf"))
     low_precision = x.dtype in (torch.float16, torch.bfloat16)
     attn = torch.softmax(scores, dim=-1, dtype=torch.float32 if low_precision else x.dtype).to(x.dtype)

@@ -2,7 +2,7 @@
 
 ``sparo_triton`` calls ``torch.ops.sparo_fast.readout_fwd`` on the published parameters (one
 PyTorch matmul for the absorbed query and two Triton launches); its registered backward is
-three Triton launches that also produce the parameters' gradients (``q_emb``, the shared or
+three Triton launches (and one small PyTorch sum) that also produce the parameters' gradients (``q_emb``, the shared or
 separate key/value weights, ``proj``). See ``kernels/sparo_readout_fwd.py``, ``kernels/sparo_readout_bwd.py``
 and ``kernels/sparo_readout_op.py`` for the design.
 

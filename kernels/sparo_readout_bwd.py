@@ -1,4 +1,4 @@
-"""Backward Triton kernels of the SPARO read-out: three launches, with PyTorch refs.
+"""Backward Triton kernels of the SPARO read-out: three kernels, each with a PyTorch ``*_ref``.
 
 With g = dL/dout and ga = dL/dattn (optional); ``xp`` and ``gxp`` are head-major
 ``[Hh, B*S, D]`` (the layout every kernel reads, no permute copies):
@@ -40,9 +40,10 @@ Determinism: there are no atomics. Each program owns a ``[L, D]`` fp32 partial o
 (first sample: store, later samples: load-add-store, in a fixed order), and the batch-wide
 reduction is the finish kernel's fixed-order sum over the P partials, so the result is
 bitwise reproducible for a given (B, P) and launch configuration
-(``tests/test_sparo_readout_triton_paths.py`` compares two processes bitwise). No kernel accumulates into memory it did not write in
-the same launch, so autotuning needs no ``reset_to_zero`` / ``restore_value``. The key bias
-gets an exactly-zero gradient (it only adds a per-slot constant to the scores).
+(``tests/test_sparo_readout_triton_paths.py`` compares two processes bitwise). No kernel
+accumulates into memory it did not write in the same launch, so autotuning needs no
+``reset_to_zero`` / ``restore_value``. The key bias gets an exactly-zero gradient (it only
+adds a per-slot constant to the scores).
 
 Saved from the forward: x, qt, lse (fp32 [B, L]), xp (head-major [Hh, B*S, D]) and
 o ([B, L, Vd]).

@@ -18,8 +18,10 @@ rows, no extra kernel launch) and, when gradients are needed, one extra forward 
 the kernels on those samples. A result further from the truth than twice the torch backend's
 error plus a floor (``_FLOOR_ULPS`` ulps of the result) warns once and sends that bucket to the
 torch backend for the rest of the process. Its cost is one torch forward (+ backward) in the
-compute dtype and one in float64 on two samples, once per bucket; ``SPARO_FAST_SELFCHECK=0``
-turns it off. It is skipped while compiling or capturing a CUDA graph.
+compute dtype and one in float64 on two samples, once per bucket. On by default on CUDA
+devices; ``SPARO_FAST_SELFCHECK=0`` turns it off, ``=1`` also turns it on under the CPU
+interpreter (off there by default: it is a test tool, and its tests' batches are as small as
+the check's). It is skipped while compiling or capturing a CUDA graph.
 """
 from __future__ import annotations
 
@@ -101,8 +103,11 @@ _FLOOR_ULPS = {torch.float32: 64, torch.float16: 4, torch.bfloat16: 4}
 _checked: Dict[Tuple, bool] = {}
 
 
-def selfcheck_enabled() -> bool:
-    return os.environ.get("SPARO_FAST_SELFCHECK", "1") != "0"
+def selfcheck_enabled(device: torch.device) -> bool:
+    """``SPARO_FAST_SELFCHECK`` 1 / 0; unset: on for CUDA devices, off under the CPU interpreter
+    (a test tool, where a check of two samples costs as much as a test's own small batch)."""
+    env = os.environ.get("SPARO_FAST_SELFCHECK")
+    return env == "1" if env is not None else device.type == "cuda"
 
 
 def _bucket(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams) -> Tuple:
@@ -182,7 +187,7 @@ def _self_check(x, eos, params, need_weights, out, attn, need_grad) -> Optional[
 
 def _checked_bucket(x, eos_indices, params, need_weights, out, attn) -> bool:
     """True when the kernels may serve this call's bucket (running its self-check if first)."""
-    if not selfcheck_enabled() or torch.compiler.is_compiling() or (
+    if not selfcheck_enabled(x.device) or torch.compiler.is_compiling() or (
             x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return True
     key = _bucket(x, eos_indices, params)

@@ -3,7 +3,7 @@
 A kernel result made wrong on purpose (monkeypatched, forward or backward) must be caught on
 the bucket's first call: one warning, the torch backend's result, and the torch backend for
 that bucket from then on; a correct kernel passes silently; ``SPARO_FAST_SELFCHECK=0`` turns
-the check off.
+the check off (``=1`` turns it on under the interpreter, where it is off by default).
 """
 from __future__ import annotations
 
@@ -116,3 +116,11 @@ def test_opt_out(monkeypatch):
         out, _ = m(x, eos, need_weights=False)
     assert tb._checked == {}
     torch.testing.assert_close(out, 2 * ref(x, eos)[0], rtol=1e-4, atol=1e-5)  # unchecked: the wrong result
+
+
+def test_default_on_for_cuda_only(monkeypatch):
+    monkeypatch.delenv("SPARO_FAST_SELFCHECK")
+    assert tb.selfcheck_enabled(torch.device("cuda", 0))
+    assert not tb.selfcheck_enabled(torch.device("cpu"))
+    monkeypatch.setenv("SPARO_FAST_SELFCHECK", "0")
+    assert not tb.selfcheck_enabled(torch.device("cuda", 0))

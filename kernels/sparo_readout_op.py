@@ -6,8 +6,8 @@ so ``torch.compile`` traces them without graph breaks (Inductor sees the kernels
 ``readout_fwd`` has an autograd formula (``register_autograd``) that calls
 ``readout_bwd``; both have allocation-only fake implementations.
 
-On a GPU each kernel is a ``triton.autotune`` over the pruned space of ``sparo_readout_autotune.py`` for its
-shape key; under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set before this module is
+On a GPU each kernel is a ``triton.autotune`` over the pruned space of
+``sparo_readout_autotune.py`` for its shape key; under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set before this module is
 imported) the kernels are ``InterpretedFunction`` objects, which cannot be traced: they are
 launched directly with the space's first (fixed) config (older torch releases' ``wrap_triton``
 reject them), and the ops are kept opaque under ``torch.compile`` (the FunctionalTensorMode

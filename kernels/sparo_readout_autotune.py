@@ -163,10 +163,12 @@ def finish_meta(S: int, A: int, H: int, VD: int, V: int) -> Dict:
 
 def finish_space(S: int, A: int, D: int) -> List[Dict]:
     """Weight-sized work (a few hundred kB of weights, P x L x D fp32 partials): one config, not
-    tuned. Grid (Hh, cdiv(D, BD)); BP partials per [BP, BS, BD] load, about 32 fp32 registers
-    per thread at S = A = 64 (8 warps), so many loads are in flight at once."""
+    tuned. Grid (Hh, cdiv(D, BD)); BP partials per [BP, BSR, BD] load (BSR = next_pow2(S), not
+    padded to the 16 rows of the dots), about 32 fp32 registers per thread, so many loads are
+    in flight at once (vit_b16, S = 1: 128 partials per load)."""
     bd = max(16, min(32, _p2(D)))
-    return [dict(BD=bd, BP=max(1, 4096 // (_p2(S) * bd)), num_warps=8 if _p2(A) * _p2(S) > 1024 else 4,
+    bsr = _p2(S, lo=1)
+    return [dict(BD=bd, BSR=bsr, BP=max(1, 4096 // (bsr * bd)), num_warps=8 if _p2(A) * _p2(S) > 1024 else 4,
                  num_stages=1)]
 
 

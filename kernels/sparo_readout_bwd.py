@@ -278,20 +278,44 @@ def _bwd_slot_kernel(
 
 
 @triton.jit
+def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl.constexpr, BD: tl.constexpr,
+                  BP: tl.constexpr):
+    """Head h's rows of the NP partials over one feature tile, summed BP partials per vector load
+    ([BP, BSR, BD] blocks, BSR = next_pow2(S) >= 1, a fixed order: deterministic), returned as
+    the [BS, BD] tile the dots take (BS >= 16 rows: at S = 1, 15 of them are zero padding that
+    the loads no longer carry)."""
+    offs_r = tl.arange(0, BSR)
+    offs_p = tl.arange(0, BP)
+    rows = (h * S + offs_r)[:, None] * D + offs_d[None, :]  # [BSR, BD] offsets within one partial
+    rd = (offs_r < S)[:, None] & dmask[None, :]
+    acc = tl.zeros([BSR, BD], tl.float32)
+    for p0 in range(0, NP, BP):
+        pp = p0 + offs_p
+        blk = tl.load(PART + pp.to(tl.int64)[:, None, None] * L * D + rows[None, :, :],
+                      mask=(pp < NP)[:, None, None] & rd[None, :, :], other=0.0)
+        acc += tl.sum(blk, axis=0)
+    if BSR == BS:
+        return acc
+    else:  # place the BSR rows into a BS-row tile (a select per row, no memory)
+        offs_s = tl.arange(0, BS)
+        pick = offs_s[:, None, None] == offs_r[None, :, None]
+        return tl.sum(tl.where(pick, acc[None, :, :], 0.0), axis=1)
+
+
+@triton.jit
 def _bwd_finish_kernel(
     PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO,
     NP, H, S, A, D, V, VD, NV,
     SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-    BVD: tl.constexpr, BP: tl.constexpr,
+    BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr,
 ):
     """Weight gradients, grid ``(Hh, cdiv(D, BD))``: program (h, t) sums the NP per-program
-    ``dqt`` partials of head h's S slots over feature tile t, BP partials per vector load
-    ([BP, BS, BD] blocks, a fixed order: deterministic), then through the absorbed query
-    ``qt = W_K[h]^T q``: the ``dW_K[h]`` tile ``q^T dqt`` (+ ``dW_V[h]`` when k and v share the
-    weight) and the tile's fp32 partial of ``dq = dqt W_K[h]^T`` at ``DQ[t]`` (summed over the
-    cdiv(D, BD) tiles by the op: one small PyTorch sum). Each program also sums NV rows of the
-    per-head ``dW_O`` / ``db_O`` partials (rows ``pid, pid + P, ...``, P = the grid size).
-    Weight-sized work only: products in true fp32 (``ieee``)."""
+    ``dqt`` partials of head h's S slots over feature tile t (``_sum_partials``), then through
+    the absorbed query ``qt = W_K[h]^T q``: the ``dW_K[h]`` tile ``q^T dqt`` (+ ``dW_V[h]`` when
+    k and v share the weight) and the tile's fp32 partial of ``dq = dqt W_K[h]^T`` at ``DQ[t]``
+    (summed over the cdiv(D, BD) tiles by the op: one small PyTorch sum). Each program also sums
+    NV rows of the per-head ``dW_O`` / ``db_O`` partials (rows ``pid, pid + P, ...``, P = the
+    grid size). Weight-sized work only: products in true fp32 (``ieee``)."""
     h = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     offs_s = tl.arange(0, BS)
@@ -301,15 +325,7 @@ def _bwd_finish_kernel(
     offs_d = t * BD + tl.arange(0, BD)
     dmask = offs_d < D
     L = H * S
-    offs_p = tl.arange(0, BP)
-    rows = (h * S + offs_s)[:, None] * D + offs_d[None, :]  # [BS, BD] offsets within one partial
-    sd = smask[:, None] & dmask[None, :]
-    dqt = tl.zeros([BS, BD], tl.float32)
-    for p0 in range(0, NP, BP):
-        pp = p0 + offs_p
-        blk = tl.load(PART + pp.to(tl.int64)[:, None, None] * L * D + rows[None, :, :],
-                      mask=(pp < NP)[:, None, None] & sd[None, :, :], other=0.0)
-        dqt += tl.sum(blk, axis=0)
+    dqt = _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS, BSR, BD, BP)
     ad = amask[:, None] & dmask[None, :]
     q = tl.load(QE + (h * S + offs_s)[:, None] * A + offs_a[None, :], mask=smask[:, None] & amask[None, :],
                 other=0.0).to(tl.float32)

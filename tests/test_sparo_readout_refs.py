@@ -162,12 +162,13 @@ def test_bwd_token(ops, dtype, tiled, monkeypatch):
         assert torch.count_nonzero(dx[b, e + 1:]) == 0  # no gradient past EOS, exactly
 
 
+@pytest.mark.parametrize("H,S", [(3, 1), (2, 16)], ids=["S1", "S16"])  # partial rows below / at the dot's 16
 @pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared_kv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_bwd_finish(ops, dtype, shared):
+def test_bwd_finish(ops, dtype, shared, H, S):
     from sparo_fast_kernels.sparo_readout_bwd import bwd_finish_ref
 
-    t = _inputs(dtype, D=70)  # several feature tiles, the last one partial; weight-sized fp32 products
+    t = _inputs(dtype, D=70, H=H, S=S)  # several feature tiles, the last one partial; weight-sized fp32 products
     got = ops.launch_bwd_finish(t["part"], t["q"], t["kw"], t["dwv"], t["dwo_p"], t["dbo_p"], shared, dtype)
     w = _wide(t)
     truth = bwd_finish_ref(w["part"], w["q"], w["kw"], w["dwv"] if shared else None, w["dwo_p"], w["dbo_p"])

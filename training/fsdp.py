@@ -99,9 +99,10 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int, precisi
     mesh = make_mesh(device, world_size, replicate)
     keep = scalar_params(model)
     if pr.weights != torch.float32:
+        exact = [p.detach().clone() for p in keep]
         model.to(pr.weights)
-        for p in keep:
-            p.data = p.data.float()
+        for p, value in zip(keep, exact):
+            p.data = value
     mp = MixedPrecisionPolicy(param_dtype=pr.param_dtype, reduce_dtype=pr.reduce_dtype)
     blocks = residual_blocks(model)
     if not blocks:

@@ -40,8 +40,11 @@ def _scalars(model: nn.Module) -> set:
 
 
 def optimizer_to_openclip(model: nn.Module, optimizer) -> Dict[str, Any]:
-    """Collective: the full optimizer state, indexed as OpenCLIP's (0-D logit scale state restored)."""
+    """Collective: the full optimizer state, indexed as OpenCLIP's (0-D logit scale state restored); empty on
+    ranks other than 0."""
     osd = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if not osd:  # cpu_offload gathers the full state on rank 0 only
+        return {}
     index = {n: i for i, n in enumerate(param_order(model))}
     scalars = _scalars(model)
     state = {}

@@ -141,3 +141,31 @@ def test_pretrained_safetensors_and_offline_hf_hub(one_epoch, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "loaded hf-hub:org/tiny" in res.stdout and "open_clip_model.safetensors" in res.stdout
     assert "refused --pretrained hf-hub:org/missing" in res.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(OC_PATH, "webdataset")),
+                    reason=f"open_clip_train reads shards only with webdataset 0.2.x: pip install --target {OC_PATH} "
+                           f"pandas webdataset==0.2.86 (or set OPEN_CLIP_TRAIN_DEPS)")
+def test_both_trainers_report_the_same_evaluation_rows(one_epoch, tmp_path, cache):
+    """One tiny plain-CLIP epoch with each trainer on the same shards, from the same weights (--pretrained), at a
+    learning rate too small for the two data orders to matter: results.jsonl rows with the same keys and values."""
+    from sparo_fast_training import synthetic
+
+    d = synthetic.ensure_synthetic(cache, 64, 64, seed=0, log=lambda *_: None, shard_size=1000)
+    common = ["--batch-size", "8", "--epochs", "1", "--lr", "1e-9", "--warmup", "1", "--workers", "1",
+              "--pretrained", str(one_epoch), "--train-data", d["train"], "--val-data", d["val"],
+              "--train-num-samples", "64", "--val-num-samples", "64", "--dataset-type", "webdataset", "--seed", "0",
+              "--precision", "fp32", "--zeroshot-frequency", "0", "--save-frequency", "1", "--model", "ViT-Tiny"]
+    script = tmp_path / "oc_main.py"
+    script.write_text(_OC_MAIN)
+    oc = subprocess.run([sys.executable, str(script), *common, "--logs", str(tmp_path / "oc"), "--name", "r",
+                         "--device", "cpu"], env=env({"PYTHONPATH": OC_PATH}), capture_output=True, text=True,
+                        timeout=300)
+    assert oc.returncode == 0, oc.stderr[-3000:]
+    res = plain(["--device", "cpu", "--threads", "1", "--logs-dir", tmp_path / "ours", "--name", "r", *common])
+    assert res.returncode == 0, res.stderr[-3000:]
+    theirs = [json.loads(x) for x in (tmp_path / "oc" / "r" / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    ours = [json.loads(x) for x in (tmp_path / "ours" / "r" / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    assert len(theirs) == len(ours) == 1 and set(theirs[0]) <= set(ours[0]), (theirs, ours)
+    for k, v in theirs[0].items():
+        assert ours[0][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (k, ours[0][k], v)

@@ -362,3 +362,12 @@ def test_evaluation_matches_open_clip_train_evaluate(one_rank, tiny, tmp_path):
     assert shared <= set(ours) and len(shared) == 12, sorted(theirs)
     for k in shared:
         assert ours[k] == pytest.approx(float(theirs[k]), rel=1e-5, abs=1e-6), k
+
+
+def test_evaluation_schedule_is_open_clip_train_s():
+    """At the end of epoch e (from 1): when the frequency divides e or e is the last epoch; frequency 0: never."""
+    from sparo_fast_training.evaluator import due
+
+    assert [e for e in range(1, 6) if due(2, e, 5)] == [2, 4, 5]
+    assert [e for e in range(1, 6) if due(1, e, 5)] == [1, 2, 3, 4, 5]
+    assert not any(due(0, e, 5) for e in range(1, 6))  # 0 = never, not even at the end

@@ -56,16 +56,6 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, logit_scale: float =
     return {k: float(v) for k, v in m.items()}
 
 
-def first_of_each(captions: Sequence[str]) -> List[int]:
-    """Rows whose caption has not appeared before (a repeated caption would be a second right answer)."""
-    seen, rows = set(), []
-    for i, c in enumerate(captions):
-        if c not in seen:
-            seen.add(c)
-            rows.append(i)
-    return rows
-
-
 def validation_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, batch_size: int) -> float:
     """OpenCLIP's ``ClipLoss`` over consecutive batches of ``batch_size`` pairs, averaged per pair (as
     ``open_clip_train.train.evaluate`` reports ``clip_val_loss``)."""

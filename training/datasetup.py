@@ -9,6 +9,7 @@ from typing import List, Optional
 import torch.distributed as dist
 
 from . import data as data_mod
+from . import distributed as D
 from . import synthetic
 from .errors import Fatal
 
@@ -47,12 +48,17 @@ def resolve(args, info) -> DataPlan:
     else:
         plan = DataPlan([data_mod.expand_urls(s) for s in args.train_data.split("::")], 0,
                         data_mod.expand_urls(args.val_data) if args.val_data else None, None, None)
-    try:
-        data_mod.check_shards(plan.train_urls, "--train-data")
-        if plan.val_urls is not None:
-            data_mod.check_shards(plan.val_urls, "--val-data")
-    except data_mod.DataError as e:
-        raise Fatal(str(e)) from None
+    why = None
+    if info.rank == 0:  # one reader of every shard's first sample, not one per rank
+        try:
+            data_mod.check_shards(plan.train_urls, "--train-data")
+            if plan.val_urls is not None:
+                data_mod.check_shards(plan.val_urls, "--val-data")
+        except data_mod.DataError as e:
+            why = str(e)
+    why = D.broadcast_object(why)
+    if why:
+        raise Fatal(why)
     if not plan.num_samples:
         plan.num_samples = args.train_num_samples or data_mod.count_samples(plan.train_urls) or 0
         if not plan.num_samples:

@@ -199,3 +199,26 @@ def test_unwritable_checkpoint_folder_is_reported():
     why = rundir.writable_problem("/proc/version/checkpoints", "checkpoint folder")
     assert why.startswith("checkpoint folder /proc/version/checkpoints: not writable")
     assert rundir.writable_problem(os.path.dirname(__file__) + "/__pycache__", "x") is None
+
+
+def _slow(image):
+    import time
+
+    time.sleep(30)
+    return image
+
+
+def test_stalled_loader_stops_with_one_line(shards):
+    """No batch within --data-timeout: the loader raises, the trainer turns it into one line."""
+    from sparo_fast_training import data
+    from sparo_fast_training.errors import Fatal
+    from sparo_fast_training.params import parse_args
+    from sparo_fast_training.trainer import Trainer
+
+    spec = data.StreamSpec(urls=[os.path.join(shards["folder"], "train-000000.tar")], seed=0, epoch=0, rank=0,
+                           world_size=1, num_workers=1, batch_size=2, batches_per_rank=1)
+    t = Trainer(parse_args(["--data-timeout", "2"]))
+    t.loader = iter(data.train_loader(spec, _slow, lambda texts: torch.zeros(1, 4, dtype=torch.long), timeout=2))
+    with pytest.raises(Fatal, match="no training batch for --data-timeout 2 s"):
+        t.next_batch()
+    t.loader = None

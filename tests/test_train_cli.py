@@ -301,17 +301,18 @@ def test_pretrained_file_and_preprocessing_overrides(tmp_path):
 
 
 def test_dataset_resampled_draws_shards_with_replacement_by_source_weight():
+    from sparo_fast_training.datasetup import DataPlan
     from sparo_fast_training.trainer import Trainer
 
     a = [f"a-{i}.tar" for i in range(50)]
     b = [f"b-{i}.tar" for i in range(50)]
     t = Trainer(parse_args(["--dataset-resampled", "--train-data-upsampling-factors", "1::3", "--seed", "7"]))
-    t.data = {"train_urls": a + b, "weights": [1.0] * 50 + [3.0] * 50}
+    t.data = DataPlan([a, b], 100, None, [1.0] * 50 + [3.0] * 50, None)
     draws = []
     for epoch in range(4):
-        t.epoch = epoch
+        t.pos.epoch = epoch
         draws.append(t.epoch_urls())
-    t.epoch = 0  # deterministic per (seed, epoch)
+    t.pos.epoch = 0  # deterministic per (seed, epoch)
     assert t.epoch_urls() == draws[0] and draws[0] != draws[1] and all(len(d) == 100 for d in draws)
     picks = [u for d in draws for u in d]
     assert len(set(draws[0])) < 100  # with replacement

@@ -71,7 +71,7 @@ def test_resume_from_recorded_positions(shards, start):
     full = batches(shards, workers=2, n=8)
     positions = [0, 0]
     for img, tok, info in full[:start]:
-        w, pos, _ = info.tolist()
+        w, pos = info.tolist()[:2]
         positions[w] = pos
     rest = batches(shards, workers=2, n=8, start=start, positions=positions)
     assert len(rest) == len(full) - start
@@ -163,7 +163,7 @@ def test_resume_without_sizes_json_and_with_sliced_shards(shards, tmp_path, worl
     full = batches(shards, rank=world - 1, world=world, workers=workers, n=n)
     positions = [0] * workers
     for img, tok, info in full[:start]:
-        w, pos, _ = info.tolist()
+        w, pos = info.tolist()[:2]
         positions[w] = pos
     rest = batches(shards, rank=world - 1, world=world, workers=workers, n=n, start=start, positions=positions)
     assert len(rest) == n - start

@@ -95,7 +95,7 @@ def _children(pid):
 
 def _preempt(args, run, at_step):
     """Start the run, SIGTERM both ranks (as a scheduler does) once step ``at_step`` is logged; returns
-    the step the ranks agreed to stop after and the console output."""
+    the step the ranks agreed to stop after and the console output (which holds each rank's event line)."""
     cmd = TORCHRUN + ["--nproc_per_node=2", str(MAIN)] + [str(a) for a in args]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -154,8 +154,14 @@ def test_preemption_then_sigkill_resume_exactly(uninterrupted, tmp_path, cache):
     full_run, _ = uninterrupted
     run = tmp_path / "pre"
     args = tiny_args(tmp_path, "pre", cache, *RESUME_FLAGS)
-    stopped, _ = _preempt(args, run, 17)
-    assert 17 <= stopped < 24 and (run / "checkpoints" / f"step_{stopped:08d}").is_dir()
+    stopped, out = _preempt(args, run, 17)
+    # the event each rank reports: the steps it had finished when its handler ran; the ranks stop after the
+    # step in progress at the first of them (or right there, between a step and its vote)
+    handled = [int(x.split()[0]) for x in out.split("preempt signal handled after step ")[1:]
+               if x.split()[0].isdigit()]
+    assert handled and min(handled) >= 17, out[-3000:]
+    assert stopped in (min(handled), min(handled) + 1), (stopped, handled)
+    assert (run / "checkpoints" / f"step_{stopped:08d}").is_dir()
     _kill_after_checkpoint(args + ["--resume", "latest"], run, 35)
     assert (run / "checkpoints" / "step_00000035").is_dir()
     res = torchrun(2, MAIN, args + ["--resume", "latest"])

@@ -12,7 +12,7 @@ from sparo_fast_training.trainer import Trainer
 class HangAfterSave(Trainer):
     def checkpoint(self):
         path = super().checkpoint()
-        if self.step == int(os.environ["HANG_AT_STEP"]):
+        if self.pos.step == int(os.environ["HANG_AT_STEP"]):
             pids = [os.getpid()] + [w.pid for w in getattr(self.loader, "_workers", [])]
             with open(os.path.join(self.run_dir, f"hang_pids_rank{self.info.rank}.txt"), "w") as f:
                 f.write(" ".join(map(str, pids)))

@@ -50,8 +50,9 @@ def main():
         loss, gnorm = train_step(model, micro, loss_fn, opt)
         dist.all_reduce(loss)  # with local loss each rank holds the loss of its own rows
         loss /= info.world_size
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-        params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731 (the logit scale is plain)
+        grads = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+        params = {n: full(p).detach().clone() for n, p in model.named_parameters()}
         model.eval()
         with torch.no_grad():
             emb_img = model.encode_image(images[:4], normalize=True)

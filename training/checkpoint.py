@@ -78,6 +78,44 @@ def latest(root: str) -> Optional[str]:
     return ckpts[-1] if ckpts else None
 
 
+def problem(path: str) -> Optional[str]:
+    """Why the sharded checkpoint folder ``path`` cannot be resumed (truncated or missing files, an
+    unreadable train_state.pt or .metadata), or None. Reads headers and sizes only, never the tensors."""
+    try:
+        blob = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
+        if not isinstance(blob, dict) or "ranks" not in blob:
+            return "train_state.pt has no per-rank state"
+        meta = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # any unreadable file is the same verdict: not this one
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    need: Dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        f = os.path.join(path, rel)
+        have = os.path.getsize(f) if os.path.isfile(f) else -1
+        if have < size:
+            return f"{rel} is {'missing' if have < 0 else f'truncated ({have} of {size} bytes)'}"
+    return None
+
+
+def latest_usable(root: str, warn) -> Optional[str]:
+    """The newest complete checkpoint that passes ``problem``; each one passed over is warned about, naming
+    the one used instead."""
+    ckpts = list_checkpoints(root)
+    bad = []
+    for path in reversed(ckpts):
+        why = problem(path)
+        if why is None:
+            for b, w in bad:
+                warn(f"checkpoint {b} is unusable ({w}); resuming from the previous complete one, {path}")
+            return path
+        bad.append((path, why))
+    for b, w in bad:
+        warn(f"checkpoint {b} is unusable ({w}); no earlier complete checkpoint")
+    return None
+
+
 def save(root: str, step: int, model: nn.Module, optimizer, train_state: Dict[str, Any],
          keep: int = 2, protect: Optional[List[str]] = None) -> str:
     """Collective: every rank calls it. ``train_state`` is this rank's entry; all are gathered."""

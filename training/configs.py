@@ -8,7 +8,8 @@ the flags OpenCLIP does not have. tests/test_train_cli.py checks these tables ag
 """
 from __future__ import annotations
 
-_FP16 = "fp16 needs a gradient scaler, which this FSDP2 trainer does not run; use amp_bf16 (OpenCLIP's bf16 autocast)"
+_FP16 = ("fp16 weights train without a gradient scaler in OpenCLIP; this trainer runs fp16 only as --precision amp "
+         "(fp16 autocast over fp32 weights with a gradient scaler) or use amp_bf16")
 
 # OpenCLIP flag -> why it is refused here (one line)
 REFUSED = {
@@ -17,7 +18,8 @@ REFUSED = {
     "--csv-caption-key": "csv data sets are not supported; give webdataset shards (--dataset-type webdataset)",
     "--imagenet-v2": "ImageNetV2 evaluation is not implemented; --imagenet-val gives ImageNet zero-shot",
     "--momentum": "only AdamW is supported (--opt adamw); momentum is for timm optimizers",
-    "--use-bn-sync": "FSDP2 trainer of ViT towers: there is no BatchNorm to synchronise",
+    "--use-bn-sync": "SyncBatchNorm conversion is not done under FSDP2 here: BatchNorm statistics of an RN tower "
+                     "would stay per rank (the SPARO and ViT towers have no BatchNorm)",
     "--pretrained-image": "timm image towers are not supported; SPARO towers are OpenCLIP ViTs",
     "--force-custom-text": "the text tower keeps CLIP's layout (SPARO reads it out); CustomTextCLIP is not supported",
     "--torchscript": "FSDP2 modules cannot be scripted; use --torchcompile",
@@ -41,7 +43,6 @@ REFUSED = {
 
 # values of accepted flags that are refused, with the reason
 REFUSED_VALUES = {
-    ("--precision", "amp"): _FP16,
     ("--precision", "fp16"): _FP16,
     ("--precision", "pure_fp16"): _FP16,
     ("--dataset-type", "csv"): REFUSED["--csv-separator"],
@@ -58,7 +59,8 @@ DEFAULTS = {
     "--wd": (0.1, "sized for the built-in set; the published recipe gives --wd 0.5"),
     "--zeroshot-frequency": (1, "evaluate every epoch (the published recipe gives 1)"),
     "--log-every-n-steps": (20, "short runs on the built-in set"),
-    "--precision": (None, "None: amp_bf16 on CUDA, fp32 on CPU (OpenCLIP's 'amp' is fp16, refused here)"),
+    "--precision": (None, "None: amp_bf16 on CUDA (the published recipes' setting), fp32 on CPU; OpenCLIP's "
+                          "default 'amp' (fp16 autocast with a gradient scaler) is accepted"),
     "--device": ("auto", "auto: CUDA when available, else CPU"),
     "--logs": ("logs", "same folder as OpenCLIP's ./logs/"),
 }
@@ -73,5 +75,5 @@ PROJECT_FLAGS = {
     "--override-model-config", "--fused-sparo", "--max-params", "--logs-dir", "--data-cache-dir",
     "--synthetic-train-samples", "--synthetic-val-samples", "--synthetic-shard-size", "--shuffle-buffer",
     "--save-every-n-steps", "--keep-checkpoints", "--no-export", "--no-eval", "--peak-tflops", "--max-steps",
-    "--threads", "--preempt-signal",
+    "--threads", "--preempt-signal", "--max-corrupt-fraction", "--data-timeout", "--fsdp-replicate",
 }

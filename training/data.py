@@ -52,16 +52,48 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
 
+def _reraise(exn):
+    raise exn
+
+
+def first_sample(url: str) -> dict:
+    """The first sample of a local shard, read strictly (any tar error raises)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    with _open_local(_local_path(url)) as f:
+        files = tar_file_expander([{"url": url, "stream": f}], handler=_reraise)
+        for sample in group_by_keys(files, handler=_reraise):
+            return sample
+    raise ValueError("no sample in it (empty or not a tar file)")
+
+
 def check_shards(urls: Sequence[str], what: str) -> None:
-    """Local shards must exist and be readable; remote ones are trusted (their reader warns)."""
+    """Every local shard must exist, open as a tar and hold a first sample with an image and a caption (so a
+    0-byte, garbage or foreign shard stops the run at start, in time bounded by one sample per shard).
+    Remote shards are trusted (their reader warns and counts)."""
     if not urls:
         raise DataError(f"{what}: the shard list is empty")
     for url in urls:
-        path = url[len("file:"):] if url.startswith("file:") else url
+        path = _local_path(url)
         if _is_local(url) and not (os.path.isfile(path) and os.access(path, os.R_OK)):
-            n_missing = sum(1 for u in urls if _is_local(u) and not os.path.isfile(u))
+            n_missing = sum(1 for u in urls if _is_local(u) and not os.path.isfile(_local_path(u)))
             raise DataError(f"{what}: shard {url!r} is missing or unreadable "
                             f"({n_missing} of {len(urls)} local shards missing)")
+    bad = []
+    for url in urls:
+        if not _is_local(url):
+            continue
+        try:
+            sample = first_sample(url)
+            if not any(k in sample for k in IMAGE_KEYS) or not any(k in sample for k in TEXT_KEYS):
+                raise ValueError(f"its first sample {sample.get('__key__')!r} has no image "
+                                 f"({'/'.join(IMAGE_KEYS)}) or no caption ({'/'.join(TEXT_KEYS)})")
+        except Exception as exn:
+            bad.append((url, f"{type(exn).__name__}: {str(exn).splitlines()[0][:160] if str(exn) else ''}"))
+    if bad:
+        url, why = bad[0]
+        raise DataError(f"{what}: shard {url!r} has no readable sample ({why}); "
+                        f"{len(bad)} of {len(urls)} shards are unreadable")
 
 
 def count_samples(urls: Sequence[str]) -> Optional[int]:
@@ -117,9 +149,38 @@ def shuffle_state(n_out: int, bufsize: int, rng: random.Random):
     return buf, bufsize + n_out
 
 
+class RateLimitedWarnings:
+    """Warn about the first few events of each kind, then only at 10, 100, 1000, ... events (each line says how
+    many so far), so that a broken data set cannot fill the log; the counts go to the progress line and the
+    summary instead."""
+
+    FIRST = 3
+
+    def __init__(self):
+        self.counts: Dict[str, int] = {}
+
+    def warn(self, kind: str, message: str) -> None:
+        n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if n <= self.FIRST:
+            log.warning("%s", message)
+        elif n >= 10 and str(n).strip("0") == "1":  # 10, 100, 1000, ...
+            log.warning("%s (%d so far; lines for the others are left out)", message, n)
+
+
+WARNINGS = RateLimitedWarnings()
+
+
 def _warn_handler(exn) -> bool:
-    log.warning("skipping unreadable shard data: %s", repr(exn)[:300])
+    WARNINGS.warn("shard", f"skipping unreadable shard data: {repr(exn)[:300]}")
     return True
+
+
+def _counting_handler(counter: List[int]):
+    """A webdataset handler that warns (rate-limited), counts the error in ``counter[0]`` and goes on."""
+    def handler(exn) -> bool:
+        counter[0] += 1
+        return _warn_handler(exn)
+    return handler
 
 
 def _local_path(url: str) -> str:
@@ -136,32 +197,32 @@ def _open_local(path: str):
     return open(path, "rb")
 
 
-def _samples_from(url: str, stream) -> Iterator[dict]:
+def _samples_from(url: str, stream, handler=_warn_handler) -> Iterator[dict]:
     """webdataset's own tar expansion and key grouping over an open stream."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
-    files = tar_file_expander([{"url": url, "stream": stream}], handler=_warn_handler)
-    return group_by_keys(files, handler=_warn_handler)
+    files = tar_file_expander([{"url": url, "stream": stream}], handler=handler)
+    return group_by_keys(files, handler=handler)
 
 
-def _raw_samples(url: str, offset: int = 0) -> Iterator[dict]:
+def _raw_samples(url: str, offset: int = 0, handler=_warn_handler) -> Iterator[dict]:
     """Samples (dicts of raw bytes by extension) of one shard, from the sample whose first member starts at
-    byte ``offset``; a broken shard is warned about and cut short."""
+    byte ``offset``; a broken shard is warned about (``handler``) and cut short."""
     if not _seekable(url):
         from webdataset.tariterators import tarfile_samples
 
         if offset:
             raise ValueError(f"{url}: cannot seek in a remote or compressed shard")
-        yield from tarfile_samples([{"url": url}], handler=_warn_handler)
+        yield from tarfile_samples([{"url": url}], handler=handler)
         return
     try:
         f = _open_local(_local_path(url))
     except OSError as exn:
-        _warn_handler(exn)
+        handler(exn)
         return
     with f:
         f.seek(offset)
-        yield from _samples_from(url, f)
+        yield from _samples_from(url, f, handler)
 
 
 _META = re.compile(r"__[^/]*__($|/)")
@@ -262,6 +323,13 @@ class StreamSpec:
     positions: List[int] = field(default_factory=list)   # raw samples consumed per logical worker
     skipped: List[int] = field(default_factory=list)     # corrupt samples skipped per logical worker
     shuffle_buffer: int = 1000
+    shard_errors: List[int] = field(default_factory=list)  # shard read errors (each cuts a shard short)
+    max_corrupt_fraction: float = 1.0  # stop when more than this fraction of the samples read are corrupt
+
+
+# the fraction is judged over at least this many samples read, so that one early corrupt sample cannot stop
+# a run whose limit is small
+CORRUPT_WINDOW = 100
 
 
 class TrainStream(IterableDataset):
@@ -274,6 +342,7 @@ class TrainStream(IterableDataset):
         self.tokenizer = tokenizer
         self._plans: Dict[tuple, tuple] = {}   # (worker, pass) -> shards, stride, phase
         self._starts: Dict[tuple, List[int]] = {}  # (worker, pass) -> first global position of each shard
+        self._errors = [0]  # shard read errors of this reader (set per worker in __iter__)
 
     def _plan(self, worker: int, p: int):
         """Pass ``p`` of reader (rank, worker): its shards, and which global positions of their concatenation
@@ -313,9 +382,11 @@ class TrainStream(IterableDataset):
         """Endless raw sample stream of logical reader (rank, worker), in passes over the data, from raw
         sample ``start`` (consumed shards are not opened; the shard of ``start`` is entered by seeking)."""
         p, first = (0, (0, 0, 0)) if start == 0 else self._seek(worker, start, index)
+        handler = _counting_handler(self._errors)
         while True:
             shards, stride, phase = self._plan(worker, p)
             s0, k0, g = first
+            read = 0
             for i in range(s0, len(shards)):
                 offset = 0
                 if i == s0 and k0:
@@ -323,10 +394,14 @@ class TrainStream(IterableDataset):
                     if len(offsets) <= k0:
                         raise DataError(f"{shards[i]}: fewer samples than sizes.json lists; cannot resume in it")
                     offset = offsets[k0]
-                for sample in _raw_samples(shards[i], offset):
+                for sample in _raw_samples(shards[i], offset, handler):
+                    read += 1
                     if g % stride == phase:
                         yield sample
                     g += 1
+            if read == 0 and s0 == 0 and k0 == 0:  # endless passes over nothing would never end
+                raise DataError(f"rank {self.spec.rank} worker {worker}: a whole pass over its {len(shards)} "
+                                f"shard(s) gave no readable sample ({self._errors[0]} shard read errors)")
             first = (0, 0, 0)
             p += 1
 
@@ -373,6 +448,7 @@ class TrainStream(IterableDataset):
         my_batches = len(range(worker, s.batches_per_rank, nw)) - len(range(worker, s.start_batch, nw))
         pos0 = s.positions[worker] if s.positions else 0
         skipped = s.skipped[worker] if s.skipped else 0
+        self._errors = [s.shard_errors[worker] if s.shard_errors else 0]
         rng = random.Random(_seed("samples", s.seed, s.epoch, s.rank, worker))
         stream = self._stream(worker, pos0, rng)
         in_worker = info is not None
@@ -397,19 +473,25 @@ class TrainStream(IterableDataset):
                             image, tok = _decode(sample, self.preprocess, self.tokenizer)
                 except Exception as exn:  # a corrupt sample: skip it, count it
                     skipped += 1
-                    log.warning("rank %d worker %d: skipping corrupt sample %r of %s: %s", s.rank, worker,
-                                sample.get("__key__"), sample.get("__url__"), repr(exn)[:200])
+                    WARNINGS.warn("sample", f"rank {s.rank} worker {worker}: skipping corrupt sample "
+                                            f"{sample.get('__key__')!r} of {sample.get('__url__')}: {repr(exn)[:200]}")
+                    if skipped > s.max_corrupt_fraction * max(pos, CORRUPT_WINDOW):
+                        raise DataError(f"rank {s.rank} worker {worker}: {skipped} of the {pos} samples read are "
+                                        f"corrupt, above --max-corrupt-fraction {s.max_corrupt_fraction:g}")
                     continue
                 images.append(image)
                 tokens.append(tok)
-            yield torch.stack(images), torch.stack(tokens), torch.tensor([worker, pos, skipped])
+            yield (torch.stack(images), torch.stack(tokens),
+                   torch.tensor([worker, pos, skipped, self._errors[0]]))
 
 
-def train_loader(spec: StreamSpec, preprocess, tokenizer, pin_memory: bool = False) -> DataLoader:
+def train_loader(spec: StreamSpec, preprocess, tokenizer, pin_memory: bool = False,
+                 timeout: float = 0) -> DataLoader:
+    """``timeout`` (seconds, with worker processes): a batch not ready by then raises instead of waiting."""
     ds = TrainStream(spec, preprocess, tokenizer)
     kw = {}
     if spec.num_workers > 0:
-        kw = dict(persistent_workers=False, prefetch_factor=4)
+        kw = dict(persistent_workers=False, prefetch_factor=4, timeout=timeout)
     return DataLoader(ds, batch_size=None, num_workers=spec.num_workers, pin_memory=pin_memory, **kw)
 
 

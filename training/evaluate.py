@@ -1,17 +1,20 @@
 """Evaluation with every rank taking part (FSDP2 forwards are collectives: all ranks run the same
 number of forward calls, padding with dummy batches where their slice is shorter).
 
-Metrics: zero-shot classification (synthetic colour and shape classes; ImageNet top-1/top-5 with
-``--imagenet-val``); image-text retrieval through OpenCLIP's own ``get_clip_metrics`` (R@1/5/10, mean
-and median rank, over the pairs whose caption is not a repeat of an earlier one, so that every query has
-exactly one right answer); the validation loss (OpenCLIP's ``ClipLoss`` over batches of the set in
-order, as ``open_clip_train`` reports it); and compositional swap accuracy (fraction of images whose true
-caption outscores its attribute-swapped negative).
+Metrics, computed as ``open_clip_train.train.evaluate`` computes them and under its names: image-text
+retrieval through OpenCLIP's own ``get_clip_metrics`` over all pairs (``image_to_text_R@1`` ...,
+``*_mean_rank``, ``*_median_rank``; a repeated caption counts as a wrong answer, as there), the validation
+loss ``clip_val_loss`` (OpenCLIP's ``ClipLoss`` over consecutive batches of ``--batch-size`` pairs, averaged
+per pair), ``num_samples``, and ImageNet zero-shot ``imagenet-zeroshot-val-top1``/``-top5``. This project's
+own metrics keep their names: zero-shot colour and shape classification on the synthetic set
+(``zeroshot_color_top1``, ``zeroshot_shape_top1``) and compositional swap accuracy (``swap_accuracy``:
+fraction of images whose true caption outscores its attribute-swapped negative).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -53,16 +56,6 @@ def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, logit_scale: float =
     return {k: float(v) for k, v in m.items()}
 
 
-def first_of_each(captions: Sequence[str]) -> List[int]:
-    """Rows whose caption has not appeared before (a repeated caption would be a second right answer)."""
-    seen, rows = set(), []
-    for i, c in enumerate(captions):
-        if c not in seen:
-            seen.add(c)
-            rows.append(i)
-    return rows
-
-
 def validation_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: float, batch_size: int) -> float:
     """OpenCLIP's ``ClipLoss`` over consecutive batches of ``batch_size`` pairs, averaged per pair (as
     ``open_clip_train.train.evaluate`` reports ``clip_val_loss``)."""
@@ -94,7 +87,8 @@ def logit_scale_value(model) -> float:
 def evaluate_pairs(model, samples: List[dict], tokenizer, batch_size: int, device, dummy_image: torch.Tensor,
                    context_length: int, logit_scale: Optional[float] = None) -> Dict[str, float]:
     """Retrieval, validation loss, swap accuracy and synthetic zero-shot on this rank's eval slice; metrics
-    gathered to all ranks. ``logit_scale`` (the exponentiated temperature) defaults to the model's."""
+    gathered to all ranks. ``batch_size``: the encoding batch and the validation loss's batch (OpenCLIP's
+    ``--batch-size``). ``logit_scale`` (the exponentiated temperature) defaults to the model's."""
     if logit_scale is None:
         logit_scale = logit_scale_value(model)
     images = [s["image"] for s in samples]
@@ -119,10 +113,9 @@ def evaluate_pairs(model, samples: List[dict], tokenizer, batch_size: int, devic
     metas = [parts[r]["meta"][j] for _, r, j in order]
     img = torch.stack([parts[r]["img"][j] for _, r, j in order])
     txt = torch.stack([parts[r]["txt"][j] for _, r, j in order])
-    uniq = first_of_each(caps)
-    metrics.update(retrieval_metrics(img[uniq], txt[uniq], logit_scale))
-    metrics["retrieval_count"] = float(len(uniq))
-    metrics["val_loss"] = validation_loss(img, txt, logit_scale, batch_size)
+    metrics.update(retrieval_metrics(img, txt, logit_scale))
+    metrics["clip_val_loss"] = validation_loss(img, txt, logit_scale, batch_size)
+    metrics["num_samples"] = float(len(img))
     neg_of = {(r, j): p["neg"][n] for r, p in enumerate(parts) for n, j in enumerate(p["neg_idx"])}
     with_neg = [i for i, (_, r, j) in enumerate(order) if (r, j) in neg_of]
     if with_neg:
@@ -156,12 +149,8 @@ def imagenet_zero_shot(model, tokenizer, root: str, preprocess, batch_size: int,
                        rank: int, world_size: int, limit: Optional[int] = None) -> Dict[str, float]:
     """ImageNet zero-shot top-1/top-5 with OpenCLIP's class names and templates (ImageFolder tree)."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
-    from torchvision.datasets import ImageFolder
 
-    ds = ImageFolder(root, transform=preprocess, allow_empty=True)
-    if len(ds.classes) != len(IMAGENET_CLASSNAMES):
-        raise ValueError(f"--imagenet-val {root}: {len(ds.classes)} class folders, expected "
-                         f"{len(IMAGENET_CLASSNAMES)}")
+    ds = imagenet_folder(root, preprocess)
     clf = zero_shot_classifier(model, tokenizer, IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, device)
     n = len(ds) if limit is None else min(limit, len(ds))
     idx = list(range(rank, n, world_size))
@@ -189,5 +178,21 @@ def imagenet_zero_shot(model, tokenizer, root: str, preprocess, batch_size: int,
     t = torch.tensor([correct1, correct5, count], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     c1, c5, total = t.tolist()
-    return {"imagenet_top1": c1 / max(total, 1), "imagenet_top5": c5 / max(total, 1),
+    return {"imagenet-zeroshot-val-top1": c1 / max(total, 1), "imagenet-zeroshot-val-top5": c5 / max(total, 1),
             "imagenet_count": total}
+
+
+def imagenet_folder(root: str, preprocess):
+    """The ImageFolder of ``--imagenet-val``: OpenCLIP's 1000 classes, at least one image (else ValueError)."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(root):
+        raise ValueError(f"--imagenet-val {root}: not a folder")
+    ds = ImageFolder(root, transform=preprocess, allow_empty=True)
+    if len(ds.classes) != len(IMAGENET_CLASSNAMES):
+        raise ValueError(f"--imagenet-val {root}: {len(ds.classes)} class folders, expected "
+                         f"{len(IMAGENET_CLASSNAMES)} (an ImageFolder tree of ImageNet's validation set)")
+    if len(ds) == 0:
+        raise ValueError(f"--imagenet-val {root}: no images in its class folders")
+    return ds

@@ -6,6 +6,7 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -21,22 +22,43 @@ def _set_sync(model: nn.Module, on: bool) -> None:
 
 
 def grad_norm_(params: Sequence[torch.Tensor], max_norm: Optional[float]) -> torch.Tensor:
-    """Global gradient norm over all shards (and clipping when ``max_norm``)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    """Global gradient norm over all shards (and clipping when ``max_norm``). FSDP2's DTensor gradients and the
+    plain replicated ones (the logit scale) are normed and clipped as separate lists (foreach kernels take
+    one kind at a time), with one total."""
+    with_grad = [p for p in params if p.grad is not None]
+    kinds = [[p for p in with_grad if isinstance(p.grad, DTensor)],
+             [p for p in with_grad if not isinstance(p.grad, DTensor)]]
+    kinds = [k for k in kinds if k]
+    if not kinds:
         return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
+    parts = []
+    for k in kinds:
+        n = torch.nn.utils.get_total_norm([p.grad for p in k], norm_type=2.0, foreach=True)
+        parts.append((n.full_tensor() if isinstance(n, DTensor) else n).float().cpu())
+    total = torch.stack(parts).square().sum().sqrt()
     if max_norm is not None and max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total,
-                                             foreach=True)
+        for k in kinds:
+            torch.nn.utils.clip_grads_with_norm_(k, max_norm, total.to(k[0].grad.device), foreach=True)
     return total
+
+
+def _average_replicated_grads(model: nn.Module) -> None:
+    """The parameters FSDP2 leaves out (``fsdp.shard_model``'s logit scale) are averaged over the ranks here, as
+    FSDP2 averages the others."""
+    reps = [p for p in getattr(model, "_sparo_replicated", []) if p.grad is not None]
+    if reps and dist.is_initialized() and dist.get_world_size() > 1:
+        flat = torch.cat([p.grad.reshape(-1) for p in reps])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        i = 0
+        for p in reps:
+            p.grad.copy_(flat[i:i + p.grad.numel()].view_as(p.grad))
+            i += p.grad.numel()
 
 
 def train_step(model: nn.Module, micro_batches: List[Tuple[torch.Tensor, torch.Tensor]], loss_fn, optimizer,
                grad_clip_norm: Optional[float] = None,
-               autocast: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+               autocast: Optional[torch.dtype] = None, scaler=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward, backward and optimizer step over ``len(micro_batches)`` accumulated micro-batches.
 
     With one micro-batch: the usual step. With several (OpenCLIP's feature caching): a first
@@ -45,7 +67,9 @@ def train_step(model: nn.Module, micro_batches: List[Tuple[torch.Tensor, torch.T
     the whole accumulated batch and the summed gradient equals that of the full-batch loss. The
     logit scale sees the whole batch in each of the K re-forwards: its gradient is scaled by 1/K
     there (value unchanged), so it is counted once, as in the full-batch loss.
-    ``autocast``: run forwards and losses under ``torch.autocast`` with this dtype (amp_bf16).
+    ``autocast``: run forwards and losses under ``torch.autocast`` with this dtype (amp_bf16, amp).
+    ``scaler``: a ``torch.amp.GradScaler`` (amp): losses scaled, gradients unscaled before the norm, the step
+    skipped on inf/NaN (FSDP2 uses the plain scaler: its unscale all-reduces the inf flag of DTensor gradients).
     Returns ``(loss, grad_norm)`` (detached; the loss of the whole accumulated batch).
     """
     def amp():
@@ -62,7 +86,7 @@ def train_step(model: nn.Module, micro_batches: List[Tuple[torch.Tensor, torch.T
             out = model(images, texts)
             loss = loss_fn(_as_float(out["image_features"]), _as_float(out["text_features"]),
                            _as_float(out["logit_scale"]))
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
     else:
         cached_img, cached_txt = [], []
         with torch.no_grad(), amp():
@@ -79,10 +103,17 @@ def train_step(model: nn.Module, micro_batches: List[Tuple[torch.Tensor, torch.T
                 s = _as_float(out["logit_scale"])
                 s = s / k + s.detach() * (1.0 - 1.0 / k)
                 loss = loss_fn(img, txt, s)
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         _set_sync(model, True)
+    _average_replicated_grads(model)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     gnorm = grad_norm_(params, grad_clip_norm)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     with torch.no_grad():  # OpenCLIP clamps the (log) temperature to ln(100)
         model.logit_scale.clamp_(0, math.log(100))
     return loss.detach(), gnorm.detach()

@@ -71,8 +71,9 @@ def _model_flags(p):
                    help="use the fused SPARO kernels (Triton on GPU, absorbed torch math elsewhere); "
                         "without it the reference backend runs")
     g.add_argument("--pretrained", default="", metavar="PATH",
-                   help="initial weights: a local checkpoint file (published or exported layout); OpenCLIP's "
-                        "download tags are not supported")
+                   help="initial weights: a local checkpoint file (published or exported layout, torch or "
+                        ".safetensors) or hf-hub:ORG/NAME (OpenCLIP's Hugging Face name, resolved by OpenCLIP; "
+                        "HF_HUB_OFFLINE=1 uses the local cache only); OpenCLIP's download tags are not supported")
     g.add_argument("--max-params", type=int, default=None,
                    help="refuse to train a model with more parameters than this (the published recipe uses "
                         "151277313)")
@@ -122,7 +123,8 @@ def _data_flags(p):
                    help="evaluation shards (webdataset; a 'json' field with 'neg_caption'/'color'/'shape' enables "
                         "the swap and zero-shot metrics). Default: the synthetic evaluation split when training "
                         "on synthetic data")
-    g.add_argument("--val-num-samples", type=int, default=None, help="evaluate on the first N samples of --val-data")
+    g.add_argument("--val-num-samples", type=int, default=None,
+                   help="OpenCLIP's size of --val-data (informative: the whole set is always evaluated, as there)")
     g.add_argument("--imagenet-val", default=None, metavar="DIR",
                    help="ImageNet validation set as an ImageFolder tree (1000 class folders): zero-shot top-1/top-5")
     g.add_argument("--cache-dir", default=None,
@@ -136,6 +138,12 @@ def _data_flags(p):
     g.add_argument("--synthetic-shard-size", type=int, default=1000, help="samples per generated shard")
     g.add_argument("--shuffle-buffer", type=int, default=1000,
                    help="sample shuffle buffer per worker (0: no sample shuffling)")
+    g.add_argument("--max-corrupt-fraction", type=float, default=0.1,
+                   help="stop when more than this fraction of the samples a loader worker read (judged over at "
+                        "least 100) are corrupt")
+    g.add_argument("--data-timeout", type=float, default=600.0,
+                   help="stop when the loader workers deliver no batch for this many seconds (0: wait forever; "
+                        "with --workers 0 there is no limit)")
 
 
 def _optim_flags(p):
@@ -165,12 +173,16 @@ def _optim_flags(p):
     g.add_argument("--grad-clip-norm", type=float, default=None, help="clip the global gradient norm")
     g.add_argument("--precision", default=None,
                    choices=["amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32"],
-                   help="OpenCLIP's names mapped to FSDP2 mixed precision (table in training/README.md); fp16 "
-                        "variants are refused; default amp_bf16 on CUDA, fp32 on CPU")
+                   help="OpenCLIP's names mapped to FSDP2 mixed precision (table in training/README.md); amp is "
+                        "fp16 autocast with a gradient scaler; fp16 and pure_fp16 are refused; default amp_bf16 on "
+                        "CUDA, fp32 on CPU")
     g.add_argument("--local-loss", action="store_true",
                    help="each rank computes the loss of its own rows against all gathered features")
     g.add_argument("--gather-with-grad", action="store_true",
                    help="gather features with gradient (exact gradients with --local-loss)")
+    g.add_argument("--fsdp-replicate", type=int, default=1, metavar="N",
+                   help="HSDP: a 2-D device mesh (N replicas x world/N shards); parameters are sharded within a "
+                        "group of world/N ranks (give the ranks per node) and replicated across the N groups")
     g.add_argument("--seed", type=int, default=0,
                    help="initial weights, data order and augmentations are functions of the seed")
 
@@ -185,8 +197,10 @@ def _run_flags(p):
     g.add_argument("--log-local", action="store_true", help="each node's local rank 0 also logs (out-RANK.log)")
     g.add_argument("--name", default=None, help="run name (folder under --logs); default from the model and time")
     g.add_argument("--resume", default=None, metavar="latest|PATH",
-                   help="'latest' (newest complete checkpoint of this run) or a checkpoint folder")
-    g.add_argument("--save-frequency", type=int, default=1, help="save a checkpoint every N epochs (0: never)")
+                   help="'latest' (newest usable checkpoint of this run), a checkpoint folder, or an OpenCLIP "
+                        "training checkpoint file (epoch_N.pt of open_clip_train or of this trainer)")
+    g.add_argument("--save-frequency", type=int, default=1,
+                   help="every N epochs (and at the last): a sharded checkpoint and OpenCLIP's epoch_N.pt (0: never)")
     g.add_argument("--save-most-recent", action="store_true",
                    help="checkpoint every epoch end and export checkpoints/epoch_latest.pt")
     g.add_argument("--delete-previous-checkpoint", action="store_true",
@@ -197,9 +211,9 @@ def _run_flags(p):
                    help="step checkpoints kept (older ones are deleted; epoch-end ones too)")
     g.add_argument("--no-export", action="store_true", help="skip the single-file state dict export at the end")
     g.add_argument("--zeroshot-frequency", type=int, default=d["--zeroshot-frequency"][0],
-                   help="ImageNet zero-shot every N epochs (and at the end)")
+                   help="ImageNet zero-shot every N epochs and at the last (0: never), as OpenCLIP")
     g.add_argument("--val-frequency", type=int, default=1,
-                   help="evaluate on --val-data every N epochs (and at the end)")
+                   help="evaluate on --val-data every N epochs and at the last (0: never), as OpenCLIP")
     g.add_argument("--no-eval", action="store_true", help="skip evaluation entirely")
     g.add_argument("--log-every-n-steps", type=int, default=d["--log-every-n-steps"][0],
                    help="progress line every N optimizer steps")
@@ -260,9 +274,20 @@ def _check(parser, args) -> None:
         parser.error("--lr-scheduler const-cooldown needs --epochs-cooldown")
     if args.train_data_upsampling_factors and not args.dataset_resampled:
         parser.error("--train-data-upsampling-factors needs --dataset-resampled")
-    if args.pretrained and args.pretrained.lower() != "none" and not _is_file(args.pretrained):
+    if args.pretrained and args.pretrained.lower() != "none" and not args.pretrained.startswith("hf-hub:") \
+            and not _is_file(args.pretrained):
         parser.error(f"--pretrained {args.pretrained}: not a file (OpenCLIP's download tags are not supported; "
-                     "give a local checkpoint)")
+                     "give a local checkpoint, a .safetensors file or hf-hub:ORG/NAME from the local cache)")
+    if args.dataset_type == "auto":
+        for flag, spec in (("--train-data", args.train_data), ("--val-data", args.val_data)):
+            ext = (spec or "").split("::")[0].rsplit(".", 1)[-1].lower()
+            if ext in ("csv", "tsv"):
+                parser.error(f"{flag} {spec}: --dataset-type auto reads a .{ext} file as a csv data set (as "
+                             f"OpenCLIP does), and csv data sets are not supported here; give webdataset shards")
+    if args.fsdp_replicate < 1:
+        parser.error("--fsdp-replicate must be at least 1")
+    if not 0.0 <= args.max_corrupt_fraction <= 1.0 or args.data_timeout < 0:
+        parser.error("--max-corrupt-fraction must lie in [0, 1] and --data-timeout cannot be negative")
     bad = sorted(set(args.report_to.split(",")) - {"", "tensorboard", "wandb", "all"})
     if bad:
         parser.error(f"--report-to {','.join(bad)}: choose tensorboard, wandb or all")

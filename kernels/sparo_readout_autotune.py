@@ -170,17 +170,28 @@ def m_bucket(M: int) -> int:
 # tiles) or, for the single-stage kernels, the largest layout-conversion scratch. Each formula
 # is an upper bound of what Triton 3.4-3.8 allocated on sm_80 to sm_120 for every config of the
 # compile matrix (tests/test_sparo_readout_autotune.py checks it against the committed matrix).
+def _staged_operands() -> bool:
+    """Hopper's wgmma and Blackwell's tcgen05 read both operands from shared memory (so the
+    probabilities are staged there too); sm_8x/sm_12x's mma.sync reads registers. Unknown
+    device: assume the larger."""
+    lim = device_limits()
+    return lim is None or 90 <= lim.arch < 120
+
+
 def smem_pool(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
-    BL, BN, e = meta["BL"], meta["BN"], _esize(dtype)
-    tiles = cfg["num_stages"] * (BN + BL) * cfg["BD"] * e
-    if meta["ONE_TILE"]:  # the [BL, BN] probabilities re-laid out as a dot operand
-        return max(tiles, BL * BN * e) + BL * BN * 4
-    return max(tiles, BL * BN * 4) + BL * BN * 4
+    BL, BN, BD, e, st = meta["BL"], meta["BN"], cfg["BD"], _esize(dtype), cfg["num_stages"]
+    if not meta["ONE_TILE"]:
+        return st * (BN + BL) * BD * e + 2 * BL * BN * 4  # the score scratch tile is pipelined too
+    if _half(dtype) and _staged_operands():  # x and qt tiles, and the [BL, BN] probabilities
+        return max(max(st, 2) * (BN + BL) * BD * e + BL * BN * e, BL * BN * 4)
+    # mma.sync: x and qt tiles, or the fp32 score block re-laid out (twice for fp32 FMA products)
+    return max(st * (BN + BL) * BD * e, BL * BN * 4 * (1 if _half(dtype) else 2))
 
 
 def smem_proj(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
     e = _esize(dtype)
-    return cfg["num_stages"] * (cfg["BM"] + meta["BVD"]) * cfg["BD"] * e + cfg["BM"] * max(meta["BVD"], meta["BVO"]) * 4
+    BM, BVD = cfg["BM"], meta["BVD"]  # plus o [BM, BVD] staged as the second product's operand (wgmma)
+    return cfg["num_stages"] * (BM + BVD) * cfg["BD"] * e + BM * max(BVD, meta["BVO"]) * 4 + BM * BVD * e
 
 
 def smem_bwd(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
@@ -192,11 +203,11 @@ def smem_bwd(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
 def smem_slot(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
     e = _esize(dtype)
     BM, BD, BVD, BV = cfg["BM"], cfg["BD"], meta["BVD"], meta["BV"]
-    return cfg["num_stages"] * (BM * (BVD + BV) + BVD * BD) * e + BM * max(BD, BVD) * 4
+    return max(2, cfg["num_stages"]) * (BM * (BVD + BV) + BVD * BD) * e + BM * max(BD, BVD) * 4
 
 
 def smem_finish(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
-    return (meta["BA"] + meta["BS"]) * cfg["BD"] * 4 + meta["BH"] * meta["BVD"] * 4
+    return 2 * ((meta["BA"] + meta["BS"]) * cfg["BD"] + meta["BH"] * meta["BVD"]) * 4
 
 
 # ----------------------------------------------------------------------------- forward pool

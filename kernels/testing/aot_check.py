@@ -68,7 +68,7 @@ def _shape_tensors(B, N, D, L, H, A, V, dtype, text):
     t = lambda *s, dt=dtype: torch.empty(s, device=dev, dtype=dt)  # noqa: E731
     return dict(x=t(B, N, D), eos=t(B, dt=torch.int64) if text else None, q_emb=t(1, H, S, 1, A),
                 k_weight=t(H * A, D), k_bias=t(H * A), v_weight=t(H * A, D), v_bias=t(H * A),
-                proj_weight=t(V, H * A), proj_bias=t(V), grad_out=t(B, L, V), grad_attn=t(B, L, N))
+                proj_weight=t(V, H * A), proj_bias=t(V), grad_out=t(B, L, V))
 
 
 class _Recorder:
@@ -86,7 +86,9 @@ class _Recorder:
 
 def capture(shape, dtype, limits) -> List[Launch]:
     """Every launch of the forward and backward ops at ``shape`` (an entry of ``SHAPES``), with the
-    spaces pruned for ``limits`` (a ``DeviceLimits``; ``None``: the no-device cap)."""
+    spaces pruned for ``limits`` (a ``DeviceLimits``; ``None``: the no-device cap). As in training:
+    the attention weights are returned but get no gradient; text shapes (``text*``) have EOS
+    indices."""
     from .. import sparo_readout_autotune as at
     from .. import sparo_readout_bwd as bwd
     from .. import sparo_readout_op as op
@@ -106,7 +108,7 @@ def capture(shape, dtype, limits) -> List[Launch]:
             out, attn, qt, lse, xp, o = op._readout_fwd(t["x"], t["eos"], t["q_emb"], t["k_weight"], t["k_bias"],
                                                         t["v_weight"], t["v_bias"], t["proj_weight"],
                                                         t["proj_bias"], True)
-            op._readout_bwd(t["grad_out"], t["grad_attn"], t["x"], t["eos"], t["q_emb"], t["k_weight"], qt,
+            op._readout_bwd(t["grad_out"], None, t["x"], t["eos"], t["q_emb"], t["k_weight"], qt,
                             t["v_weight"], t["proj_weight"], lse, xp, o, True)
     finally:
         at.launch, op.wrap_triton, bwd.PROGRAMS_OVERRIDE = saved
@@ -163,12 +165,16 @@ def _cache_dir() -> Path:
 
 
 def _ptxas_info(ptx: str):
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    """(registers, spill bytes) from the bundled ptxas (Triton ships a newer one for sm_100+)."""
+    arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    newer = os.path.join(bindir, "ptxas-blackwell")
+    ptxas = newer if int(re.match(r"sm_(\d+)", arch).group(1)) >= 100 and os.path.exists(newer) else \
+        os.path.join(bindir, "ptxas")
     if not os.path.exists(ptxas):
         return None, None
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
-    arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
     r = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
     os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", r.stderr)
@@ -204,6 +210,8 @@ def compile_spec(spec: Dict, keep_asm: bool = False) -> Dict:
         return dict(error=f"{type(e).__name__}: {msg[-1][:200]}")
     ptx = k.asm["ptx"]
     regs, spill = _ptxas_info(ptx)
+    if regs is None:
+        return dict(error="ptxas -v gave no register count (no ptxas for this target?)")
     row = dict(regs=regs, spill_bytes=spill, shared=k.metadata.shared, matrix_ops=_matrix_ops(ptx),
                wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))))
     if keep_asm:

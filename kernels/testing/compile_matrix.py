@@ -1,0 +1,89 @@
+"""The compile matrix: ``aot_check`` for several Triton versions x architectures, in one JSON.
+
+``python -m sparo_fast_kernels.testing.compile_matrix --versions 3.4.0,3.6.0,3.8.0
+[--archs 80,86,89,90,100,120] [--shapes ...] [--jobs 2] [--out bench/results/compile-matrix.json]``
+
+Each Triton version other than the installed one is installed once with
+``pip install --no-deps --target ~/.cache/sparo-fast/triton-X.Y.Z`` (``SPARO_FAST_CACHE_DIR``
+moves it) and put first on ``PYTHONPATH`` for the ``aot_check`` subprocesses; the compile
+results are cached per version, so a rerun only compiles what changed. ``bench/compile_render.py``
+turns the JSON into the tables of ``bench/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, List
+
+#: the row fields kept in the committed JSON
+FIELDS = ("shape", "dtype", "kernel", "config", "one_tile", "regs", "spill_bytes", "shared", "smem_estimate",
+          "limit", "fits", "matrix_ops", "error")
+
+
+def _base() -> Path:
+    return Path(os.environ.get("SPARO_FAST_CACHE_DIR", Path.home() / ".cache" / "sparo-fast"))
+
+
+def triton_path(version: str) -> str:
+    """A folder holding Triton ``version`` (installed there once), or "" for the installed one."""
+    import triton
+
+    if version == triton.__version__:
+        return ""
+    folder = _base() / f"triton-{version}"
+    if not (folder / "triton" / "__init__.py").exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder),
+                        f"triton=={version}"], check=True)
+    return str(folder)
+
+
+def run_version(version: str, archs: List[int], shapes: str, jobs: int) -> Dict:
+    """{arch: rows} for one Triton version (rows of ``aot_check.matrix``, trimmed to FIELDS)."""
+    path = triton_path(version)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, env.get("PYTHONPATH")]))
+    out = {}
+    for arch in archs:
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            tmp = f.name
+        cmd = [sys.executable, "-m", "sparo_fast_kernels.testing.aot_check", "--arch", str(arch), "--jobs", str(jobs),
+               "--json", tmp] + (["--shapes", shapes] if shapes else [])
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            err = (r.stderr.strip().splitlines() or ["no output"])[-1]
+            out[str(arch)] = dict(error=err[:300])
+        else:
+            rows = json.loads(Path(tmp).read_text())
+            out[str(arch)] = [{k: row[k] for k in FIELDS if k in row} for row in rows]
+        os.unlink(tmp)
+        print(f"triton {version} sm_{arch}: {'error' if isinstance(out[str(arch)], dict) else len(out[str(arch)])}",
+              flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--versions", required=True, help="comma-separated Triton versions, e.g. 3.4.0,3.8.0")
+    ap.add_argument("--archs", default="80,86,89,90,100,120")
+    ap.add_argument("--shapes", default="", help="aot_check --shapes (default: all)")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/compile-matrix.json")
+    ap.add_argument("--merge", action="store_true", help="keep the versions already in --out")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    data = json.loads(out.read_text()) if a.merge and out.exists() else {"versions": {}}
+    for v in a.versions.split(","):
+        data["versions"][v] = run_version(v, [int(x) for x in a.archs.split(",")], a.shapes, a.jobs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

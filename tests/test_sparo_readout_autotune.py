@@ -153,3 +153,31 @@ def test_ranks_agree_without_waiting(fresh, monkeypatch):
     store.set("sparo_fast/autotune/kz", json.dumps(SPACE[2]))
     monkeypatch.setattr(at, "_published", lambda key, st: None)
     assert at.choose("_fwd_pool_kernel", "kz", SPACE, _timer({64: 1.0, 32: 2.0, 16: 3.0}, [])) == SPACE[2]
+
+
+class _FakeKernel:
+    """Stands for a ``triton.jit`` function: records launches."""
+    arg_names = ["X", "N", "D", "L"]
+    __name__ = "_fwd_pool_kernel"
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((grid, args, kw))
+
+
+def test_launch_uses_the_chosen_config(fresh, monkeypatch):
+    """``launch`` times the space once per bucketed key (fake timings), then launches the winner
+    with its meta-parameters, warps and stages, and a grid computed from them."""
+    import torch.library
+
+    k = _FakeKernel()
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kern: kern)
+    timed = []
+    monkeypatch.setattr(at, "_bench_fn", lambda kern, grid, args, meta: _timer({64: 2.0, 32: 1.0, 16: 3.0}, timed))
+    x = torch.empty(2, 3)
+    for n in (197, 200):  # same N bucket: timed once
+        at.launch(k, lambda m: (m["BD"], 1), (x, n, 768, 64), dict(ONE_TILE=True), SPACE, ["N", "D", "L"], ("t",))
+    assert sorted(timed) == [16, 32, 64]
+    assert [(g, kw) for g, _, kw in k.launches] == [((32, 1), dict(ONE_TILE=True, BD=32, num_warps=8, num_stages=2))] * 2

@@ -1,7 +1,8 @@
 """The compile matrix: ``aot_check`` for several Triton versions x architectures, in one JSON.
 
 ``python -m sparo_fast_kernels.testing.compile_matrix --versions 3.4.0,3.6.0,3.8.0
-[--archs 80,86,89,90,100,120] [--shapes ...] [--jobs 2] [--out bench/results/compile-matrix.json]``
+[--archs 80,86,89,90,100,120] [--shapes ...] [--dtypes ...] [--jobs 2] [--merge]
+[--out bench/results/compile-matrix.json]``
 
 Each Triton version other than the installed one is installed once with
 ``pip install --no-deps --target ~/.cache/sparo-fast/triton-X.Y.Z`` (``SPARO_FAST_CACHE_DIR``
@@ -42,7 +43,7 @@ def triton_path(version: str) -> str:
     return str(folder)
 
 
-def run_version(version: str, archs: List[int], shapes: str, jobs: int) -> Dict:
+def run_version(version: str, archs: List[int], shapes: str, jobs: int, dtypes: str = "") -> Dict:
     """{arch: rows} for one Triton version (rows of ``aot_check.matrix``, trimmed to FIELDS)."""
     path = triton_path(version)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -53,7 +54,7 @@ def run_version(version: str, archs: List[int], shapes: str, jobs: int) -> Dict:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             tmp = f.name
         cmd = [sys.executable, "-m", "sparo_fast_kernels.testing.aot_check", "--arch", str(arch), "--jobs", str(jobs),
-               "--json", tmp] + (["--shapes", shapes] if shapes else [])
+               "--json", tmp] + (["--shapes", shapes] if shapes else []) + (["--dtypes", dtypes] if dtypes else [])
         r = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             err = (r.stderr.strip().splitlines() or ["no output"])[-1]
@@ -72,6 +73,7 @@ def main(argv=None):
     ap.add_argument("--versions", required=True, help="comma-separated Triton versions, e.g. 3.4.0,3.8.0")
     ap.add_argument("--archs", default="80,86,89,90,100,120")
     ap.add_argument("--shapes", default="", help="aot_check --shapes (default: all)")
+    ap.add_argument("--dtypes", default="", help="aot_check --dtypes (default: bf16, fp16, fp32)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="bench/results/compile-matrix.json")
     ap.add_argument("--merge", action="store_true", help="keep the versions already in --out")
@@ -79,7 +81,7 @@ def main(argv=None):
     out = Path(a.out)
     data = json.loads(out.read_text()) if a.merge and out.exists() else {"versions": {}}
     for v in a.versions.split(","):
-        data["versions"][v] = run_version(v, [int(x) for x in a.archs.split(",")], a.shapes, a.jobs)
+        data["versions"][v] = run_version(v, [int(x) for x in a.archs.split(",")], a.shapes, a.jobs, a.dtypes)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
     print(f"wrote {out}")

@@ -20,6 +20,14 @@ def _short(kernel: str) -> str:
     return SHORT.get(kernel, kernel.strip("_").removesuffix("_kernel"))
 
 
+ORDER = ("vit_b32", "vit_b16", "text_b", "vit_l14", "tiny", "text_tiny", "slots128", "few_slots")
+
+
+def _order(key):
+    shape, dtype = key
+    return (ORDER.index(shape) if shape in ORDER else len(ORDER), shape, ("bf16", "fp16", "fp32").index(dtype))
+
+
 def good(row: Dict) -> bool:
     """Compiles, fits the architecture's shared memory per block, spills nothing."""
     return "error" not in row and row["fits"] and not row["spill_bytes"]
@@ -34,13 +42,15 @@ def cells(rows: List[Dict]) -> Dict:
 
 
 def _cell(kernels: Dict) -> str:
-    """Fitting spill-free configs of the kernel with the fewest, and that kernel's first one."""
-    counts = {k: sum(map(good, rs)) for k, rs in kernels.items()}
-    worst = min(counts, key=lambda k: (counts[k], k))
-    first = next((r for r in kernels[worst] if good(r)), None)
-    if first is None:
-        return f"**0** ({_short(worst)})"
-    return f"{counts[worst]} ({_short(worst)}: {first['regs']} regs, {round(first['shared'] / 1024)} kB)"
+    """Fitting spill-free configs / configs over all kernels, the backward token kernel's first
+    such config (the largest kernel: registers and shared memory), and any kernel with none."""
+    rows = [r for rs in kernels.values() for r in rs]
+    text = f"{sum(map(good, rows))}/{len(rows)}"
+    tok = next((r for r in kernels.get("_bwd_token_kernel", []) if good(r)), None)
+    if tok is not None:
+        text += f" · token {tok['regs']} regs {round(tok['shared'] / 1024)} kB"
+    none = sorted(_short(k) for k, rs in kernels.items() if not any(map(good, rs)))
+    return text + (f" · **none: {', '.join(none)}**" if none else "")
 
 
 def failures(version: str, arch: str, rows: List[Dict]) -> List[str]:
@@ -68,15 +78,16 @@ def _spills(rows: List[Dict]) -> str:
 
 def render(data: Dict) -> str:
     lines = ["### Compile matrix (compiled with Triton's `triton.compile` and `ptxas -v`, not run)", "",
-             "Per Triton version, architecture, shape and dtype: how many configs of the worst-served kernel "
-             "compile, fit the architecture's shared memory per block and spill nothing, and that kernel's "
-             "first such config (the one the CPU interpreter would pick). Regenerate with "
+             "Per Triton version, architecture, shape and dtype: configs (all kernels, every config of every "
+             "space as pruned for the architecture) that compile, fit its shared memory per block and spill "
+             "nothing, out of all; the backward token kernel's first such config; kernels with none. Text "
+             "shapes have EOS indices; the attention weights get no gradient. Regenerate with "
              "`python -m sparo_fast_kernels.testing.compile_matrix --versions ...` then `python bench/render.py`.",
              ""]
     fails = []
     for version, archs in data["versions"].items():
         ok_archs = {a: rs for a, rs in archs.items() if isinstance(rs, list)}
-        keys = sorted({k for rs in ok_archs.values() for k in cells(rs)}, key=lambda k: (k[0], k[1]))
+        keys = sorted({k for rs in ok_archs.values() for k in cells(rs)}, key=_order)
         lines += [f"**Triton {version}**", "", "| shape | dtype | " + " | ".join(f"sm_{a}" for a in ok_archs) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in ok_archs) + " |"]
         per = {a: cells(rs) for a, rs in ok_archs.items()}

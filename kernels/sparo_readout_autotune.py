@@ -271,6 +271,9 @@ def proj_space(M: int, D: int, VD: int, V: int, dtype: torch.dtype) -> List[Dict
 # ----------------------------------------------------------------------------- backward token
 def _bwd_one_tile(BL: int, BN: int, dtype: torch.dtype) -> bool:
     one_max = 256 if _half(dtype) else 32  # fp32: true-fp32 dots keep their operands in registers
+    lim = device_limits()
+    if lim is not None and lim.arch >= 100 and lim.arch < 120:
+        one_max = min(one_max, 128)  # sm_100: ptxas spilled 208-216 bytes at BN = 256 (vit_b16, Triton 3.8)
     if BN * BL > 64 * one_max:  # the s and gp blocks [BL, BN] (fp32) must fit the registers (8 warps)
         return False
     smallest = dict(BD=16, num_warps=8, num_stages=1)

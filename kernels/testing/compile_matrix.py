@@ -76,12 +76,13 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="", help="aot_check --dtypes (default: bf16, fp16, fp32)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default="bench/results/compile-matrix.json")
-    ap.add_argument("--merge", action="store_true", help="keep the versions already in --out")
+    ap.add_argument("--merge", action="store_true", help="keep what --out holds; replace only the (version, arch) entries run now")
     a = ap.parse_args(argv)
     out = Path(a.out)
     data = json.loads(out.read_text()) if a.merge and out.exists() else {"versions": {}}
     for v in a.versions.split(","):
-        data["versions"][v] = run_version(v, [int(x) for x in a.archs.split(",")], a.shapes, a.jobs, a.dtypes)
+        data["versions"].setdefault(v, {}).update(run_version(v, [int(x) for x in a.archs.split(",")], a.shapes,
+                                                              a.jobs, a.dtypes))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
     print(f"wrote {out}")

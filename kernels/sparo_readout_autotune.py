@@ -185,13 +185,14 @@ def smem_pool(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
     if _half(dtype) and _staged_operands():  # x and qt tiles, and the [BL, BN] probabilities
         return max(max(st, 2) * (BN + BL) * BD * e + BL * BN * e, BL * BN * 4)
     # mma.sync: x and qt tiles, or the fp32 score block re-laid out (twice for fp32 FMA products)
-    return max(st * (BN + BL) * BD * e, BL * BN * 4 * (1 if _half(dtype) else 2))
+    return max(st * (BN + BL) * BD * e, BL * BN * 4 * (1 if _half(dtype) else 2)) + 2 * BL * BD * e
 
 
 def smem_proj(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
     e = _esize(dtype)
     BM, BVD = cfg["BM"], meta["BVD"]  # plus o [BM, BVD] staged as the second product's operand (wgmma)
-    return cfg["num_stages"] * (BM + BVD) * cfg["BD"] * e + BM * max(BVD, meta["BVO"]) * 4 + BM * BVD * e
+    tiles = cfg["num_stages"] * (BM + BVD) * cfg["BD"] * e + BM * max(BVD, meta["BVO"]) * 4 + BM * BVD * e
+    return tiles + 1024  # barriers (and sm_100's tensor-memory address): 144 bytes seen
 
 
 def smem_bwd(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
@@ -203,7 +204,7 @@ def smem_bwd(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
 def smem_slot(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
     e = _esize(dtype)
     BM, BD, BVD, BV = cfg["BM"], cfg["BD"], meta["BVD"], meta["BV"]
-    return max(2, cfg["num_stages"]) * (BM * (BVD + BV) + BVD * BD) * e + BM * max(BD, BVD) * 4
+    return max(2, cfg["num_stages"]) * (BM * (BVD + BV) + BVD * BD) * e + BM * (max(BD, BVD) + BV) * 4
 
 
 def smem_finish(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:

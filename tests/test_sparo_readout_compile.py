@@ -128,8 +128,7 @@ def _matrix_rows():
 
 def test_matrix_every_cell_has_a_good_config():
     """The committed matrix (the installed Triton's part): every architecture, benchmark shape,
-    dtype and kernel has a config that compiles, fits and spills nothing; and the shared-memory
-    estimate that prunes the spaces is never below what Triton allocated."""
+    dtype and kernel has a config that compiles, fits and spills nothing."""
     by_arch = _matrix_rows()
     assert sorted(map(int, by_arch)) == sorted(ARCHS)
     for arch, rows in by_arch.items():
@@ -137,8 +136,6 @@ def test_matrix_every_cell_has_a_good_config():
         cells = {}
         for r in rows:
             cells.setdefault((r["shape"], r["dtype"], r["kernel"]), []).append(r)
-            if "error" not in r:
-                assert r["smem_estimate"] >= r["shared"], (arch, r)
         for shape in BENCH_SHAPES:
             for dt in ("bf16", "fp16", "fp32"):
                 for k in KERNELS:
@@ -149,21 +146,12 @@ def test_matrix_every_cell_has_a_good_config():
 
 def test_matrix_is_current():
     """The committed matrix lists exactly the configs the current spaces hold for each
-    architecture (so it is regenerated whenever a space or a pruning rule changes)."""
-    import torch
-
-    from sparo_fast_kernels import sparo_readout_autotune as at
-    from sparo_fast_kernels.testing import aot_check
-
-    by_arch = _matrix_rows()
-    ty = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    for arch, rows in by_arch.items():
-        got = {}
-        for r in rows:
-            got.setdefault((r["shape"], r["dtype"], r["kernel"]), []).append(r["config"])
-        want = {}
-        for shape in aot_check.SHAPES:
-            for dt in ty:
-                for ln in aot_check.capture(shape, ty[dt], at.limits_for_arch(int(arch))):
-                    want.setdefault((shape[0], dt, ln.kernel.fn.__name__), []).extend(ln.space)
-        assert got == want, f"sm_{arch}: the committed matrix is stale; rerun compile_matrix"
+    architecture (so it is regenerated whenever a space or a pruning rule changes), and the
+    current shared-memory estimate that prunes the spaces is never below what Triton allocated
+    for any of them (run without the interpreter: the ops' launches are captured)."""
+    _matrix_rows()
+    r = subprocess.run([sys.executable, "-m", "sparo_fast_kernels.testing.compile_matrix", "--out", MATRIX,
+                        "--check", triton.__version__], capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    problems = json.loads(r.stdout)
+    assert problems == [], problems[:20]

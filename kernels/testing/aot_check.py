@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 
 import torch
 import triton
+import triton.language as tl
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 ARCHS = (80, 86, 89, 90, 100, 120)
@@ -289,10 +290,8 @@ def _run_all(specs: List[Dict], jobs: int) -> List[Dict]:
 
 
 @triton.jit
-def _i32_offsets_demo(X, Y, N, stride_xn, BN: "triton.language.constexpr"):
+def _i32_offsets_demo(X, Y, N, stride_xn, BN: tl.constexpr):
     """A negative control for ``int64_report``: token index x stride in i32 (wraps past 2^31)."""
-    import triton.language as tl
-
     offs = tl.arange(0, BN)
     tl.store(Y + offs, tl.load(X + offs * stride_xn, mask=offs < N))
 
@@ -300,7 +299,10 @@ def _i32_offsets_demo(X, Y, N, stride_xn, BN: "triton.language.constexpr"):
 def _i32_stride_uses(launch: Launch, cfg: Dict, arch: int = 90) -> Dict:
     """TTIR lines that use x's stride arguments other than to sign-extend them to i64."""
     spec = job_spec(launch, cfg, arch)
-    ttir = compile_spec(spec, keep_asm=True)["ttir"]  # triton 3.8 names the SSA values of the arguments after them
+    res = compile_spec(spec, keep_asm=True)
+    if "ttir" not in res:
+        raise RuntimeError(f"{spec['name']}: {res.get('error')}")
+    ttir = res["ttir"]  # triton 3.8 names the SSA values of the arguments after them
     out = {}
     for a in ("stride_xn", "stride_xb"):
         if spec["sig"].get(a) == "i32":

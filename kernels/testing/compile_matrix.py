@@ -70,7 +70,8 @@ def run_version(version: str, archs: List[int], shapes: str, jobs: int, dtypes: 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--versions", required=True, help="comma-separated Triton versions, e.g. 3.4.0,3.8.0")
+    ap.add_argument("--versions", help="comma-separated Triton versions, e.g. 3.4.0,3.8.0")
+    ap.add_argument("--check", metavar="VERSION", help="print the problems of --out's VERSION part as JSON")
     ap.add_argument("--archs", default="80,86,89,90,100,120")
     ap.add_argument("--shapes", default="", help="aot_check --shapes (default: all)")
     ap.add_argument("--dtypes", default="", help="aot_check --dtypes (default: bf16, fp16, fp32)")
@@ -78,6 +79,11 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/compile-matrix.json")
     ap.add_argument("--merge", action="store_true", help="keep what --out holds; replace only the (version, arch) entries run now")
     a = ap.parse_args(argv)
+    if a.check:
+        print(json.dumps(stale(a.out, a.check)))
+        return
+    if not a.versions:
+        ap.error("--versions or --check is needed")
     out = Path(a.out)
     data = json.loads(out.read_text()) if a.merge and out.exists() else {"versions": {}}
     for v in a.versions.split(","):
@@ -86,6 +92,37 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, separators=(",", ":")) + "\n")
     print(f"wrote {out}")
+
+
+
+def stale(path: str, version: str) -> List[str]:
+    """Problems of the committed matrix for ``version`` against the current code: configs that
+    differ from the current pruned spaces, and shared-memory estimates below what Triton
+    allocated. Must run with ``TRITON_INTERPRET`` unset (the launches are captured)."""
+    import torch
+
+    from .. import sparo_readout_autotune as at
+    from . import aot_check
+
+    ty = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    problems = []
+    for arch, rows in json.loads(Path(path).read_text())["versions"][version].items():
+        got = {(r["shape"], r["dtype"], r["kernel"], json.dumps(r["config"], sort_keys=True)): r.get("shared")
+               for r in rows}
+        lim, want = at.limits_for_arch(int(arch)), {}
+        for shape in aot_check.SHAPES:
+            for dt in ty:
+                for ln in aot_check.capture(shape, ty[dt], lim):
+                    for cfg in ln.space:
+                        full = {**ln.consts, **cfg}
+                        with at.assume(lim):
+                            est = at.SMEM_ESTIMATES[ln.kernel.fn.__name__](full, full, ty[dt])
+                        want[(shape[0], dt, ln.kernel.fn.__name__, json.dumps(cfg, sort_keys=True))] = est
+        problems += [f"sm_{arch}: not in the matrix: {k}" for k in want.keys() - got.keys()]
+        problems += [f"sm_{arch}: no longer in the spaces: {k}" for k in got.keys() - want.keys()]
+        problems += [f"sm_{arch}: estimate {want[k]} < shared {got[k]}: {k}" for k in want.keys() & got.keys()
+                     if got[k] is not None and want[k] < got[k]]
+    return problems
 
 
 if __name__ == "__main__":

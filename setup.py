@@ -26,8 +26,8 @@ setup(
     },
     package_data={"sparo_fast.clip": ["model_configs/*.json"]},
     # torch 2.6: torch.library.triton_op / wrap_triton (the fused op); Triton 3.4: the oldest
-    # release that compiles the kernels (bench/results/compile-matrix.json; 3.3 and older reject
-    # an explicit None accumulator in tl.dot). PyTorch's Linux wheels pin their Triton, so
+    # release that compiles the kernels spill-free (bench/results/compile-matrix.json; 3.3.1
+    # rejects an explicit None accumulator in tl.dot). PyTorch's Linux wheels pin their Triton, so
     # triton>=3.4 comes with torch>=2.8 there.
     install_requires=["torch>=2.6", "numpy"],
     extras_require={

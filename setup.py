@@ -25,9 +25,13 @@ setup(
         "sparo_fast_experiment": "experiment",
     },
     package_data={"sparo_fast.clip": ["model_configs/*.json"]},
-    install_requires=["torch>=2.5", "numpy"],
+    # torch 2.6: torch.library.triton_op / wrap_triton (the fused op); Triton 3.4: the oldest
+    # release that compiles the kernels spill-free (bench/results/compile-matrix.json; 3.3.1
+    # rejects an explicit None accumulator in tl.dot). PyTorch's Linux wheels pin their Triton, so
+    # triton>=3.4 comes with torch>=2.8 there.
+    install_requires=["torch>=2.6", "numpy"],
     extras_require={
-        "triton": ["triton>=3.1"],
+        "triton": ["triton>=3.4"],
         "clip": ["open_clip_torch>=2.24", "torchvision", "pillow", "matplotlib>=3.5"],  # matplotlib: the visualiser's font
         "train": ["open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86", "tensorboard>=2.14",
                   "matplotlib>=3.5"],
@@ -36,7 +40,7 @@ setup(
             "open_clip_torch>=2.24", "torchvision", "pillow", "webdataset>=0.2.86", "tensorboard>=2.14",
             "matplotlib>=3.5",
             "pytest>=7", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6",
-            "triton>=3.1; platform_system == 'Linux'",
+            "triton>=3.4; platform_system == 'Linux'",
         ],
     },
 )

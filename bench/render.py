@@ -12,6 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import traffic_render  # noqa: E402  (bench/ is a plain directory, not a package)
+import compile_render  # noqa: E402
 
 RESULTS_DIR = HERE / "results"
 RESULTS_MD = HERE / "RESULTS.md"
@@ -128,9 +129,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     for name, doc in sorted(docs, key=lambda nd: (not nd[0].startswith("cuda-"), nd[0])):
         lines += render_file(doc, name)
     lines += traffic_render.section(results_dir)  # bench/results/traffic-*.json: counted, not timed
-    compile_md = results_dir / "compile-sm90.md"  # aot_check's report (kernels/testing/aot_check.py --markdown)
-    if compile_md.exists():
-        lines += ["", compile_md.read_text()]
+    lines += ["", *compile_render.section(results_dir / "compile-matrix.json")]  # compiled, not timed
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -74,7 +74,7 @@ def _launch(kernel, grid, args, meta, space, key, tag):
             grid = grid(space[0])
         (kernel if INTERPRETED else wrap_triton(kernel))[grid](*args, **meta, **cfg, num_warps=w, num_stages=st)
     else:
-        wrap_triton(at.tuned(kernel, space, key, tag))[grid](*args, **meta)
+        at.launch(kernel, grid, args, meta, space, key, tag)
 
 
 # Explicit schemas; the annotations of the functions below infer the same ones (older torch

@@ -1,74 +1,181 @@
-"""Compile the SPARO kernels for a GPU target without a GPU, and report registers and spills.
+"""Compile the SPARO kernels for any NVIDIA architecture without a GPU: registers, spills, shared
+memory, whether each config fits the architecture, and the tensor-core instructions.
 
-``python -m sparo_fast_kernels.testing.aot_check [--arch 90] [--json] [--every-config] [--jobs J]``
-compiles every kernel with the launch configuration the ops would pick under the interpreter
-(the first config of its ``autotune.py`` space) or, with ``--every-config``, every config of
-every space, for a set of shapes and dtypes (Triton's own
-``triton.compile`` with a ``GPUTarget``, then the bundled ``ptxas -v``), so that a session
-without a GPU can still check that the kernels lower to sm_90 code and do not spill.
-Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the JIT functions).
+``python -m sparo_fast_kernels.testing.aot_check --arch 86 [--json FILE] [--jobs J] [--picked]``
 
-Runtime specialisation is mimicked: pointers and the sizes/strides that are multiples of 16
-get ``tt.divisibility=16`` and unit strides become constants, as Triton's launcher does.
+The kernels, their arguments and their spaces are not listed here: the forward and backward
+ops (``sparo_readout_op``) run on ``meta`` tensors with their launches intercepted
+(``sparo_readout_autotune.launch`` and ``wrap_triton``), so every launch the ops make at a shape
+is seen with its real arguments, constexprs and pruned space -- pruned for the architecture's
+limits by ``sparo_readout_autotune.assume``, as on a real device. Each config is compiled with
+Triton's own ``triton.compile`` for a ``GPUTarget`` and measured with the bundled ``ptxas -v``.
+Runtime specialisation is mimicked: pointers and the integers that are multiples of 16 get
+``tt.divisibility=16``, integers equal to 1 become constants, as Triton's launcher does.
+
+Distinct compilations (kernel, signature, constexprs, warps, stages, arch) are compiled once,
+in ``--jobs`` processes, and their results cached under ``~/.cache/sparo-fast/aot/`` by Triton
+version and kernel source (``SPARO_FAST_CACHE_DIR`` moves it). Must run with
+``TRITON_INTERPRET`` unset (the interpreter replaces the JIT functions).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
+import inspect
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 _TY = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+ARCHS = (80, 86, 89, 90, 100, 120)
 
-#: (name, B, N, D, L, H, A/Vd, V): benchmark shapes plus the extremes the kernels accept
+#: (name, B, N, D, L, H, A = Vd, V): the benchmark shapes, then the test suite's and the extremes
 SHAPES = (
-    ("vit_b16", 256, 197, 768, 64, 64, 64, 64),
     ("vit_b32", 512, 50, 768, 64, 64, 64, 64),
+    ("vit_b16", 256, 197, 768, 64, 64, 64, 64),
     ("text_b", 256, 77, 512, 64, 64, 64, 64),
     ("vit_l14", 128, 257, 1024, 64, 64, 64, 64),
+    ("tiny", 2, 9, 40, 4, 2, 8, 6),
+    ("text_tiny", 3, 77, 100, 8, 4, 16, 24),
     ("slots128", 8, 1030, 1290, 128, 4, 40, 33),
     ("few_slots", 8, 50, 96, 6, 3, 256, 10),
 )
+BENCH_SHAPES = ("vit_b32", "vit_b16", "text_b", "vit_l14")
 
 
-def _specialise(fn, ptrs, values, consts):
-    sig, attrs, c = {}, {}, {**({"UPCAST": False} if "UPCAST" in fn.arg_names else {}), **consts}
-    for i, a in enumerate(fn.arg_names):
-        if a in ptrs:
-            sig[a] = ptrs[a]
+@dataclass
+class Launch:
+    """One kernel launch the ops make: named runtime arguments, constexprs, candidate configs."""
+    kernel: object
+    named: Dict
+    consts: Dict
+    space: List[Dict] = field(default_factory=list)
+
+
+def _shape_tensors(B, N, D, L, H, A, V, dtype, text):
+    S = L // H
+    dev = "meta"
+    t = lambda *s, dt=dtype: torch.empty(s, device=dev, dtype=dt)  # noqa: E731
+    return dict(x=t(B, N, D), eos=t(B, dt=torch.int64) if text else None, q_emb=t(1, H, S, 1, A),
+                k_weight=t(H * A, D), k_bias=t(H * A), v_weight=t(H * A, D), v_bias=t(H * A),
+                proj_weight=t(V, H * A), proj_bias=t(V), grad_out=t(B, L, V))
+
+
+class _Recorder:
+    """Stands for ``wrap_triton(kernel)``: records a direct launch (a fixed config)."""
+
+    def __init__(self, records, kernel):
+        self.records, self.kernel = records, kernel
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            cfg = dict(num_warps=kwargs.pop("num_warps", 4), num_stages=kwargs.pop("num_stages", 3))
+            self.records.append(Launch(self.kernel, dict(zip(self.kernel.arg_names, args)), kwargs, [cfg]))
+        return run
+
+
+def capture(shape, dtype, limits) -> List[Launch]:
+    """Every launch of the forward and backward ops at ``shape`` (an entry of ``SHAPES``), with the
+    spaces pruned for ``limits`` (a ``DeviceLimits``; ``None``: the no-device cap). As in training:
+    the attention weights are returned but get no gradient; text shapes (``text*``) have EOS
+    indices."""
+    from .. import sparo_readout_autotune as at
+    from .. import sparo_readout_bwd as bwd
+    from .. import sparo_readout_op as op
+
+    name, B, N, D, L, H, A, V = shape
+    records: List[Launch] = []
+
+    def fake_launch(kernel, grid, args, meta, space, key, tag):
+        records.append(Launch(kernel, dict(zip(kernel.arg_names, args)), dict(meta), list(space)))
+
+    saved = (at.launch, op.wrap_triton, bwd.PROGRAMS_OVERRIDE)
+    at.launch, op.wrap_triton = fake_launch, (lambda k: _Recorder(records, k))
+    bwd.PROGRAMS_OVERRIDE = limits.sms if limits is not None else 132
+    try:
+        with at.assume(limits):
+            t = _shape_tensors(B, N, D, L, H, A, V, dtype, name.startswith("text"))
+            out, attn, qt, lse, xp, o = op._readout_fwd(t["x"], t["eos"], t["q_emb"], t["k_weight"], t["k_bias"],
+                                                        t["v_weight"], t["v_bias"], t["proj_weight"],
+                                                        t["proj_bias"], True)
+            op._readout_bwd(t["grad_out"], None, t["x"], t["eos"], t["q_emb"], t["k_weight"], qt,
+                            t["v_weight"], t["proj_weight"], lse, xp, o, True)
+    finally:
+        at.launch, op.wrap_triton, bwd.PROGRAMS_OVERRIDE = saved
+    return records
+
+
+def _defaults(fn) -> Dict:
+    sig = inspect.signature(fn.fn)
+    return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def specialise(kernel, named: Dict, consts: Dict):
+    """(signature, attrs, constexprs) for ``triton.compile``, as Triton's launcher specialises."""
+    sig, attrs, c = {}, {}, {**_defaults(kernel), **consts}
+    for i, a in enumerate(kernel.arg_names):
+        v = named.get(a, c.get(a))
+        if a in c and a not in named or v is None:
+            sig[a], c[a] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[a] = "*" + _TY.get(v.dtype, {torch.int64: "i64", torch.int32: "i32"}.get(v.dtype, "i8"))
             attrs[(i,)] = [["tt.divisibility", 16]]
-        elif a in c:
-            sig[a] = "constexpr"
+        elif isinstance(v, bool):
+            sig[a] = "i1"
+        elif isinstance(v, float):
+            sig[a] = "fp32"
+        elif v == 1:
+            sig[a], c[a] = "constexpr", 1
         else:
-            v = values[a]
-            if isinstance(v, float):
-                sig[a] = "fp32"
-            elif v == 1:
-                c[a] = 1
-                sig[a] = "constexpr"
-            else:
-                sig[a] = "i32"
-                if v % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, attrs, c
+            sig[a] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs, {k: v for k, v in c.items() if sig.get(k) == "constexpr"}
+
+
+def job_spec(launch: Launch, cfg: Dict, arch: int) -> Dict:
+    """A picklable description of one compilation (what the cache and the workers key on)."""
+    from ..sparo_readout_autotune import split
+
+    meta, warps, stages = split(cfg)
+    sig, attrs, c = specialise(launch.kernel, launch.named, {**launch.consts, **meta})
+    fn = launch.kernel.fn
+    return dict(module=fn.__module__, name=fn.__name__, sig=sig, attrs=sorted((k[0], v) for k, v in attrs.items()),
+                consts=sorted(c.items()), warps=warps, stages=stages, arch=arch)
+
+
+def _spec_hash(spec: Dict, kernel) -> str:
+    text = json.dumps({**spec, "src": kernel.cache_key, "triton": triton.__version__}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("SPARO_FAST_CACHE_DIR", Path.home() / ".cache" / "sparo-fast"))
+    return base / "aot" / f"triton-{triton.__version__}"
 
 
 def _ptxas_info(ptx: str):
-    import triton
-
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    """(registers, spill bytes) from the bundled ptxas (Triton ships a newer one for sm_100+)."""
+    arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    newer = os.path.join(bindir, "ptxas-blackwell")
+    ptxas = newer if int(re.match(r"sm_(\d+)", arch).group(1)) >= 100 and os.path.exists(newer) else \
+        os.path.join(bindir, "ptxas")
     if not os.path.exists(ptxas):
         return None, None
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
-    arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
     r = subprocess.run([ptxas, f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
     os.unlink(f.name)
     regs = re.search(r"Used (\d+) registers", r.stderr)
@@ -76,94 +183,110 @@ def _ptxas_info(ptx: str):
     return (int(regs.group(1)) if regs else None), (int(spill.group(1)) if spill else None)
 
 
-def _jobs(name, B, N, D, L, H, A, V, dtype, every):
-    """(kernel, pointer types, scalar values, constexprs, config) of each kernel for one shape."""
-    from .. import sparo_readout_autotune as at
-    from ..sparo_readout_bwd import _bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_kernel
-    from ..sparo_readout_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
-
-    t = _TY[dtype]
-    prec = dot_precision(dtype)
-    S = L // H
-    pick = (lambda sp: sp) if every else (lambda sp: sp[:1])
-    jobs = []
-    meta = at.pool_meta(L, N, D, dtype)
-    for cfg in pick(at.pool_space(L, N, D, dtype)):
-        jobs.append((_fwd_pool_kernel,
-                     dict(X=f"*{t}", EOS="*i64", QT=f"*{t}", SCR="*fp32", ATTN=f"*{t}", LSE="*fp32", XP=f"*{t}"),
-                     dict(scale=0.125, B=B, N=N, D=D, L=L, S=S, stride_xb=N * D, stride_xn=D, stride_xd=1),
-                     dict(HAS_EOS=True, NEED_WEIGHTS=True, DOT_PREC=prec, **meta), cfg))
-    meta = at.proj_meta(B * S, D, A, V, dtype)
-    for cfg in pick(at.proj_space(B * S, D, A, V, dtype)):
-        jobs.append((_fwd_proj_kernel,
-                     dict(XP=f"*{t}", WV=f"*{t}", BV=f"*{t}", WO=f"*{t}", BO=f"*{t}", O=f"*{t}", OUT=f"*{t}"),
-                     dict(M=B * S, S=S, L=L, D=D, VD=A, V=V), dict(DOT_PREC=prec, **meta), cfg))
-    meta = at.bwd_meta(L, N, D, dtype)
-    for cfg in pick(at.bwd_space(L, N, D, dtype)):
-        jobs.append((_bwd_token_kernel,
-                     dict(X=f"*{t}", EOS="*i64", LSE="*fp32", GA=f"*{t}", GXP=f"*{t}", QT=f"*{t}", SCR="*fp32",
-                          DX=f"*{t}", DQT="*fp32"),
-                     dict(scale=0.125, B=B, N=N, D=D, L=L, S=S, NPROG=132, stride_xb=N * D, stride_xn=D,
-                          stride_xd=1, stride_gab=L * N, stride_gal=N, stride_gan=1),
-                     dict(HAS_EOS=True, HAS_GA=True, DOT_PREC=prec, **meta), cfg))
-    meta = at.slot_meta(B * S, D, A, V, dtype)
-    for cfg in pick(at.slot_space(B * S, D, A, V, dtype)):
-        jobs.append((_bwd_slot_kernel,
-                     dict(G=f"*{t}", O=f"*{t}", XP=f"*{t}", WV=f"*{t}", WO=f"*{t}", GXP=f"*{t}", DWV=f"*{t}",
-                          DBV=f"*{t}", DWO_P="*fp32", DBO_P="*fp32"),
-                     dict(B=B, S=S, L=L, D=D, VD=A, V=V), dict(DOT_PREC=prec, **meta), cfg))
-    for cfg in at.finish_space(S, A, D):
-        jobs.append((_bwd_finish_kernel,
-                     dict(PART="*fp32", QE=f"*{t}", WK=f"*{t}", DWV=f"*{t}", DWO_P="*fp32", DBO_P="*fp32",
-                          DQ=f"*{t}", DWK=f"*{t}", DWO=f"*{t}", DBO=f"*{t}"),
-                     dict(NP=132, H=H, S=S, A=A, D=D, V=V, VD=A, NV=-(-V // H)), dict(SHARED=True, **at.finish_meta(S, A, H, A, V)),
-                     cfg))
-    return [(name, t) + j for j in jobs]
+def _matrix_ops(ptx: str) -> str:
+    """Tensor-core instructions: Hopper's ``wgmma``, Blackwell's ``tcgen05``, the older
+    ``mma.sync``, or none (every ``tl.dot`` became FMAs, e.g. true-fp32 products)."""
+    ops = (("wgmma", "wgmma.mma_async"), ("tcgen05", "tcgen05.mma"), ("mma.sync", "mma.sync"))
+    return "+".join(name for name, op in ops if op in ptx) or "none"
 
 
-def compile_one(job, arch: int = 90, keep_asm: bool = False):
-    """Compile one job for ``sm_<arch>`` and return its report row."""
-    import triton
+def _kernel(spec: Dict):
+    return getattr(importlib.import_module(spec["module"]), spec["name"])
+
+
+def compile_spec(spec: Dict, keep_asm: bool = False) -> Dict:
+    """Compile one spec for ``sm_<arch>``: registers, spill bytes, shared bytes, tensor cores
+    (or ``error``: the compiler's last line)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ..sparo_readout_autotune import split
-
-    name, t, fn, ptrs, values, consts, cfg = job
-    meta, warps, stages = split(cfg)
-    sig, attrs, c = _specialise(fn, ptrs, values, {**consts, **meta})
-    k = triton.compile(ASTSource(fn, sig, c, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                       options=dict(num_warps=warps, num_stages=stages))
-    regs, spill = _ptxas_info(k.asm["ptx"])
-    row = dict(shape=name, dtype=t, kernel=fn.__name__, num_warps=warps, num_stages=stages,
-               shared=k.metadata.shared, regs=regs, spill_bytes=spill, matrix_ops=_matrix_ops(k.asm["ptx"]),
-               wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)",
-                                                  k.asm["ptx"]))),
-               blocks={k2: v for k2, v in meta.items()}, one_tile=consts.get("ONE_TILE"))
+    kernel = _kernel(spec)
+    attrs = {(i,): v for i, v in spec["attrs"]}
+    try:
+        k = triton.compile(ASTSource(kernel, dict(spec["sig"]), dict(spec["consts"]), attrs=attrs),
+                           target=GPUTarget("cuda", spec["arch"], 32),
+                           options=dict(num_warps=spec["warps"], num_stages=spec["stages"]))
+    except Exception as e:  # noqa: BLE001  (a compiler failure is a row of the matrix)
+        msg = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        return dict(error=f"{type(e).__name__}: {msg[-1][:200]}")
+    ptx = k.asm["ptx"]
+    regs, spill = _ptxas_info(ptx)
+    if regs is None:
+        return dict(error="ptxas -v gave no register count (no ptxas for this target?)")
+    row = dict(regs=regs, spill_bytes=spill, shared=k.metadata.shared, matrix_ops=_matrix_ops(ptx),
+               wgmma_shapes=sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))))
     if keep_asm:
         row["ttir"] = k.asm["ttir"]
     return row
 
 
-def _worker(args):
-    job_index, every, arch, shapes, dtypes = args
-    jobs = [j for s in shapes for d in dtypes for j in _jobs(*s, d, every)]
-    return compile_one(jobs[job_index], arch)
+def cached_compile(spec: Dict) -> Dict:
+    """``compile_spec`` through the on-disk cache (keyed by spec, kernel source and Triton)."""
+    path = _cache_dir() / f"{_spec_hash(spec, _kernel(spec))}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    row = compile_spec(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(row))
+    os.replace(tmp, path)
+    return row
 
 
-def compile_all(arch: int = 90, dtypes=(torch.bfloat16, torch.float16, torch.float32), shapes=SHAPES,
-                every: bool = False, jobs: int = 1):
-    """Compile each kernel for each shape and dtype: the picked (first) config, or with ``every``
-    every config of its autotuning space; ``jobs`` > 1 compiles in worker processes."""
+def _spec_key(spec: Dict) -> str:
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def _limits(arch: int, unpruned: bool):
+    from ..sparo_readout_autotune import limits_for_arch
+
+    return None if unpruned else limits_for_arch(arch)
+
+
+def matrix(arch: int, shapes=SHAPES, dtypes=(torch.bfloat16, torch.float16, torch.float32), picked=False,
+           jobs: int = 1, unpruned: bool = False) -> List[Dict]:
+    """One row per (shape, dtype, kernel, config) for ``sm_<arch>``; every distinct compilation
+    once. ``picked``: only the first config of each space (the interpreter's); ``unpruned``:
+    the spaces as without a device (the 200 kB cap), not pruned for the architecture."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("aot_check needs TRITON_INTERPRET unset")
-    all_jobs = [j for s in shapes for d in dtypes for j in _jobs(*s, d, every)]
-    if jobs <= 1:
-        return [compile_one(j, arch) for j in all_jobs]
+    from ..sparo_readout_autotune import SMEM_ESTIMATES, limits_for_arch
+
+    lim = _limits(arch, unpruned)
+    limit = limits_for_arch(arch).smem
+    todo, rows = {}, []
+    for shape in shapes:
+        for dtype in dtypes:
+            for ln in capture(shape, dtype, lim):
+                for cfg in (ln.space[:1] if picked else ln.space):
+                    spec = job_spec(ln, cfg, arch)
+                    todo.setdefault(_spec_key(spec), spec)
+                    full = {**ln.consts, **cfg}
+                    name = ln.kernel.fn.__name__
+                    est = SMEM_ESTIMATES.get(name)
+                    rows.append(dict(shape=shape[0], dtype=_TY[dtype], kernel=name, config=cfg,
+                                     consts={k: v for k, v in ln.consts.items() if k.isupper()},
+                                     one_tile=ln.consts.get("ONE_TILE"), arch=arch, limit=limit,
+                                     smem_estimate=est(full, full, dtype) if est else None,
+                                     _spec=_spec_key(spec)))
+    results = _run_all(list(todo.values()), jobs)
+    done = dict(zip(todo, results))
+    for r in rows:
+        res = done[r.pop("_spec")]
+        r.update(res)
+        r["fits"] = "error" not in res and res["shared"] <= limit
+    return rows
+
+
+def _run_all(specs: List[Dict], jobs: int) -> List[Dict]:
+    if jobs <= 1 or len(specs) <= 1:
+        return [cached_compile(s) for s in specs]
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(jobs) as pool:
-        return pool.map(_worker, [(i, every, arch, shapes, dtypes) for i in range(len(all_jobs))])
+        return pool.map(cached_compile, specs, chunksize=1)
 
 
 @triton.jit
@@ -173,96 +296,94 @@ def _i32_offsets_demo(X, Y, N, stride_xn, BN: tl.constexpr):
     tl.store(Y + offs, tl.load(X + offs * stride_xn, mask=offs < N))
 
 
-def _i32_stride_uses(fn, ptrs, values, consts, cfg, arch=90):
+def _i32_stride_uses(launch: Launch, cfg: Dict, arch: int = 90) -> Dict:
     """TTIR lines that use x's stride arguments other than to sign-extend them to i64."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    meta, w, st = cfg
-    sig, attrs, c = _specialise(fn, ptrs, values, {**consts, **meta})
-    k = triton.compile(ASTSource(fn, sig, c, attrs=attrs), target=GPUTarget("cuda", arch, 32),
-                       options=dict(num_warps=w, num_stages=st))
-    ttir = k.asm["ttir"]  # triton 3.8 names the SSA values of the arguments after them
+    spec = job_spec(launch, cfg, arch)
+    res = compile_spec(spec, keep_asm=True)
+    if "ttir" not in res:
+        raise RuntimeError(f"{spec['name']}: {res.get('error')}")
+    ttir = res["ttir"]  # triton 3.8 names the SSA values of the arguments after them
     out = {}
     for a in ("stride_xn", "stride_xb"):
-        if sig.get(a) == "i32":
+        if spec["sig"].get(a) == "i32":
             v = "%" + a
-            uses = [ln.strip() for ln in ttir.splitlines()
-                    if re.search(re.escape(v) + r"\b", ln) and "tt.func" not in ln]
+            uses = [ln.strip() for ln in ttir.splitlines() if re.search(re.escape(v) + r"\b", ln) and "tt.func" not in ln]
             ext = [u for u in uses if re.search(r"arith\.extsi " + re.escape(v) + r"\b.*: i32 to i64", u)]
             out[a] = dict(i64=len(ext), other=[u for u in uses if u not in ext])
     return out
 
 
-def int64_report(arch: int = 90):
+def int64_report(arch: int = 90) -> Dict:
     """For the kernels that read x (one-tile and long paths) and a negative control: per stride of
     x, how many uses sign-extend it to i64 and the other uses (none = every token-index x stride
     product is int64). Strides are those of a sequence-first [N, B, D] view."""
-    from ..sparo_readout_autotune import split
-
     res = {}
     for n in (100, 300):  # fp16, L = 64: one-tile at N = 100, the long path at N = 300
-        for name, t, fn, ptrs, values, consts, cfg in _jobs("int64", 4, n, 64, 64, 64, 64, 64, torch.float16, False):
-            if "stride_xn" in values:
-                values = dict(values, stride_xb=64, stride_xn=4 * 64 * 7)
-                res[f"{fn.__name__}:{consts['ONE_TILE']}"] = _i32_stride_uses(fn, ptrs, values, consts, split(cfg),
-                                                                               arch)
-    res["_bad"] = _i32_stride_uses(_i32_offsets_demo, dict(X="*fp16", Y="*fp16"), dict(N=300, stride_xn=448),
-                                   dict(BN=64), (dict(), 4, 1), arch)
+        for ln in capture(("int64", 4, n, 64, 64, 64, 64, 64), torch.float16, None):
+            if "stride_xn" in ln.named:
+                ln.named.update(stride_xb=64, stride_xn=4 * 64 * 7)
+                res[f"{ln.kernel.fn.__name__}:{ln.consts['ONE_TILE']}"] = _i32_stride_uses(ln, ln.space[0], arch)
+    demo = Launch(_i32_offsets_demo, dict(X=torch.empty(1, dtype=torch.float16, device="meta"),
+                                          Y=torch.empty(1, dtype=torch.float16, device="meta"), N=300, stride_xn=448),
+                  dict(BN=64))
+    res["_bad"] = _i32_stride_uses(demo, dict(num_warps=4, num_stages=1), arch)
     return res
 
 
-def _matrix_ops(ptx: str) -> str:
-    """Which tensor-core instructions the kernel uses: Hopper's ``wgmma``, the older
-    ``mma.sync``, or none (then every ``tl.dot`` became scalar FMAs, e.g. true-fp32 dots)."""
-    kinds = [name for name, op in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync")) if op in ptx]
-    return "+".join(kinds) or "none"
-
-
-def markdown(rep) -> str:
-    """The report as a markdown table: one row per (shape, dtype, kernel), configs summarised."""
-    rows, seen = [], {}
-    for r in rep:
+def markdown(rows: List[Dict]) -> str:
+    """One line per (shape, dtype, kernel): configs, fitting spill-free ones, ranges."""
+    seen: Dict = {}
+    for r in rows:
         seen.setdefault((r["shape"], r["dtype"], r["kernel"]), []).append(r)
-    out = ["| shape | dtype | kernel | configs | warps | registers | spill bytes | shared kB | tensor cores |",
-           "| --- | --- | --- | ---: | --- | --- | ---: | --- | --- |"]
+    out = ["| shape | dtype | kernel | configs | fit, no spill | registers | spill bytes | shared kB | tensor cores |",
+           "| --- | --- | --- | ---: | ---: | --- | ---: | --- | --- |"]
+    rng = (lambda v: "-" if not v else f"{v[0]}" if len(v) == 1 else f"{v[0]}-{v[-1]}")  # noqa: E731
     for (shape, dt, kern), rs in seen.items():
-        regs = sorted({x["regs"] for x in rs})
-        sh = sorted({round(x["shared"] / 1024) for x in rs})
-        mma = sorted({x["matrix_ops"] + (" " + ",".join(x["wgmma_shapes"]) if x["wgmma_shapes"] else "") for x in rs})
-        rng = (lambda v: f"{v[0]}" if len(v) == 1 else f"{v[0]}-{v[-1]}")
-        out.append(f"| {shape} | {dt} | `{kern}` | {len(rs)} | {rng(sorted({x['num_warps'] for x in rs}))} | "
-                   f"{rng(regs)} | {max(x['spill_bytes'] or 0 for x in rs)} | {rng(sh)} | {'; '.join(mma)} |")
+        ok = [x for x in rs if "error" not in x]
+        good = sum(1 for x in ok if x["fits"] and not x["spill_bytes"])
+        mma = sorted({x["matrix_ops"] for x in ok}) or ["error"]
+        out.append(f"| {shape} | {dt} | `{kern}` | {len(rs)} | {good} | {rng(sorted({x['regs'] for x in ok}))} | "
+                   f"{max([x['spill_bytes'] or 0 for x in ok], default='-')} | "
+                   f"{rng(sorted({round(x['shared'] / 1024) for x in ok}))} | {'; '.join(mma)} |")
     return "\n".join(out)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--arch", type=int, default=90, help=f"compute capability x 10 (e.g. {', '.join(map(str, ARCHS))})")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32")
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--every-config", action="store_true", help="every config of every autotuning space")
+    ap.add_argument("--json", nargs="?", const="-", metavar="FILE", help="write the rows as JSON (no FILE: stdout)")
+    ap.add_argument("--picked", action="store_true", help="only the first config of each space")
+    ap.add_argument("--every-config", action="store_true", help="(the default; kept for old command lines)")
+    ap.add_argument("--unpruned", action="store_true", help="spaces not pruned for the architecture")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--int64", action="store_true", help="report non-int64 uses of x's strides (TTIR)")
-    ap.add_argument("--markdown", action="store_true", help="a markdown table (bench/RESULTS.md's compile report)")
+    ap.add_argument("--markdown", action="store_true", help="a markdown table")
     a = ap.parse_args(argv)
     inv = {v: k for k, v in _TY.items()}
-    dtypes = tuple(inv[d] for d in a.dtypes.split(","))
-    shapes = tuple(s for s in SHAPES if s[0] in a.shapes.split(","))
+    try:
+        dtypes = tuple(inv[d] for d in a.dtypes.split(","))
+    except KeyError as e:
+        ap.error(f"unknown dtype {e}; use bf16, fp16, fp32")
+    names = a.shapes.split(",")
+    if set(names) - {s[0] for s in SHAPES}:
+        ap.error(f"unknown shapes {sorted(set(names) - {s[0] for s in SHAPES})}")
     if a.int64:
         json.dump(int64_report(a.arch), sys.stdout)
         return
-    rep = compile_all(a.arch, dtypes, shapes, every=a.every_config, jobs=a.jobs)
+    rows = matrix(a.arch, tuple(s for s in SHAPES if s[0] in names), dtypes, picked=a.picked, jobs=a.jobs,
+                  unpruned=a.unpruned)
     if a.json:
-        json.dump(rep, sys.stdout)
-    elif a.markdown:
-        print(markdown(rep))
-    else:
-        for r in rep:
-            print(f"{r['shape']:10s} {r['dtype']:5s} {r['kernel']:18s} warps={r['num_warps']} "
-                  f"stages={r['num_stages']} regs={r['regs']} spill={r['spill_bytes']} shared={r['shared']} "
-                  f"mma={r['matrix_ops']} {','.join(r['wgmma_shapes'])} {r['blocks']}")
+        text = json.dumps(rows)
+        sys.stdout.write(text) if a.json == "-" else Path(a.json).write_text(text)
+    if a.markdown:
+        print(markdown(rows))
+    elif a.json in (None,) or a.json != "-":
+        for r in rows:
+            print(f"{r['shape']:10s} {r['dtype']:5s} {r['kernel']:18s} {r['config']} regs={r.get('regs')} "
+                  f"spill={r.get('spill_bytes')} shared={r.get('shared')}/{r['limit']} fits={r['fits']} "
+                  f"mma={r.get('matrix_ops', r.get('error'))}")
 
 
 if __name__ == "__main__":

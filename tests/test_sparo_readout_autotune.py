@@ -1,0 +1,184 @@
+"""Autotuning on the CPU: device-aware pruning (fake device properties), bucketed keys, pinned
+configs, the on-disk cache and the cross-rank choice (fake timings, a real ``HashStore``)."""
+import importlib
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+at = importlib.import_module("sparo_fast_kernels.sparo_readout_autotune")
+
+BENCH = {"vit_b32": (50, 768), "vit_b16": (197, 768), "text_b": (77, 512), "vit_l14": (257, 1024)}
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _props(name="NVIDIA A10", major=8, minor=6, smem=99 * 1024, sms=72):
+    return SimpleNamespace(name=name, major=major, minor=minor, shared_memory_per_block_optin=smem,
+                           multi_processor_count=sms, regs_per_multiprocessor=65536, max_threads_per_block=1024)
+
+
+def _spaces(N, D, dtype, L=64, A=64, V=64, M=256):
+    """(kernel, meta, space) of every tuned kernel at one shape, for the limits now assumed."""
+    return [("_fwd_pool_kernel", at.pool_meta(L, N, D, dtype), at.pool_space(L, N, D, dtype)),
+            ("_fwd_proj_kernel", at.proj_meta(M, D, A, V, dtype), at.proj_space(M, D, A, V, dtype)),
+            ("_bwd_token_kernel", at.bwd_meta(L, N, D, dtype), at.bwd_space(L, N, D, dtype)),
+            ("_bwd_slot_kernel", at.slot_meta(M, D, A, V, dtype), at.slot_space(M, D, A, V, dtype))]
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """An empty on-disk cache, no pins, no choices, no process group."""
+    monkeypatch.setenv("SPARO_FAST_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("SPARO_FAST_CONFIG", raising=False)
+    monkeypatch.setattr(at, "_store", lambda: None)
+    at.forget()
+    at._PINS.clear()
+    yield tmp_path
+    at.forget()
+    at._PINS.clear()
+
+
+@pytest.mark.parametrize("arch", sorted(at.ARCH_SMEM))
+def test_every_space_fits_every_arch(arch):
+    """Every benchmark shape and dtype has configs on every architecture, all estimated to fit."""
+    lim = at.limits_for_arch(arch)
+    with at.assume(lim):
+        for N, D in BENCH.values():
+            for dtype in DTYPES:
+                for name, meta, space in _spaces(N, D, dtype):
+                    assert space, (arch, N, dtype, name)
+                    for cfg in space:
+                        assert at.SMEM_ESTIMATES[name]({**meta, **cfg}, cfg, dtype) <= lim.smem, (arch, name, cfg)
+
+
+def test_small_gpu_takes_the_tiled_backward():
+    """vit_b16 in half precision: the one-tile backward needs > 99 kB; a 99 kB device (fake A10
+    properties) gets the tiled path, an H100 keeps the one-tile path."""
+    with at.assume(at.limits_from_props(_props())):
+        assert at.bwd_meta(64, 197, 768, torch.bfloat16)["ONE_TILE"] is False
+    with at.assume(at.limits_from_props(_props("NVIDIA H100", 9, 0, 227 * 1024, 132))):
+        assert at.bwd_meta(64, 197, 768, torch.bfloat16)["ONE_TILE"] is True
+
+
+def test_fallback_fits_99kb():
+    """A device too small for every config gets the fallback, which fits the smallest GPUs."""
+    tiny = at.DeviceLimits("tiny", 86, 1024)
+    with at.assume(tiny):
+        spaces = _spaces(197, 768, torch.bfloat16)
+    for name, meta, space in spaces:
+        assert 1 <= len(space) <= 2, name
+        for cfg in space:
+            assert at.SMEM_ESTIMATES[name]({**meta, **cfg}, cfg, torch.bfloat16) <= 99 * 1024, (name, cfg)
+
+
+def test_device_queried_lazily_once(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: calls.append(i) or _props())
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(at, "_QUERIED", {})
+    assert calls == []  # nothing at import or before the first space
+    at.pool_space(64, 197, 768, torch.float16)
+    at.bwd_space(64, 197, 768, torch.float16)
+    assert calls == [0]
+    assert at.device_limits().smem == 99 * 1024
+
+
+def test_keys_bucket_n_and_m():
+    named = dict(N=197, D=768, L=64, M=256 * 1)
+    k197 = at.tune_key(at.pool_space, named, ["N", "D", "L"], (256, 768))
+    assert k197 == at.tune_key(at.pool_space, dict(named, N=250), ["N", "D", "L"], (256, 768))
+    assert k197 != at.tune_key(at.pool_space, dict(named, N=260), ["N", "D", "L"], (256, 768))
+    km = at.tune_key(at.proj_space, named, ["M", "D"], ())
+    assert km == at.tune_key(at.proj_space, dict(named, M=200), ["M", "D"], ())
+    assert at.tune_key(at.proj_space, dict(named, M=8192), ["M", "D"], ()) == \
+        at.tune_key(at.proj_space, dict(named, M=65536), ["M", "D"], ())
+
+
+def _timer(times, calls):
+    def bench(cfg):
+        calls.append(cfg["BD"])
+        return times[cfg["BD"]]
+    return bench
+
+
+SPACE = [dict(BD=64, num_warps=8, num_stages=2), dict(BD=32, num_warps=8, num_stages=2),
+         dict(BD=16, num_warps=8, num_stages=1)]
+
+
+def test_choose_times_once_then_caches_on_disk(fresh):
+    calls = []
+    cfg = at.choose("_fwd_pool_kernel", "k1", SPACE, _timer({64: 3.0, 32: 1.0, 16: 2.0}, calls))
+    assert cfg["BD"] == 32 and sorted(calls) == [16, 32, 64]
+    assert at.choose("_fwd_pool_kernel", "k1", SPACE, _timer({64: 0, 32: 9, 16: 9}, calls))["BD"] == 32
+    assert len(calls) == 3  # not re-timed in this process
+    at.forget()  # a new process: the disk cache answers
+    assert at.choose("_fwd_pool_kernel", "k1", SPACE, None)["BD"] == 32
+    files = list((fresh / "autotune").glob("*.json"))
+    assert len(files) == 1 and "triton" in files[0].name and json.loads(files[0].read_text())["k1"]["BD"] == 32
+    assert at.choose("_fwd_pool_kernel", "unknown", SPACE, None) is None  # tracing: nothing to time
+
+
+def test_pins(fresh, monkeypatch):
+    calls = []
+    at.pin("bwd_token", BD=16, num_warps=8, num_stages=1)
+    assert at.choose("_bwd_token_kernel", "k", SPACE, _timer({64: 1, 32: 1, 16: 1}, calls))["BD"] == 16
+    at.pin("bwd_token")
+    monkeypatch.setenv("SPARO_FAST_CONFIG", "_bwd_token_kernel:BD=64,num_warps=8,num_stages=2;fwd_pool:BD=32,"
+                                            "num_warps=4,num_stages=3")
+    assert at.choose("_bwd_token_kernel", "k", SPACE, None) == dict(BD=64, num_warps=8, num_stages=2)
+    assert at.choose("_fwd_pool_kernel", "k", SPACE, None) == dict(BD=32, num_warps=4, num_stages=3)
+    assert calls == []
+    monkeypatch.setenv("SPARO_FAST_CONFIG", "bwd_token:BD=16")
+    with pytest.raises(ValueError, match="SPARO_FAST_CONFIG"):
+        at.choose("_bwd_token_kernel", "k", SPACE, None)
+    with pytest.raises(ValueError, match="num_warps"):
+        at.pin("bwd_token", BD=16)
+
+
+def test_ranks_agree_without_waiting(fresh, monkeypatch):
+    """Two ranks time differently; the first to publish wins and the second uses its config
+    without timing; a rank alone on a new key tunes and publishes without waiting for anyone."""
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(at, "_store", lambda: store)
+    first, second = [], []
+    a = at.choose("_fwd_pool_kernel", "kr", SPACE, _timer({64: 1.0, 32: 2.0, 16: 3.0}, first))
+    at.forget()
+    monkeypatch.setenv("SPARO_FAST_CACHE_DIR", str(fresh / "other-node"))  # no shared disk
+    b = at.choose("_fwd_pool_kernel", "kr", SPACE, _timer({64: 3.0, 32: 1.0, 16: 2.0}, second))
+    assert a == b == SPACE[0] and len(first) == 3 and second == []
+    # a rank that tuned before seeing the store (a race) still ends on the published choice
+    at.forget()
+    store.set("sparo_fast/autotune/kz", json.dumps(SPACE[2]))
+    monkeypatch.setattr(at, "_published", lambda key, st: None)
+    assert at.choose("_fwd_pool_kernel", "kz", SPACE, _timer({64: 1.0, 32: 2.0, 16: 3.0}, [])) == SPACE[2]
+
+
+class _FakeKernel:
+    """Stands for a ``triton.jit`` function: records launches."""
+    arg_names = ["X", "N", "D", "L"]
+    __name__ = "_fwd_pool_kernel"
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((grid, args, kw))
+
+
+def test_launch_uses_the_chosen_config(fresh, monkeypatch):
+    """``launch`` times the space once per bucketed key (fake timings), then launches the winner
+    with its meta-parameters, warps and stages, and a grid computed from them."""
+    import torch.library
+
+    k = _FakeKernel()
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kern: kern)
+    timed = []
+    monkeypatch.setattr(at, "_bench_fn", lambda kern, grid, args, meta: _timer({64: 2.0, 32: 1.0, 16: 3.0}, timed))
+    x = torch.empty(2, 3)
+    for n in (197, 200):  # same N bucket: timed once
+        at.launch(k, lambda m: (m["BD"], 1), (x, n, 768, 64), dict(ONE_TILE=True), SPACE, ["N", "D", "L"], ("t",))
+    assert sorted(timed) == [16, 32, 64]
+    assert [(g, kw) for g, _, kw in k.launches] == [((32, 1), dict(ONE_TILE=True, BD=32, num_warps=8, num_stages=2))] * 2

@@ -11,6 +11,8 @@ import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=False)
+# many more random examples, for measuring the accuracy criterion (see tests/accuracy.py)
+settings.register_profile("calibrate", deadline=None, max_examples=200, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 

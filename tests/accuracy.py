@@ -1,0 +1,202 @@
+"""One accuracy criterion for every numeric comparison in ``tests/`` and ``bench/``.
+
+A result ``got`` computed at some precision is compared element by element with a float64
+reference ``ref``, the way FlashAttention's tests compare their kernels:
+
+    err      = max |got - ref|                          (the worst element)
+    pytorch  = 2 * max |pytorch - ref|                  PyTorch's own error at the same precision,
+                                                        on the same inputs, doubled
+    floor    = FLOOR_C * eps(dtype) * sqrt(K) * scale   K: the longest reduction behind the
+                                                        result, scale: max |ref|
+    allowed  = max(pytorch, floor)  (times ``factor``, at most ``cap``)
+
+``pytorch`` is the measure of how hard this particular result is to compute at that precision
+(a softmax gradient that cancels, a saturated softmax). Where a test passes several PyTorch
+results the worst counts: the absorbed and the published formulations, and PyTorch on inputs
+perturbed by one rounding (:func:`perturb`), whose error is what rounding the inputs alone does
+to an ill-conditioned result, an error no implementation at that precision can avoid.
+``floor`` only keeps a lucky PyTorch result (exact by chance, e.g. a sum of a few representable
+numbers) from demanding more than a correctly rounded reduction of length K can give. ``cap`` keeps a fixed tolerance that a test
+had before: the allowance never grows past it.
+
+Every check returns a :class:`Check`; a failure's message carries the seed, the measured error,
+the allowance, both terms and which one bound. With ``SPARO_ACCURACY_LOG=path`` set, every check
+appends one JSON line to ``path`` (safe under ``pytest -n``: one ``write`` per line, append mode);
+``python tests/accuracy.py path`` summarises a log per dtype: the largest ratio measured/allowed
+and how often the floor was the binding term.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import torch
+
+# The floor's constant. A reduction of K products rounded once per addition has an error of
+# about eps * sqrt(K) * (the size of the terms) for random-signed rounding errors; 3 leaves
+# room for the handful of further roundings (scale, exp, the output cast) around it.
+FLOOR_C = 3.0
+LOG_ENV = "SPARO_ACCURACY_LOG"
+
+
+def eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+@dataclass
+class Check:
+    """One comparison: what was measured and what was allowed."""
+
+    name: str
+    dtype: str
+    seed: object
+    err: float
+    pytorch: float  # 2 x PyTorch's own error (0 when there is no PyTorch result)
+    floor: float
+    allowed: float
+    bound: str  # the binding term: "pytorch", "floor" or "cap"
+    scale: float
+    K: int
+    test: str = ""
+
+    @property
+    def ratio(self) -> float:
+        if self.allowed > 0:
+            return self.err / self.allowed
+        return 0.0 if self.err == 0 else math.inf
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= self.allowed
+
+    def message(self) -> str:
+        return (f"{self.name}: error {self.err:.3e} > allowed {self.allowed:.3e} ({self.bound} bound; "
+                f"2 x PyTorch's error {self.pytorch:.3e}, floor {self.floor:.3e} = {FLOOR_C:g} x eps x "
+                f"sqrt({self.K}) x max|ref| {self.scale:.3e}; {self.dtype}, seed {self.seed})")
+
+
+def perturb(t: torch.Tensor | None, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor | None:
+    """t with every element moved by about one rounding at ``dtype`` (relative eps x N(0, 1))."""
+    if t is None:
+        return None
+    return t * (1 + eps(dtype) * torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device))
+
+
+def _max_abs_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return float((a.detach().double() - ref).abs().max())
+
+
+def measure(name: str, got: torch.Tensor, ref: torch.Tensor, pytorch=None, *, dtype: torch.dtype, K: int,
+            seed, scale: float | None = None, factor: float = 1.0, cap: float | None = None) -> Check:
+    """Measure ``got`` against the float64 ``ref`` (see the module docstring) without asserting.
+
+    ``pytorch``: PyTorch's result at ``dtype`` on the same inputs, a tuple of such results (the
+    worst counts: e.g. the absorbed and the published formulations), or None (floor only).
+    ``scale`` replaces max|ref| where the reference is zero by cancellation; ``factor`` widens
+    the allowance for a documented reason; ``cap`` is an absolute tolerance never to exceed.
+    """
+    if got.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(got).all():
+        raise AssertionError(f"{name}: non-finite values (seed {seed})")
+    ref = ref.detach().double()
+    if scale is None:
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if pytorch is None:
+        pytorch = ()
+    elif isinstance(pytorch, torch.Tensor):
+        pytorch = (pytorch,)
+    torch_term = 2.0 * max((_max_abs_diff(t, ref) for t in pytorch), default=0.0)
+    floor = FLOOR_C * eps(dtype) * math.sqrt(max(K, 1)) * scale
+    allowed, bound = (torch_term, "pytorch") if torch_term >= floor else (floor, "floor")
+    allowed *= factor
+    if cap is not None and cap < allowed:
+        allowed, bound = cap, "cap"
+    check = Check(name, str(dtype).replace("torch.", ""), seed, _max_abs_diff(got, ref), torch_term, floor,
+                  allowed, bound, scale, int(K), os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0])
+    _log(check)
+    return check
+
+
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, pytorch=None, *, dtype: torch.dtype, K: int,
+                 seed, scale: float | None = None, factor: float = 1.0, cap: float | None = None) -> Check:
+    """:func:`measure`, then fail with the full account if the error exceeds the allowance."""
+    check = measure(name, got, ref, pytorch, dtype=dtype, K=K, seed=seed, scale=scale, factor=factor, cap=cap)
+    assert check.ok, check.message()
+    return check
+
+
+def readout_lengths(B: int, N: int, D: int, L: int, S: int, A: int, Vd: int, V: int) -> dict:
+    """``K`` for each result of the read-out (outputs and gradients by parameter name): the
+    longest sum it depends on.
+
+    Every result goes through the forward's sums (scores over D and A, softmax and pooling
+    over N, the value projection over D, the output projection over Vd); gradients add the
+    slot sum of dx (L), go = g W_O (V) and the batch sums of the weight gradients."""
+    fwd = max(N, D, A, Vd)
+    bwd = max(fwd, L, V)
+    return {"out": fwd, "y": fwd, "attn": max(N, D, A), "x": bwd, "q_emb": max(bwd, B * N),
+            "k.weight": max(bwd, B * N), "k.bias": max(bwd, B * N), "v.weight": max(bwd, B * S),
+            "v.bias": max(bwd, B * S), "proj.weight": max(fwd, B * L), "proj.bias": B * L}
+
+
+def module_lengths(module, x: torch.Tensor) -> dict:
+    """:func:`readout_lengths` for a ``SparoReadout`` (or published-layout module) applied to x."""
+    B, N, D = x.shape
+    return readout_lengths(B, N, D, module.L, module.L // module.num_heads, module.attn_dim, module.value_dim,
+                           module.proj.weight.shape[0])
+
+
+def _log(check: Check) -> None:
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        return
+    line = json.dumps({**asdict(check), "seed": str(check.seed), "ratio": check.ratio}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def summarize(lines) -> dict:
+    """Per dtype: number of checks, largest ratio measured/allowed (and where), floor-bound count."""
+    out: dict = defaultdict(lambda: {"checks": 0, "max_ratio": 0.0, "where": "", "floor_bound": 0,
+                                     "pytorch_bound": 0, "cap_bound": 0, "max_err_in_eps": 0.0})
+    for line in lines:
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        s = out[r["dtype"]]
+        s["checks"] += 1
+        s[f"{r['bound']}_bound"] += 1
+        if r["ratio"] > s["max_ratio"]:
+            s["max_ratio"], s["where"] = r["ratio"], f"{r['test']} {r['name']} (seed {r['seed']})"
+        if r["scale"] > 0:  # the error in units of eps x max|ref|
+            in_eps = r["err"] / (eps(getattr(torch, r["dtype"])) * r["scale"])
+            s["max_err_in_eps"] = max(s["max_err_in_eps"], in_eps)
+    return dict(out)
+
+
+def main(argv=None) -> int:
+    paths = (argv if argv is not None else sys.argv[1:]) or [os.environ.get(LOG_ENV, "")]
+    lines = []
+    for p in paths:
+        with open(p) as f:
+            lines += f.readlines()
+    for dtype, s in sorted(summarize(lines).items()):
+        print(f"{dtype:9s} checks {s['checks']:5d}  max measured/allowed {s['max_ratio']:.3f}  "
+              f"floor binds {s['floor_bound']}/{s['checks']}  pytorch binds {s['pytorch_bound']}  "
+              f"cap binds {s['cap_bound']}  max error {s['max_err_in_eps']:.1f} eps x max|ref|")
+        print(f"          worst: {s['where']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Session set-up for the read-out benchmarks (``pytest bench/``).
+"""Set-up of a ``pytest bench/`` run (the read-out benchmarks).
 
 * Without a GPU, TRITON_INTERPRET=1 is set here, before any Triton kernel is imported, so
   the smoke test can check the triton backend under the interpreter.
@@ -57,7 +57,7 @@ def pytest_configure(config):
 
 
 class BenchEnv:
-    """Per-session facts: device, dtype, mode, bandwidth (measured once), collected rows."""
+    """Facts of one pytest run: device, dtype, mode, bandwidth (measured once), collected rows."""
 
     def __init__(self, config):
         self.config = config
@@ -112,8 +112,8 @@ class BenchEnv:
             else "benchmark"
         lines = [f"sparo bench: {mode}; device {self.device_name}, {dt}; batch {batches}"]
         if self.device.type == "cpu" and not self.smoke:
-            lines.append(f"sparo bench: CPU run: float32 and batch = SPARO.md batch / "
-                         f"{sb.CPU_BATCH_DIVISOR} (the SPARO.md batches are GPU batches); "
+            lines.append(f"sparo bench: CPU run: float32 and batch = GPU batch / "
+                         f"{sb.CPU_BATCH_DIVISOR} (docs/DESIGN.md, \"Benchmark shapes\"); "
                          f"{self.threads} torch thread(s), timer {self.timer_name}")
         return "\n".join(lines)
 
@@ -185,7 +185,7 @@ def _merge_write(env: BenchEnv, path: Path) -> None:
             "processes on a shared machine disturb CPU timings)",
             "all implementations run with need_weights=False (the training path: attn is "
             "not returned) and input checks off",
-        ] + ([f"CPU: float32, batch = SPARO.md batch / {sb.CPU_BATCH_DIVISOR}, {env.threads} torch "
+        ] + ([f"CPU: float32, batch = GPU batch / {sb.CPU_BATCH_DIVISOR}, {env.threads} torch "
               f"thread(s), timer {env.timer_name}"
               + (" (CPU time of the process: other processes on a shared machine do not count)"
                  if env.timer_name == "time.process_time" else "")]

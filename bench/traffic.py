@@ -2,7 +2,7 @@
 
     python bench/traffic.py --label v1 [--backends triton,torch,reference] [--shapes vit_b16,...]
 
-For each shape of SPARO.md, backend and pass (``fwd`` under ``no_grad``; ``fwd_bwd``: the
+For each benchmark shape (docs/DESIGN.md, "Benchmark shapes"), backend and pass (``fwd`` under ``no_grad``; ``fwd_bwd``: the
 forward plus ``autograd.grad`` of y, random dy, with respect to x and every parameter), the
 read-out (float16, L = 64, A = Vd = V = 64, shared k/v, ``need_weights=False``, input checks
 off, as in ``bench/RESULTS.md``) runs under ``TRITON_INTERPRET=1`` with two recorders:
@@ -17,8 +17,8 @@ off, as in ``bench/RESULTS.md``) runs under ``TRITON_INTERPRET=1`` with two reco
 
 Nothing depends on the kernels' op schemas. Every count is linear in the batch for these
 kernels: it is fitted per launch on two small batches, checked at a third, and evaluated at
-the SPARO.md batch. Results: ``bench/results/traffic-<label>.json``; ``bench/traffic_render.py``
-renders them into ``bench/RESULTS.md``.
+the benchmark batch. Results: ``bench/results/traffic-<label>.json``; ``python bench/render.py``
+renders them into ``bench/RESULTS.md`` (the section built by ``bench/traffic_render.py``).
 
 **DRAM-level** bytes = distinct bytes of each launch + the PyTorch ops' bytes: what HBM serves
 if each launch reads its data once and nothing stays in L2 between launches. **Requested**

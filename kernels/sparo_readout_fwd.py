@@ -1,6 +1,6 @@
 """Forward Triton kernels of the SPARO read-out (absorbed formulation), with PyTorch refs.
 
-Design (three launches in all, no loop over slots, no per-slot launch; see ``shared/SPARO.md``)
+Design (three launches in all, no loop over slots, no per-slot launch; docs/DESIGN.md, "The absorbed formulation")
 --------------------------------------------------------------------------------------------
 The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l`` (a [L, D]
 weight-only product: the one PyTorch launch of the forward, inside the op; its gradient flows

@@ -34,7 +34,7 @@ def rel_err(a, b):
 
 
 class PublishedLayoutSparo(nn.Module):
-    """A module with the published SPARO attributes and parameters (written from SPARO.md).
+    """A module with the published SPARO attributes and parameters (docs/DESIGN.md, "Parameters and the published state-dict layout").
 
     It stands in for the published class in round-trip and ``convert`` tests: what matters is
     its attribute/parameter layout and the published math, which ``sparo_reference`` computes.

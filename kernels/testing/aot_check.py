@@ -4,7 +4,7 @@
 compiles every kernel with the launch configuration the ops would pick under the interpreter
 (the first config of its ``autotune.py`` space) or, with ``--every-config``, every config of
 every space, for a set of shapes and dtypes (Triton's own
-``triton.compile`` with a ``GPUTarget``, then the bundled ``ptxas -v``), so that a session
+``triton.compile`` with a ``GPUTarget``, then the bundled ``ptxas -v``), so that a machine
 without a GPU can still check that the kernels lower to sm_90 code and do not spill.
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the JIT functions).
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Check and time everything on a lent GPU machine in as few device calls as possible.
+# Check and time everything on a GPU machine without network access, in two commands.
 #
-# Here (once):  bash bench/gpu_session.sh fetch        # wheels the GPU image lacks -> .whl/
-# There:        run(command="bash bench/gpu_session.sh tests", carry=[".whl"])   # ~5 min
-#               run(command="bash bench/gpu_session.sh bench", carry=[".whl"])   # timed run, ~8 min
-# Results come back under $OUT (logs, bench/results/*.json, RESULTS.md): copy the JSON into
-# bench/results/ here and run `python bench/render.py`.
+# With network (once):  bash bench/gpu_check.sh fetch   # pure-Python wheels a bare CUDA image lacks -> .whl/
+# On the GPU machine, in a copy of this checkout that includes .whl/:
+#                       bash bench/gpu_check.sh tests   # every test with compiled kernels, ~5 min
+#                       bash bench/gpu_check.sh bench   # the timed benchmark, ~8 min
+# Logs, bench/results/*.json and RESULTS.md are written under $OUT (default /tmp/sparo-gpu-out):
+# copy the JSON into bench/results/ of the development checkout and run `python bench/render.py`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-tests}"
@@ -45,5 +46,5 @@ case "$mode" in
     python3 -m pytest bench -q -ra 2>&1 | tee "$OUT/bench.log"
     cp bench/results/*.json bench/RESULTS.md "$OUT/" 2>/dev/null
     ;;
-  *) echo "usage: bench/gpu_session.sh fetch|tests|bench" >&2; exit 2 ;;
+  *) echo "usage: bench/gpu_check.sh fetch|tests|bench" >&2; exit 2 ;;
 esac

@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 
+import render  # noqa: E402
 import sparo_readout_bench as sb  # noqa: E402
+from sparo_fast_kernels.testing.interpreter_trace import sanitize_if_interpreting  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -135,7 +137,6 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _sanitize_interpreter_kernels():
     """As in tests/: under the interpreter, an unmasked load/store outside the launch's tensors fails."""
-    from sparo_fast_kernels.testing.interpreter_trace import sanitize_if_interpreting
     with sanitize_if_interpreting():
         yield
 
@@ -204,8 +205,6 @@ def pytest_sessionfinish(session, exitstatus):
     out = session.config.getoption("bench_out")
     path = Path(out) if out else sb.RESULTS_DIR / f"{sb.results_slug(env.device)}.json"
     _merge_write(env, path)
-    import render
-
     render.main([])
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:

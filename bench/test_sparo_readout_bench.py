@@ -16,6 +16,7 @@ import torch
 
 import sparo_readout_bench as sb
 from sparo_fast import SparoReadout
+from sparo_fast import sparo_readout_triton as triton_backend
 from sparo_fast.functional import sparo_reference
 from sparo_fast.params import ReadoutParams
 
@@ -107,8 +108,6 @@ def skip_reason(env, shape: sb.Shape, impl: str) -> str | None:
             return f"xformers does not import: {type(e).__name__}: {e}"
     if impl == "triton":
         try:
-            from sparo_fast import sparo_readout_triton as triton_backend
-
             usable = triton_backend.is_available(env.device)
         except Exception as e:  # noqa: BLE001
             return f"triton backend does not import: {type(e).__name__}: {e}"
@@ -203,8 +202,6 @@ def test_readout(benchmark, bench_env, shape_name, impl, pass_):
         batch, n_tokens = sb.INTERPRETER_SMOKE["batch"], min(shape.N, sb.INTERPRETER_SMOKE["max_tokens"])
     case = get_case(env, shape, batch, n_tokens)
     if impl == "triton":  # the backend falls back to torch on inputs its kernels cannot take
-        from sparo_fast import sparo_readout_triton as triton_backend
-
         why = getattr(triton_backend, "unsupported_reason", lambda *a: None)(
             case.xs[0], case.master.q_emb, case.master.v.weight)
         if why:

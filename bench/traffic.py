@@ -48,6 +48,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import sparo_readout_bench as sb  # noqa: E402
+from sparo_fast.readout import SparoReadout  # noqa: E402
+from sparo_fast_kernels.testing import interpreter_trace as trace  # noqa: E402
 
 BACKENDS = ("triton", "torch", "reference")
 PASSES = ("fwd", "fwd_bwd")
@@ -145,8 +147,6 @@ class _KernelEvents:
 
 
 def _module(shape: sb.Shape, backend: str):
-    from sparo_fast.readout import SparoReadout
-
     m = SparoReadout(shape.D, sb.L_SLOTS, sb.OUT_DIM, sb.ATTN_DIM, sb.VALUE_DIM, sb.NUM_HEADS, sb.SHARE_KV,
                      backend=backend, need_weights=False, dtype=DTYPE)
     m.check_inputs = False
@@ -171,8 +171,6 @@ def _programs_knob():
 def count(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Optional[int] = None,
           seed: int = 0) -> List[dict]:
     """The launches (kernels and PyTorch ops, in order) of one call at ``batch`` (and ``programs``)."""
-    from sparo_fast_kernels.testing import interpreter_trace as trace
-
     knob = _programs_knob()
     saved = knob.PROGRAMS_OVERRIDE if knob is not None else None
     if knob is not None:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparo_fast import SparoReadout
+from sparo_fast import SparoReadout, backends
 
 
 def _pair(backend, **kw):
@@ -90,8 +90,6 @@ def test_need_weights_per_call_overrides_default_without_mutating():
 
 
 def test_backend_names_validated_in_one_place():
-    from sparo_fast import backends
-
     with pytest.raises(ValueError, match="unknown SPARO backend 'cuda'"):
         SparoReadout(8, 4, 3, 2, backend="cuda")
     with pytest.raises(ValueError, match="unknown SPARO backend 'tritn'"):

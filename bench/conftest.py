@@ -22,6 +22,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# tests/accuracy.py: the one accuracy criterion, shared with the unit tests
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import pytest  # noqa: E402
 

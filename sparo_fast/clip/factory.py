@@ -118,21 +118,11 @@ def create_model(
     return model
 
 
-def create_model_and_transforms(
-        name_or_config: ConfigArg,
-        *,
-        fused: bool = True,
-        precision: str = "fp32",
-        device: Union[str, torch.device] = "cpu",
-        override: Optional[Mapping[str, Any]] = None,
-        pretrained: Optional[str] = None,
-        output_dict: Optional[bool] = None,
-        backend: Optional[str] = None,
-        aug_cfg: Optional[Union[Dict[str, Any], Any]] = None,
-):
-    """``(model, preprocess_train, preprocess_val)`` with OpenCLIP's image transforms."""
-    model = create_model(name_or_config, fused=fused, precision=precision, device=device, override=override,
-                         pretrained=pretrained, output_dict=output_dict, backend=backend)
+def create_model_and_transforms(name_or_config: ConfigArg, *, aug_cfg: Optional[Union[Dict[str, Any], Any]] = None,
+                                **kwargs):
+    """``(model, preprocess_train, preprocess_val)`` with OpenCLIP's image transforms; the other
+    keyword arguments are :func:`create_model`'s, ``aug_cfg`` OpenCLIP's training augmentation."""
+    model = create_model(name_or_config, **kwargs)
     pp = PreprocessCfg(**model.visual.preprocess_cfg)
     return model, image_transform_v2(pp, is_train=True, aug_cfg=aug_cfg), image_transform_v2(pp, is_train=False)
 

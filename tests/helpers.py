@@ -1,4 +1,5 @@
-"""Shared test utilities: golden-file loading, a published-layout module, error metrics."""
+"""Shared test utilities: golden-file loading and a module with the published layout (error
+metrics live in ``accuracy.py``)."""
 from pathlib import Path
 
 import torch
@@ -26,11 +27,6 @@ def golden_loss_and_grads(module, golden, dtype=torch.float64):
     for name, p in module.named_parameters():  # shared k/v weights appear once, under k.*
         grads[name] = p.grad
     return out, attn, grads
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 class PublishedLayoutSparo(nn.Module):

@@ -3,7 +3,7 @@
 ``pytest bench/`` times each case (pytest-benchmark) and writes ``bench/results/<device>.json``;
 ``pytest bench/ --benchmark-disable`` runs each case once on a tiny batch and checks its output
 and gradients against the published math in float64, with the criterion of ``tests/accuracy.py``
-(PyTorch's own error at the benchmark's dtype on the same inputs, or the eps x sqrt(K) floor).
+(PyTorch's own error at the benchmark's dtype on the same inputs, or its floor).
 """
 from __future__ import annotations
 

@@ -6,8 +6,10 @@ reference ``ref``, the way FlashAttention's tests compare their kernels:
     err      = max |got - ref|                          (the worst element)
     pytorch  = 2 * max |pytorch - ref|                  PyTorch's own error at the same precision,
                                                         on the same inputs, doubled
-    floor    = FLOOR_C * eps(dtype) * sqrt(K) * scale   K: the longest reduction behind the
-                                                        result, scale: max |ref|
+    floor    = FLOOR_C * max(eps(dtype), eps(acc) * sqrt(K)) * scale
+                                                        K: the longest reduction behind the result,
+                                                        acc: the accumulation dtype (float32 for
+                                                        float16/bfloat16), scale: max |ref|
     allowed  = max(pytorch, floor)  (at most ``cap``)
 
 ``pytorch`` is the measure of how hard this particular result is to compute at that precision
@@ -16,7 +18,8 @@ results the worst counts: e.g. the published formulation, the absorbed one, and 
 with its probabilities taken from the log-sum-exp as the kernels' backward recomputes them
 (``2^(s log2(e) - lse2)`` carries an error of about eps x |s| that a normalised softmax does not).
 ``floor`` only keeps a lucky PyTorch result (exact by chance, e.g. a sum of a few representable
-numbers) from demanding more than a correctly rounded reduction of length K can give. ``cap`` keeps a fixed tolerance that a test
+numbers) from demanding more than a reduction of length K accumulated at ``acc`` can give, or,
+in half precision, more than a few roundings to the output's own precision. ``cap`` keeps a fixed tolerance that a test
 had before: the allowance never grows past it.
 
 Every check returns a :class:`Check`; a failure's message carries the seed, the measured error,
@@ -51,6 +54,16 @@ def eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision products are accumulated in float32 (the kernels' dots, PyTorch's matmuls)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def floor(dtype: torch.dtype, K: int, scale: float) -> float:
+    """The floor of the allowance (see the module docstring)."""
+    return FLOOR_C * max(eps(dtype), eps(accumulation_dtype(dtype)) * math.sqrt(max(K, 1))) * scale
+
+
 @dataclass
 class Check:
     """One comparison: what was measured and what was allowed."""
@@ -79,8 +92,8 @@ class Check:
 
     def message(self) -> str:
         return (f"{self.name}: error {self.err:.3e} > allowed {self.allowed:.3e} ({self.bound} bound; "
-                f"2 x PyTorch's error {self.pytorch:.3e}, floor {self.floor:.3e} = {FLOOR_C:g} x eps x "
-                f"sqrt({self.K}) x max|ref| {self.scale:.3e}; {self.dtype}, seed {self.seed})")
+                f"2 x PyTorch's error {self.pytorch:.3e}, floor {self.floor:.3e} = {FLOOR_C:g} x max(eps, "
+                f"eps(acc) x sqrt({self.K})) x max|ref| {self.scale:.3e}; {self.dtype}, seed {self.seed})")
 
 
 def _max_abs_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -110,11 +123,11 @@ def measure(name: str, got: torch.Tensor, ref: torch.Tensor, pytorch=None, *, dt
     elif isinstance(pytorch, torch.Tensor):
         pytorch = (pytorch,)
     torch_term = 2.0 * max((_max_abs_diff(t, ref) for t in pytorch), default=0.0)
-    floor = FLOOR_C * eps(dtype) * math.sqrt(max(K, 1)) * scale
-    allowed, bound = (torch_term, "pytorch") if torch_term >= floor else (floor, "floor")
+    fl = floor(dtype, K, scale)
+    allowed, bound = (torch_term, "pytorch") if torch_term >= fl else (fl, "floor")
     if cap is not None and cap < allowed:
         allowed, bound = cap, "cap"
-    check = Check(name, str(dtype).replace("torch.", ""), seed, _max_abs_diff(got, ref), torch_term, floor,
+    check = Check(name, str(dtype).replace("torch.", ""), seed, _max_abs_diff(got, ref), torch_term, fl,
                   allowed, bound, scale, int(K), os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0])
     _log(check)
     return check

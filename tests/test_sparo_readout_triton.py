@@ -8,8 +8,9 @@ Error criterion: ``accuracy.py``'s, element by element, for every output, the at
 every gradient: the kernel's largest error against the float64 reference must be at most twice
 PyTorch's own largest error at the same precision on the same inputs (the worst of the published
 formulation, the absorbed one, and the absorbed one with its probabilities taken from the
-log-sum-exp as the kernels' backward recomputes them), or the floor 3 x eps x sqrt(K) x max|ref|
-(K: the longest sum behind the result, ``accuracy.readout_lengths``). A TF32 product fails the
+log-sum-exp as the kernels' backward recomputes them), or the floor
+3 x max(eps, eps_acc x sqrt(K)) x max|ref| (K: the longest sum behind the result,
+``accuracy.readout_lengths``; eps_acc: float32's for half-precision inputs). A TF32 product fails the
 float32 criterion (``test_criterion_rejects_tf32``).
 """
 from __future__ import annotations
@@ -60,8 +61,8 @@ def _lengths(cfg) -> dict:
 
 def _check(name, got, ref, torch_got, dtype, K, seed):
     """got vs the float64 ref, element-wise: within 2x PyTorch's own error (``torch_got``: one
-    PyTorch result or a tuple of them, the worst counts) or the eps x sqrt(K) floor (which also
-    covers the interpreter's truncating fp32 -> bf16 casts: half an ulp more per cast)."""
+    PyTorch result or a tuple of them, the worst counts) or ``accuracy.floor`` (which also covers
+    the interpreter's truncating fp32 -> bf16 casts: half an ulp more per cast)."""
     return assert_close(name, got, ref, torch_got, dtype=dtype, K=K, seed=seed)
 
 

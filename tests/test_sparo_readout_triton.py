@@ -34,7 +34,7 @@ from torch._inductor import config as inductor_config
 from torch._library.infer_schema import infer_schema
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from accuracy import absorbed_from_lse, assert_close, module_lengths, readout_lengths
+from accuracy import absorbed_from_lse, assert_close, measure, module_lengths, readout_lengths
 
 # The kernels need Triton (a Linux-only dependency of the dev extra); conftest.py has set
 # TRITON_INTERPRET=1 on machines without a GPU before this import defines them.
@@ -212,8 +212,8 @@ def test_criterion_rejects_tf32():
                 torch.float32, False)
     K, seed = _lengths(cfg)["out"], cfg["seed"]
     _check("out", tor["out"], ref["out"], tor["out"], torch.float32, K, seed)  # torch passes its own criterion
-    with pytest.raises(AssertionError, match="out: error"):
-        _check("out", tf32["out"], ref["out"], tor["out"], torch.float32, K, seed)
+    bad = measure("out", tf32["out"], ref["out"], tor["out"], dtype=torch.float32, K=K, seed=seed, log=False)
+    assert not bad.ok and bad.err > 10 * bad.allowed, bad.message()
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""Session set-up for the read-out benchmarks (``pytest bench/``).
+"""Set-up of a ``pytest bench/`` run (the read-out benchmarks).
 
 * Without a GPU, TRITON_INTERPRET=1 is set here, before any Triton kernel is imported, so
   the smoke test can check the triton backend under the interpreter.
@@ -22,10 +22,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# tests/accuracy.py: the one accuracy criterion, shared with the unit tests
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import pytest  # noqa: E402
 
+import render  # noqa: E402
 import sparo_readout_bench as sb  # noqa: E402
+from sparo_fast_kernels.testing.interpreter_trace import sanitize_if_interpreting  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -57,7 +61,7 @@ def pytest_configure(config):
 
 
 class BenchEnv:
-    """Per-session facts: device, dtype, mode, bandwidth (measured once), collected rows."""
+    """Facts of one pytest run: device, dtype, mode, bandwidth (measured once), collected rows."""
 
     def __init__(self, config):
         self.config = config
@@ -112,8 +116,8 @@ class BenchEnv:
             else "benchmark"
         lines = [f"sparo bench: {mode}; device {self.device_name}, {dt}; batch {batches}"]
         if self.device.type == "cpu" and not self.smoke:
-            lines.append(f"sparo bench: CPU run: float32 and batch = SPARO.md batch / "
-                         f"{sb.CPU_BATCH_DIVISOR} (the SPARO.md batches are GPU batches); "
+            lines.append(f"sparo bench: CPU run: float32 and batch = GPU batch / "
+                         f"{sb.CPU_BATCH_DIVISOR} (docs/DESIGN.md, \"Benchmark shapes\"); "
                          f"{self.threads} torch thread(s), timer {self.timer_name}")
         return "\n".join(lines)
 
@@ -135,7 +139,6 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _sanitize_interpreter_kernels():
     """As in tests/: under the interpreter, an unmasked load/store outside the launch's tensors fails."""
-    from sparo_fast_kernels.testing.interpreter_trace import sanitize_if_interpreting
     with sanitize_if_interpreting():
         yield
 
@@ -185,7 +188,7 @@ def _merge_write(env: BenchEnv, path: Path) -> None:
             "processes on a shared machine disturb CPU timings)",
             "all implementations run with need_weights=False (the training path: attn is "
             "not returned) and input checks off",
-        ] + ([f"CPU: float32, batch = SPARO.md batch / {sb.CPU_BATCH_DIVISOR}, {env.threads} torch "
+        ] + ([f"CPU: float32, batch = GPU batch / {sb.CPU_BATCH_DIVISOR}, {env.threads} torch "
               f"thread(s), timer {env.timer_name}"
               + (" (CPU time of the process: other processes on a shared machine do not count)"
                  if env.timer_name == "time.process_time" else "")]
@@ -204,8 +207,6 @@ def pytest_sessionfinish(session, exitstatus):
     out = session.config.getoption("bench_out")
     path = Path(out) if out else sb.RESULTS_DIR / f"{sb.results_slug(env.device)}.json"
     _merge_write(env, path)
-    import render
-
     render.main([])
     tr = session.config.pluginmanager.get_plugin("terminalreporter")
     if tr is not None:

@@ -24,12 +24,12 @@ HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 RESULTS_MD = HERE / "RESULTS.md"
 
-# Read-out configuration of every benchmark case (SPARO.md): L = 64 slots, one key/value head
+# Read-out configuration of every benchmark case (docs/DESIGN.md, "Benchmark shapes"): L = 64 slots, one key/value head
 # per slot (num_heads = L), A = Vd = V = 64, share_kv as in the published configs.
 L_SLOTS, ATTN_DIM, VALUE_DIM, OUT_DIM = 64, 64, 64, 64
 NUM_HEADS, SHARE_KV = L_SLOTS, True
 
-# On the CPU the SPARO.md batches are divided by this (float32 there, not bf16).
+# On the CPU the GPU batches are divided by this (float32 there, not bf16).
 CPU_BATCH_DIVISOR = 32
 SMOKE_BATCH = {"cpu": 2, "cuda": 4}
 # The Triton interpreter runs every kernel program in Python: smoke-test it on a tiny shape.
@@ -39,7 +39,7 @@ INTERPRETER_SMOKE = {"batch": 2, "max_tokens": 17}
 @dataclass(frozen=True)
 class Shape:
     name: str
-    B: int  # the GPU batch of SPARO.md
+    B: int  # the GPU batch (docs/DESIGN.md, "Benchmark shapes")
     N: int
     D: int
     eos: bool
@@ -66,7 +66,7 @@ def param_numel(D: int) -> int:
 
 
 def floor_bytes(shape: Shape, batch: int, dtype: torch.dtype, pass_: str) -> int:
-    """Bytes that must move (SPARO.md, "The floor").
+    """Bytes that must move (docs/DESIGN.md, "The floor and how bench/ counts against it").
 
     Forward: read x and the weights once, write y. Backward: read x, dy and the weights
     again, write dx and the weight gradients (about 2x the forward). ``fwd_bwd`` is both.

@@ -1,6 +1,9 @@
 """The traffic counter (bench/traffic.py): exact on kernels and ops of known traffic, and a
-smoke run of the real count at a tiny shape (CPU, Triton interpreter, a few seconds)."""
+count of the real read-out at a tiny shape (CPU, Triton interpreter, a few seconds) whose
+launches must be exactly those the op functions make (3 forward, 6 forward + backward)."""
+import ast
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ import triton.language as tl  # noqa: E402
 
 import sparo_readout_bench as sb  # noqa: E402
 import traffic  # noqa: E402
+from sparo_fast_kernels import sparo_readout_op as ops  # noqa: E402
 from sparo_fast_kernels.testing import interpreter_trace as trace  # noqa: E402
 
 
@@ -78,11 +82,29 @@ def test_fit_is_exact_for_linear_counts_and_rejects_changing_launches():
         traffic.fit([(2,), (4,)], [ev(2), ev(4) + ev(4)])
 
 
-def test_smoke_count_of_the_real_readout_at_a_tiny_shape():
+def _op_launches(function: str) -> list:
+    """The launches one op function of ``kernels/sparo_readout_op.py`` makes, read from its code:
+    every Triton kernel it names (``_..._kernel``) and every ``torch.matmul`` it calls."""
+    tree = ast.parse(Path(ops.__file__).read_text())
+    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
+    kernels = sorted({n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id.endswith("_kernel")},
+                     key=lambda name: next(n.lineno for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id == name))
+    matmuls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n.func) == "torch.matmul"]
+    return ["aten.bmm"] * len(matmuls) + kernels
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
+def test_smoke_count_of_the_real_readout_at_a_tiny_shape(pass_):
+    """The counted launches are exactly the op functions' launches: 3 forward (the absorbed query's
+    matmul, the pool and projection kernels), 6 forward + backward (slot, token, finish kernels)."""
     shape = sb.Shape("tiny", 8, 9, 32, True)
-    row = traffic.run_case(shape, "triton", "fwd_bwd", batches=(2, 4), check=3)
+    row = traffic.run_case(shape, "triton", pass_, batches=(2, 4), check=3)
+    expected = _op_launches("_readout_fwd") + (_op_launches("_readout_bwd") if pass_ == "fwd_bwd" else [])
+    assert [e["name"] for e in row["launch_detail"]] == expected
+    assert row["launches"] == len(expected) == {"fwd": 3, "fwd_bwd": 6}[pass_]
+    assert row["kernel_launches"] == {"fwd": 2, "fwd_bwd": 5}[pass_] and row["torch_ops"] == 1
     assert row["check_max_rel_err"] < 1e-9  # counts are exactly linear in the batch
-    assert row["kernel_launches"] >= 2 and row["launches"] == len(row["launch_detail"])
+    assert row["launches"] == len(row["launch_detail"])
     assert row["requested"] >= row["dram"] > 0
     assert row["dram"] >= row["floor_bytes"] * 0.5
     assert row["h100_pred_us"] >= row["launches"] * traffic.H100["launch_s"] * 1e6

@@ -2,7 +2,7 @@
 
     python bench/traffic.py --label v1 [--backends triton,torch,reference] [--shapes vit_b16,...]
 
-For each shape of SPARO.md, backend and pass (``fwd`` under ``no_grad``; ``fwd_bwd``: the
+For each benchmark shape (docs/DESIGN.md, "Benchmark shapes"), backend and pass (``fwd`` under ``no_grad``; ``fwd_bwd``: the
 forward plus ``autograd.grad`` of y, random dy, with respect to x and every parameter), the
 read-out (float16, L = 64, A = Vd = V = 64, shared k/v, ``need_weights=False``, input checks
 off, as in ``bench/RESULTS.md``) runs under ``TRITON_INTERPRET=1`` with two recorders:
@@ -17,8 +17,8 @@ off, as in ``bench/RESULTS.md``) runs under ``TRITON_INTERPRET=1`` with two reco
 
 Nothing depends on the kernels' op schemas. Every count is linear in the batch for these
 kernels: it is fitted per launch on two small batches, checked at a third, and evaluated at
-the SPARO.md batch. Results: ``bench/results/traffic-<label>.json``; ``bench/traffic_render.py``
-renders them into ``bench/RESULTS.md``.
+the benchmark batch. Results: ``bench/results/traffic-<label>.json``; ``python bench/render.py``
+renders them into ``bench/RESULTS.md`` (the section built by ``bench/traffic_render.py``).
 
 **DRAM-level** bytes = distinct bytes of each launch + the PyTorch ops' bytes: what HBM serves
 if each launch reads its data once and nothing stays in L2 between launches. **Requested**
@@ -48,6 +48,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import sparo_readout_bench as sb  # noqa: E402
+from sparo_fast.readout import SparoReadout  # noqa: E402
+from sparo_fast_kernels.testing import interpreter_trace as trace  # noqa: E402
 
 BACKENDS = ("triton", "torch", "reference")
 PASSES = ("fwd", "fwd_bwd")
@@ -145,8 +147,6 @@ class _KernelEvents:
 
 
 def _module(shape: sb.Shape, backend: str):
-    from sparo_fast.readout import SparoReadout
-
     m = SparoReadout(shape.D, sb.L_SLOTS, sb.OUT_DIM, sb.ATTN_DIM, sb.VALUE_DIM, sb.NUM_HEADS, sb.SHARE_KV,
                      backend=backend, need_weights=False, dtype=DTYPE)
     m.check_inputs = False
@@ -171,8 +171,6 @@ def _programs_knob():
 def count(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Optional[int] = None,
           seed: int = 0) -> List[dict]:
     """The launches (kernels and PyTorch ops, in order) of one call at ``batch`` (and ``programs``)."""
-    from sparo_fast_kernels.testing import interpreter_trace as trace
-
     knob = _programs_knob()
     saved = knob.PROGRAMS_OVERRIDE if knob is not None else None
     if knob is not None:

@@ -1,14 +1,12 @@
 """Render ``bench/results/traffic-*.json`` (written by ``bench/traffic.py``) as the section
 "Traffic: counted on the CPU; not timed" of ``bench/RESULTS.md``.
 
-    python bench/traffic_render.py     # re-renders bench/RESULTS.md (through render.py)
-
-``render.py`` appends :func:`section` to the timed tables, so either script writes the file.
+``render.py`` (``python bench/render.py``) appends :func:`section` to the timed tables and
+writes the file; this module only builds the section's lines.
 """
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List
 
@@ -17,7 +15,7 @@ SHAPE_ORDER = ("vit_b32", "vit_b16", "text_b", "vit_l14")
 BACKEND_ORDER = ("triton", "torch", "reference")
 PASS_NAME = {"fwd": "forward", "fwd_bwd": "forward + backward"}
 DETAIL_SHAPE = "vit_b16"
-#: issue 10's targets (vit_b16, triton): (field, pass, bound, label)
+#: the v2 kernels' targets (vit_b16, triton): (field, pass, bound, label)
 TARGETS = (("requested_x", "fwd", 3.0, "forward requested / floor"), ("dram_x", "fwd", 1.5, "forward DRAM-level / floor"),
            ("launches", "fwd", 3, "forward launches"), ("requested_x", "fwd_bwd", 3.0, "fwd+bwd requested / floor"),
            ("dram_x", "fwd_bwd", 1.7, "fwd+bwd DRAM-level / floor"), ("launches", "fwd_bwd", 10, "fwd+bwd launches"),
@@ -36,7 +34,7 @@ column is a **prediction** of a simple model fed with those counts.
   input checks off; `fwd` under `no_grad`, `fwd_bwd` = forward + `autograd.grad` of y (random dy)
   with respect to x and every parameter. text_b: every token valid (EOS at N - 1).
 * Every count is fitted exactly per launch, linear in the batch B (runs at B = 2 and 4), and
-  evaluated at the SPARO.md batch (column B). Where the kernels have persistent programs
+  evaluated at the benchmark batch (column B; docs/DESIGN.md, "Benchmark shapes"). Where the kernels have persistent programs
   (a program count P knob, `sparo_bwd.PROGRAMS_OVERRIDE`) the fit is linear in B and P (runs at
   (B, P) = (2, 1), (4, 2), (4, 4)) and is evaluated at P = min(B, 132), the H100's SMs.
   **fit err**: the largest relative error of any launch's count at a third run (B = 6).
@@ -46,7 +44,7 @@ column is a **prediction** of a simple model fed with those counts.
 * **DRAM-level**: the distinct bytes each Triton launch touches (union of the byte ranges of
   its loads and stores) plus the same PyTorch-op bytes: what HBM must serve if each launch reads
   its data once and nothing stays in L2 between launches.
-* Ratios are to the floor bytes of `sparo_readout_bench.floor_bytes` (SPARO.md "The floor": forward
+* Ratios are to the floor bytes of `sparo_readout_bench.floor_bytes` (docs/DESIGN.md, "The floor and how bench/ counts against it": forward
   reads x and the weights once and writes y; the backward adds x, dy, the weights, dx and the
   weight gradients).
 * **launches**: Triton launches + PyTorch ops that move bytes (each one GPU kernel in eager);
@@ -54,14 +52,14 @@ column is a **prediction** of a simple model fed with those counts.
 * **H100 model (prediction)**: per launch `max(DRAM-level / 3.0 TB/s, requested / 7 TB/s,
   FLOPs / 600 TFLOP/s) + 2 us` (launches are dependent; FLOPs are `tl.dot` and matmul products
   only), summed; **model x** = that / (floor bytes / 3.0 TB/s).
-* Compared with the figures quoted in issue 10 for v1 (vit_b16 triton; forward 6.9x requested /
+* Compared with the v1 figures the v2 work started from (vit_b16 triton; forward 6.9x requested /
   1.76x DRAM-level / 4 launches, forward + backward 6.6x / 2.24x / 22): the forward's requested
   bytes and launches agree (6.90x, 4). Its DRAM-level here is 1.84x: the shared k/v weight
   (6.3 MB, 0.07x the floor) is read by two launches (the absorbed-query product and
   `_fwd_proj_kernel`) and counted in both; counting it once gives 1.77x. For the forward +
   backward, this count includes three PyTorch launches that autograd adds for the custom op
   (zero-filled gradients of its non-differentiable outputs `p`, `xp`, `o`: 40.2 MB, 0.16x):
-  without them requested is 6.61x, the issue's 6.6x, and there are 20 launches. The issue's
+  without them requested is 6.61x, the quoted 6.6x, and there are 20 launches. The quoted
   2.24x DRAM-level is 95 MB below this count (2.61x); its exact definition is not recorded:
   leaving out those zero fills and the `gxp` permute copy (`aten.clone`, 50.3 MB) gives 2.26x.
   An earlier count of this tool's predecessor (6.57x / 2.41x / 21) differs by the same zero
@@ -138,7 +136,7 @@ def _targets(a: dict, b: dict) -> List[str]:
                 return r[field]
         return None
 
-    out = [f"Issue 10's targets ({DETAIL_SHAPE}, triton, B = 256):", "",
+    out = [f"Targets of the v2 kernels ({DETAIL_SHAPE}, triton, B = 256):", "",
            f"| target | bound | {a['label']} | {b['label']} | met by {b['label']} |", "| --- | ---: | ---: | ---: | --- |"]
     for field, pass_, bound, label in TARGETS:
         va, vb = get(a, field, pass_), get(b, field, pass_)
@@ -163,14 +161,3 @@ def section(results_dir: Path = HERE / "results") -> List[str]:
         lines += [f"### {doc['label']}", "", ("; ".join(facts) + (f". {doc['note']}" if doc.get("note") else ".")), ""]
         lines += _table(doc, "fwd") + _table(doc, "fwd_bwd") + _detail(doc)
     return lines
-
-
-def main(argv=None) -> None:
-    sys.path.insert(0, str(HERE))
-    import render
-
-    render.main(sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Forward Triton kernels of the SPARO read-out (absorbed formulation), with PyTorch refs.
 
-Design (three launches in all, no loop over slots, no per-slot launch; see ``docs/DESIGN.md``)
----------------------------------------------------------------------------------------------
+Design (three launches in all, no loop over slots, no per-slot launch; docs/DESIGN.md, "The absorbed formulation")
+--------------------------------------------------------------------------------------------
 The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l`` (a [L, D]
 weight-only product: the one PyTorch launch of the forward, inside the op; its gradient flows
 to ``q_emb`` and ``W_K`` through the backward's finish kernel); the ``1/sqrt(A)`` scale is a

@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from . import sparo_readout_triton as triton_backend
 from .functional import sparo_absorbed, sparo_reference
 
 BACKENDS = ("auto", "reference", "torch", "triton")
@@ -13,8 +14,6 @@ BACKENDS = ("auto", "reference", "torch", "triton")
 
 def triton_usable(device: torch.device) -> bool:
     """True where the fused kernels can run: a CUDA device, or the Triton CPU interpreter."""
-    from . import sparo_readout_triton as triton_backend
-
     return triton_backend.is_available(device)
 
 
@@ -40,7 +39,5 @@ def get(name: str) -> Callable:
     if name == "torch":
         return sparo_absorbed
     if name == "triton":
-        from .sparo_readout_triton import sparo_triton
-
-        return sparo_triton
+        return triton_backend.sparo_triton
     raise ValueError("backend 'auto' must be resolved for a device first (backends.resolve)")

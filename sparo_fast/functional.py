@@ -1,7 +1,7 @@
 """SPARO read-out as plain functions: the published math and the absorbed formulation.
 
 Every backend takes the same arguments ``(x, eos_indices, params: ReadoutParams,
-need_weights)`` and returns ``(out [B, L, V], attn [B, L, N] or None)``; see ``docs/DESIGN.md`` for the
+need_weights)`` and returns ``(out [B, L, V], attn [B, L, N] or None)``; see docs/DESIGN.md ("The absorbed formulation") for the
 derivation of the absorbed form.
 """
 from __future__ import annotations

@@ -10,13 +10,16 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from sparo_fast_kernels.testing.interpreter_trace import sanitize_if_interpreting  # noqa: E402
+
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=False)
+# many more random examples, for measuring the accuracy criterion (see tests/accuracy.py)
+settings.register_profile("calibrate", deadline=None, max_examples=200, derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(autouse=True)
 def _sanitize_interpreter_kernels():
     """Every test: an unmasked interpreter load/store outside the launch's tensors fails the test."""
-    from sparo_fast_kernels.testing.interpreter_trace import sanitize_if_interpreting
     with sanitize_if_interpreting():
         yield

@@ -1,4 +1,5 @@
-"""Shared test utilities: golden-file loading, a published-layout module, error metrics."""
+"""Shared test utilities: golden-file loading and a module with the published layout (error
+metrics live in ``accuracy.py``)."""
 from pathlib import Path
 
 import torch
@@ -28,13 +29,8 @@ def golden_loss_and_grads(module, golden, dtype=torch.float64):
     return out, attn, grads
 
 
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 class PublishedLayoutSparo(nn.Module):
-    """A module with the published SPARO attributes and parameters (written from SPARO.md).
+    """A module with the published SPARO attributes and parameters (docs/DESIGN.md, "Parameters and the published state-dict layout").
 
     It stands in for the published class in round-trip and ``convert`` tests: what matters is
     its attribute/parameter layout and the published math, which ``sparo_reference`` computes.

@@ -1,10 +1,12 @@
 """SPARO CLIP on OpenCLIP: golden reproduction, configs, precision, OpenCLIP interoperability."""
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 open_clip = pytest.importorskip("open_clip")
+Image = pytest.importorskip("PIL.Image")
 
 from sparo_fast import sparo_readout_triton as triton_backend  # noqa: E402
 from sparo_fast.clip import (BaselineCLIP, SparoCLIP, create_model, create_model_and_transforms,  # noqa: E402
@@ -60,8 +62,6 @@ def test_golden_reproduction(golden, golden_model, backend):
 def test_golden_reproduction_triton_float32(golden):
     """The kernels take float16/bfloat16/float32 only (float64 falls back to torch), so the
     triton path is checked in float32 against the float64 golden values."""
-    import warnings
-
     m = create_model(golden["config"], backend="triton")
     load_checkpoint(m, golden["state_dict"])
     m.eval()
@@ -267,8 +267,6 @@ def test_zero_shot_classifier_and_transforms():
         num_classes_per_batch=2, device="cpu", use_tqdm=False)
     assert clf.shape == (256, 3)
     torch.testing.assert_close(clf.norm(dim=0), torch.ones(3))
-    from PIL import Image
-
     x = val_tf(Image.new("RGB", (80, 100), (120, 30, 200)))
     assert x.shape == (3, 64, 64)
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """load_checkpoint: published trainer checkpoints, plain state dicts, clear errors."""
+import argparse
 from pathlib import Path
 
 import pytest
@@ -81,8 +82,6 @@ def test_unreadable_file(tmp_path):
 
 
 def test_pickled_objects_need_weights_only_false(tmp_path):
-    import argparse
-
     m = create_model("ViT-Tiny-SPARO")
     p = tmp_path / "args.pt"
     torch.save({"state_dict": m.state_dict(), "args": argparse.Namespace(lr=1.0)}, p)

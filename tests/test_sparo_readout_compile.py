@@ -3,7 +3,7 @@ shared memory without spills, Hopper's wgmma on sm_90, int64 offsets.
 
 No GPU is needed: ``sparo_fast_kernels.testing.aot_check`` compiles the kernels (``triton.compile`` with
 ``GPUTarget("cuda", 90, 32)``, then the ``ptxas`` bundled with Triton) in a subprocess without
-``TRITON_INTERPRET`` (the test session itself runs the interpreter). This catches what the
+``TRITON_INTERPRET`` (the pytest process itself runs the interpreter). This catches what the
 interpreter does not check: ``tl.dot`` shape rules, layouts, shared memory, register pressure
 and which tensor-core instructions the products become. It does not run the code.
 

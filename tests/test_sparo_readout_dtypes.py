@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from sparo_fast import SparoReadout
+from accuracy import assert_close, module_lengths
+from sparo_fast import SparoReadout, backends
 
 
 def _pair(backend, **kw):
@@ -17,13 +18,18 @@ def _pair(backend, **kw):
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
 def test_low_precision_modules(backend, dtype, tol):
-    m = _pair(backend)
+    """Each formulation at low precision is as accurate as the other one (accuracy.py's criterion,
+    the other backend's error as PyTorch's), and within the relative bound ``tol``."""
+    other = {"reference": "torch", "torch": "reference"}[backend]
     x = torch.randn(3, 10, 16)
     eos = torch.tensor([9, 0, 4])
-    ref_out, ref_attn = m.double()(x.double(), eos)
-    m = m.to(dtype)
-    out, attn = m(x.to(dtype), eos)
+    ref_out, ref_attn = _pair(backend).double()(x.double(), eos)
+    out, attn = _pair(backend).to(dtype)(x.to(dtype), eos)
+    peer_out, peer_attn = _pair(other).to(dtype)(x.to(dtype), eos)
     assert out.dtype == dtype and attn.dtype == dtype
+    ks = module_lengths(_pair(backend), x)
+    assert_close("out", out, ref_out, peer_out, dtype=dtype, K=ks["out"], seed="torch.manual_seed(0) (_pair)")
+    assert_close("attn", attn, ref_attn, peer_attn, dtype=dtype, K=ks["attn"], seed="torch.manual_seed(0) (_pair)")
     assert ((out.double() - ref_out).norm() / ref_out.norm()) < tol
     assert ((attn.double() - ref_attn).norm() / ref_attn.norm()) < tol
 
@@ -90,8 +96,6 @@ def test_need_weights_per_call_overrides_default_without_mutating():
 
 
 def test_backend_names_validated_in_one_place():
-    from sparo_fast import backends
-
     with pytest.raises(ValueError, match="unknown SPARO backend 'cuda'"):
         SparoReadout(8, 4, 3, 2, backend="cuda")
     with pytest.raises(ValueError, match="unknown SPARO backend 'tritn'"):

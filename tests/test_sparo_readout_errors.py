@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sparo_fast import SparoReadout, normalize_slots
+from sparo_fast import sparo_readout_triton as triton_backend
 
 
 @pytest.fixture
@@ -67,7 +68,6 @@ def test_bad_config(kwargs, match):
 
 
 def test_triton_backend_unavailable_is_a_clear_error(monkeypatch):
-    from sparo_fast import sparo_readout_triton as triton_backend
     monkeypatch.setattr(triton_backend, "is_available", lambda device: False)
     m = SparoReadout(8, 4, 3, 2, backend="triton")
     with pytest.raises(RuntimeError, match="'triton' backend is not available"):

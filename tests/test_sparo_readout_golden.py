@@ -1,9 +1,24 @@
-"""Every CPU backend reproduces the published implementation's tensors (float64)."""
+"""Every CPU backend reproduces the published implementation's tensors (float64).
+
+The criterion is ``accuracy.py``'s: PyTorch's own float64 error is that of the published math
+(the reference backend) on the same inputs, the floor 3 x eps(float64) x sqrt(K) x max|ref| binds
+where that is exact, and the allowance never exceeds the fixed 1e-10 these tests began with.
+"""
 import pytest
 import torch
 
-from sparo_fast import SparoReadout, normalize_slots
+from accuracy import assert_close, module_lengths
 from helpers import GOLDEN_READOUTS, golden_loss_and_grads, load_golden
+from sparo_fast import SparoReadout, normalize_slots
+
+OLD_ATOL = 1e-10
+
+
+def _published_math(g):
+    """The reference backend (the published math in PyTorch) on the golden case."""
+    m = SparoReadout(**g["config"], backend="reference").double()
+    m.load_state_dict(g["state_dict"], strict=True)
+    return golden_loss_and_grads(m, g)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -13,11 +28,16 @@ def test_golden_readout(name, backend):
     m = SparoReadout(**g["config"], backend=backend).double()
     m.load_state_dict(g["state_dict"], strict=True)
     out, attn, grads = golden_loss_and_grads(m, g)
-    torch.testing.assert_close(out, g["out"], rtol=0, atol=1e-10)
-    torch.testing.assert_close(attn, g["attn"], rtol=0, atol=1e-10)
+    p_out, p_attn, p_grads = _published_math(g)
+    ks = module_lengths(m, g["x"])
+    check = dict(dtype=torch.float64, seed=f"none (golden file {name})", cap=OLD_ATOL)
+    assert_close("out", out, g["out"], p_out, K=ks["out"], **check)
+    assert_close("attn", attn, g["attn"], p_attn, K=ks["attn"], **check)
     assert set(grads) == set(g["grads"]), "gradient set differs from the published module's"
     for key, ref in g["grads"].items():
-        torch.testing.assert_close(grads[key], ref, rtol=0, atol=1e-10, msg=f"grad of {key}")
+        # the key bias cancels in the softmax: rounding-level on both sides, scaled by dx's size
+        scale = float(g["grads"]["x"].abs().max()) if key == "k.bias" else None
+        assert_close(f"grad of {key}", grads[key], ref, p_grads[key], K=ks[key], scale=scale, **check)
 
 
 def test_golden_init_is_seed_exact():
@@ -38,6 +58,8 @@ def test_golden_normalize_slots(sparo_type):
     case = load_golden("project_for_sparo")[sparo_type]
     x = case["x"].view(case["x"].shape[0], case["L"], case["model_V"])
     out = normalize_slots(x, sparo_type)
-    torch.testing.assert_close(out, case["out"], rtol=0, atol=1e-12)
+    # sums over V and over the L slots
+    assert_close("normalised slots", out, case["out"], K=case["L"] * case["model_V"], dtype=torch.float64,
+                 seed=f"golden {sparo_type}", cap=1e-12)
     # the flattened embedding is unit-norm for every combination
     torch.testing.assert_close(out.flatten(1).norm(dim=-1), torch.ones(x.shape[0], dtype=x.dtype))

@@ -27,7 +27,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
     def build(out):
-        seed = random.randrange(2**31)  # fresh inputs each session; recorded for the reference
+        seed = random.randrange(2**31)  # fresh inputs each pytest run; recorded for the reference
         (out / "seed").write_text(str(seed))
         torchrun(2, REPO / "tests" / "train_worker.py", [out, MODEL, json.dumps(CASES), seed])
 

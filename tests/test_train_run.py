@@ -32,7 +32,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, cache):
-    """The reference 2-rank run, made once per session (shared by the xdist workers)."""
+    """The reference 2-rank run, made once per pytest run (shared by the xdist workers)."""
     def build(logs):
         res = torchrun(2, MAIN, tiny_args(logs, "full", cache, *RESUME_FLAGS))
         (logs / "stdout.txt").write_text(res.stdout)

@@ -11,9 +11,11 @@ import torch
 
 pytest.importorskip("open_clip")
 Image = pytest.importorskip("PIL.Image")
+ImageDraw = pytest.importorskip("PIL.ImageDraw")
+from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: E402
 
 from sparo_fast.clip import visualize as viz  # noqa: E402
-from sparo_fast.clip import create_model  # noqa: E402
+from sparo_fast.clip import create_model, get_tokenizer  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
@@ -55,8 +57,6 @@ def test_figure_size_formula():
 def test_font_keeps_word_spaces():
     """PIL's default font set 'left of a' as 'left ofa'; matplotlib's DejaVu Sans does not."""
     pytest.importorskip("matplotlib")  # in the clip extra; without it the visualiser falls back to PIL's font
-    from PIL import ImageDraw
-
     draw = ImageDraw.Draw(Image.new("RGB", (8, 8)))
     font = viz._font()
     gap = draw.textlength("a b", font=font) - draw.textlength("ab", font=font)
@@ -127,12 +127,8 @@ def test_cli_without_text_in_process(tmp_path, image_path, capsys, monkeypatch):
 def test_slot_order_and_explicit_slots(image_path):
     torch.manual_seed(0)
     model = create_model("ViT-Tiny-SPARO").eval()
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
     pixels = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)(
         Image.open(image_path).convert("RGB"))
-    from sparo_fast.clip import get_tokenizer
-
     tokens = get_tokenizer("ViT-Tiny-SPARO")(["a red circle"])[0]
     views = viz.slot_views(model, pixels, tokens, top_k=16)
     scores = [v.score for v in views]

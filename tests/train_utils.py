@@ -32,12 +32,12 @@ def tiny_args(tmp, name, cache, *extra):
 
 
 def shared_once(tmp_path_factory, name, build):
-    """Run ``build(dir)`` once per test session, even across pytest-xdist workers (file lock + marker)."""
+    """Run ``build(dir)`` once per pytest run, even across pytest-xdist workers (file lock + marker)."""
     from filelock import FileLock
 
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # shared by the workers of one session
+        root = root.parent  # shared by the workers of one pytest run
     target = root / f"shared_{name}"
     with FileLock(str(target) + ".lock"):
         if not (target / ".done").is_file():

@@ -1,6 +1,6 @@
 """Paired whole-process runs: this trainer vs OpenCLIP's own ``open_clip_train`` on the same shards.
 
-Setting (issue 11, item 10): the built-in synthetic shards (8000 samples, 8 shards), one epoch, batch 64,
+Setting: the built-in synthetic shards (8000 samples, 8 shards), one epoch, batch 64,
 fp32, one CPU process, plain CLIP ``ViT-Tiny`` (this package's config, registered with OpenCLIP for
 ``open_clip_train``), one loader worker, no evaluation, no checkpoints. Runs alternate (ours, theirs,
 ours, ...) so that a load change on the machine hits both; the figure is the median of the per-pair

@@ -6,10 +6,11 @@
 """
 from .baselines import ComparisonCLIP
 from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
-from .concepts import SlotRanking, check_slots, rank_slots, select_slots, slot_alignment
+from .concepts import SlotRanking, rank_slots, slot_alignment
 from .configs import add_model_config, get_model_config, list_models
 from .factory import build_model, create_model, create_model_and_transforms, get_tokenizer, tokenizer_for
 from .model import BaselineCLIP, SparoCLIP, SparoVisionTransformer
+from .slots import check_slots, select_slots
 
 __all__ = [
     "create_model", "create_model_and_transforms", "get_tokenizer", "load_checkpoint", "list_models",

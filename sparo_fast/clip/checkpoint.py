@@ -7,7 +7,10 @@ import zipfile
 from typing import Any, Dict, Mapping, Union
 
 import torch
+from open_clip.model import resize_pos_embed
 from torch import nn
+
+from ..readout import SparoReadout
 
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 
@@ -67,8 +70,6 @@ def extract_state_dict(ckpt: Any, source: str = "checkpoint") -> Dict[str, torch
 
 def _shared_kv_conflicts(model: nn.Module, sd: Mapping[str, torch.Tensor]):
     """Names of SPARO read-outs that share k/v in the model but hold different k and v weights in sd."""
-    from ..readout import SparoReadout
-
     out = []
     for name, m in model.named_modules():
         if isinstance(m, SparoReadout) and m.share_kv:
@@ -130,8 +131,6 @@ def load_checkpoint(model: nn.Module, path: Union[str, os.PathLike, Mapping[str,
         sd, source = extract_state_dict(path, source="state dict"), "state dict"
     else:
         sd, source = read_state_dict(path, weights_only=weights_only), repr(os.fspath(path))
-    from open_clip.model import resize_pos_embed
-
     check_state_dict(model, sd, strict=strict, source=source)
     if hasattr(getattr(model, "visual", None), "grid_size"):
         try:

@@ -14,6 +14,11 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+import open_clip
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+from ..normalize import parse_sparo_type
+
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 # Top-level keys of the published CLIP constructor (and OpenCLIP 3.x's) that a config may hold.
@@ -57,10 +62,6 @@ def get_model_config(name: str) -> Optional[Dict[str, Any]]:
     """A copy of a registered config; OpenCLIP's own configs as a fallback; None if unknown."""
     if name in _REGISTRY:
         return copy.deepcopy(_REGISTRY[name])
-    try:
-        import open_clip
-    except ImportError:  # pragma: no cover - open_clip is a dependency of this subpackage
-        return None
     cfg = open_clip.get_model_config(name.replace("/", "-"))
     return copy.deepcopy(cfg) if cfg is not None else None
 
@@ -138,8 +139,6 @@ def resolve_config(name_or_config: Union[str, Mapping[str, Any]],
 # Tower configs: the published format targeted OpenCLIP 2.20; OpenCLIP 3.x renamed a few keys.
 
 def _tower_fields(kind: str) -> frozenset:
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
     cls = CLIPVisionCfg if kind == "vision" else CLIPTextCfg
     return frozenset(f.name for f in dataclasses.fields(cls))
 
@@ -195,8 +194,6 @@ def sparo_settings(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         v = s[key]
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
             raise ValueError(f"SPARO config: {key} must be a positive integer or null, got {v!r}")
-    from ..normalize import parse_sparo_type
-
     parse_sparo_type(s["sparo_type"])
     return s
 

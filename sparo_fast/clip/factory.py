@@ -4,7 +4,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Union
 
+import open_clip
 import torch
+from open_clip.model import convert_weights_to_lp, get_cast_dtype, set_model_preprocess_cfg
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from . import configs
@@ -24,8 +28,6 @@ def _lowp_dtype(precision: str) -> torch.dtype:
 def _set_precision(model: nn.Module, device: torch.device, precision: str) -> None:
     """OpenCLIP's precision handling; "bf16"/"fp16" also cast the read-outs' queries (q_emb is a
     bare parameter that OpenCLIP's ``convert_weights_to_lp`` would leave in float32)."""
-    from open_clip.model import convert_weights_to_lp
-
     if precision in ("fp16", "bf16"):
         dtype = _lowp_dtype(precision)
         model.to(device=device)
@@ -106,39 +108,21 @@ def create_model(
     if backend is None:
         backend = "auto" if fused else "reference"
     name, cfg = configs.resolve_config(name_or_config, override)
-    from open_clip.model import get_cast_dtype
-
     model = build_model(cfg, backend=backend, cast_dtype=get_cast_dtype(precision), output_dict=output_dict)
     model.model_name = name
     model.config = cfg
     if pretrained is not None:
         load_checkpoint(model, pretrained, strict=True)
     _set_precision(model, torch.device(device), precision)
-
-    from open_clip.model import set_model_preprocess_cfg
-    from open_clip.transform import PreprocessCfg
-
     set_model_preprocess_cfg(model, dataclasses.asdict(PreprocessCfg(size=model.visual.image_size)))
     return model
 
 
-def create_model_and_transforms(
-        name_or_config: ConfigArg,
-        *,
-        fused: bool = True,
-        precision: str = "fp32",
-        device: Union[str, torch.device] = "cpu",
-        override: Optional[Mapping[str, Any]] = None,
-        pretrained: Optional[str] = None,
-        output_dict: Optional[bool] = None,
-        backend: Optional[str] = None,
-        aug_cfg: Optional[Union[Dict[str, Any], Any]] = None,
-):
-    """``(model, preprocess_train, preprocess_val)`` with OpenCLIP's image transforms."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    model = create_model(name_or_config, fused=fused, precision=precision, device=device, override=override,
-                         pretrained=pretrained, output_dict=output_dict, backend=backend)
+def create_model_and_transforms(name_or_config: ConfigArg, *, aug_cfg: Optional[Union[Dict[str, Any], Any]] = None,
+                                **kwargs):
+    """``(model, preprocess_train, preprocess_val)`` with OpenCLIP's image transforms; the other
+    keyword arguments are :func:`create_model`'s, ``aug_cfg`` OpenCLIP's training augmentation."""
+    model = create_model(name_or_config, **kwargs)
     pp = PreprocessCfg(**model.visual.preprocess_cfg)
     return model, image_transform_v2(pp, is_train=True, aug_cfg=aug_cfg), image_transform_v2(pp, is_train=False)
 
@@ -148,9 +132,6 @@ def get_tokenizer(name_or_config: ConfigArg, context_length: Optional[int] = Non
 
     OpenCLIP model names with their own (e.g. HF) tokenizer get ``open_clip.get_tokenizer``'s.
     """
-    import open_clip
-    from open_clip.tokenizer import SimpleTokenizer
-
     _, cfg = configs.resolve_config(name_or_config)
     text_cfg = cfg.get("text_cfg", {})
     if isinstance(name_or_config, str) and (text_cfg.get("hf_tokenizer_name") or text_cfg.get("tokenizer_mode")):
@@ -160,6 +141,4 @@ def get_tokenizer(name_or_config: ConfigArg, context_length: Optional[int] = Non
 
 def tokenizer_for(model: nn.Module):
     """The tokenizer matching a built model (its ``context_length``)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
     return SimpleTokenizer(context_length=model.context_length)

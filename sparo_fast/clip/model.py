@@ -21,13 +21,14 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 import open_clip
 import torch
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
 from .. import backends
 from ..normalize import extra_channels, normalize_slots
 from ..readout import SparoReadout
-from .concepts import SlotsArg, check_slots, select_slots
+from .slots import SlotsArg, check_slots, select_slots
 
 
 def run_readout(readout: SparoReadout, tokens: Tensor, eos: Optional[Tensor], return_attn: bool):
@@ -65,16 +66,12 @@ class SparoVisionTransformer(VisionTransformer):
 
 
 def _tower_heads(vision_cfg: Mapping[str, Any], text_cfg: Mapping[str, Any]) -> Tuple[int, int]:
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
     v = CLIPVisionCfg(**vision_cfg)
     t = CLIPTextCfg(**text_cfg)
     return v.width // v.head_width, t.heads
 
 
 def _reduced(cfg: Mapping[str, Any], reduce_depth: int, kind: str) -> Dict[str, Any]:
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
     out = dict(cfg)
     if reduce_depth:
         layers = out.get("layers", (CLIPVisionCfg if kind == "vision" else CLIPTextCfg).layers)

@@ -38,6 +38,12 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .factory import create_model, tokenizer_for
+from .slots import check_slots
 
 PAD = 8
 FONT_SIZE = 11
@@ -115,8 +121,6 @@ def _font(size: int = FONT_SIZE):
     PIL's own default font sets spaces so narrow at small sizes that words run together
     ("left ofa blue square").
     """
-    from PIL import ImageFont
-
     try:
         from matplotlib import font_manager
 
@@ -139,8 +143,6 @@ def _token_strings(tokenizer, ids: Sequence[int]) -> List[str]:
 
 
 def _display_image(pixels: torch.Tensor, preprocess_cfg) -> "Image.Image":
-    from PIL import Image
-
     mean = torch.tensor(preprocess_cfg.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)[:, None, None]
     std = torch.tensor(preprocess_cfg.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)[:, None, None]
     x = (pixels.float().cpu() * std + mean).clamp(0, 1)
@@ -151,8 +153,6 @@ def _display_image(pixels: torch.Tensor, preprocess_cfg) -> "Image.Image":
 def slot_views(model, pixels: torch.Tensor, tokens: Optional[torch.Tensor] = None, top_k: int = 8,
                slots: Optional[Sequence[int]] = None) -> List[SlotView]:
     """Per-slot attention maps (and scores) of one preprocessed image [3, H, W] (and caption [ctx])."""
-    from .concepts import check_slots
-
     if not getattr(model, "use_sparo", False):
         raise ValueError("the model has no SPARO slots (it is a baseline CLIP)")
     L = model.L
@@ -188,8 +188,6 @@ def slot_views(model, pixels: torch.Tensor, tokens: Optional[torch.Tensor] = Non
 def compose(image: "Image.Image", views: Sequence[SlotView], *, token_strings: Optional[List[str]] = None,
             title: str = "", caption: Optional[str] = None, score_name: str = "cos", cell: int = 160):
     """Compose the figure (a PIL image of ``figure_size(len(views), token_strings is not None, cell)``)."""
-    from PIL import Image, ImageDraw
-
     with_text = token_strings is not None
     W, H = figure_size(len(views), with_text, cell)
     fig = Image.new("RGB", (W, H), (255, 255, 255))
@@ -273,10 +271,6 @@ def _draw_tokens(draw, font, tokens: List[str], attn: np.ndarray, x0: int, y0: i
 def visualize(model, image, text: Optional[str] = None, *, top_k: int = 8, slots: Optional[Sequence[int]] = None,
               preprocess=None, tokenizer=None, cell: int = 160, title: str = ""):
     """The slot figure for a PIL ``image`` (and optional caption) as a PIL image."""
-    from open_clip.transform import PreprocessCfg, image_transform_v2
-
-    from .factory import tokenizer_for
-
     pp_cfg = getattr(model.visual, "preprocess_cfg", None) or {"size": model.visual.image_size}
     if preprocess is None:
         preprocess = image_transform_v2(PreprocessCfg(**pp_cfg), is_train=False)
@@ -305,8 +299,6 @@ def render(model, image, text: Optional[str], out_path: Union[str, os.PathLike],
     Returns the PNG's absolute path. Raises ValueError for a model without slots or bad
     ``top_k``/``slots``. The model's weights are used as they are (load a checkpoint first).
     """
-    from PIL import Image
-
     if not getattr(model, "use_sparo", False):
         raise ValueError(f"{type(model).__name__} has no SPARO slots to show (it is a baseline CLIP)")
     if isinstance(image, (str, os.PathLike)):
@@ -350,10 +342,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from PIL import Image, UnidentifiedImageError
-
-    from . import CheckpointError, create_model, load_checkpoint
-
     if args.cell < 32:
         raise _Fail(f"--cell must be at least 32 pixels, got {args.cell}")
     slots = None

@@ -1,0 +1,229 @@
+"""One accuracy criterion for every numeric comparison in ``tests/`` and ``bench/``.
+
+A result ``got`` computed at some precision is compared element by element with a float64
+reference ``ref``, the way FlashAttention's tests compare their kernels:
+
+    err      = max |got - ref|                          (the worst element)
+    pytorch  = 2 * max |pytorch - ref|                  PyTorch's own error at the same precision,
+                                                        on the same inputs, doubled
+    floor    = FLOOR_C * max(eps(dtype), eps(acc) * sqrt(K)) * scale
+                                                        K: the longest reduction behind the result,
+                                                        acc: the accumulation dtype (float32 for
+                                                        float16/bfloat16), scale: max |ref|
+    allowed  = max(pytorch, floor)  (at most ``cap``)
+
+``pytorch`` is the measure of how hard this particular result is to compute at that precision
+(a softmax gradient that cancels, a saturated softmax). Where a test passes several PyTorch
+results the worst counts: e.g. the published formulation, the absorbed one, and the absorbed one
+with its probabilities taken from the log-sum-exp as the kernels' backward recomputes them
+(``2^(s log2(e) - lse2)`` carries an error of about eps x |s| that a normalised softmax does not).
+``floor`` only keeps a lucky PyTorch result (exact by chance, e.g. a sum of a few representable
+numbers) from demanding more than a reduction of length K accumulated at ``acc`` can give, or,
+in half precision, more than a few roundings to the output's own precision. ``cap`` keeps a fixed tolerance that a test
+had before: the allowance never grows past it.
+
+Every check returns a :class:`Check`; a failure's message carries the seed, the measured error,
+the allowance, both terms and which one bound. With ``SPARO_ACCURACY_LOG=path`` set, every check
+appends one JSON line to ``path`` (safe under ``pytest -n``: one ``write`` per line, append mode);
+``python tests/accuracy.py path`` summarises a log per dtype: the largest ratio measured/allowed
+and how often the floor was the binding term.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from unittest import mock
+
+import torch
+
+from sparo_fast import functional
+
+# The floor's constant. A reduction of K products rounded once per addition has an error of
+# about eps * sqrt(K) * (the size of the terms) for random-signed rounding errors; 3 leaves
+# room for the handful of further roundings (scale, exp, the output cast) around it.
+FLOOR_C = 3.0
+LOG_ENV = "SPARO_ACCURACY_LOG"
+LOG2E = math.log2(math.e)
+
+
+def eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision products are accumulated in float32 (the kernels' dots, PyTorch's matmuls)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def floor(dtype: torch.dtype, K: int, scale: float) -> float:
+    """The floor of the allowance (see the module docstring)."""
+    return FLOOR_C * max(eps(dtype), eps(accumulation_dtype(dtype)) * math.sqrt(max(K, 1))) * scale
+
+
+@dataclass
+class Check:
+    """One comparison: what was measured and what was allowed."""
+
+    name: str
+    dtype: str
+    seed: object
+    err: float
+    pytorch: float  # 2 x PyTorch's own error (0 when there is no PyTorch result)
+    floor: float
+    allowed: float
+    bound: str  # the binding term: "pytorch", "floor" or "cap"
+    scale: float
+    K: int
+    test: str = ""
+
+    @property
+    def ratio(self) -> float:
+        if self.allowed > 0:
+            return self.err / self.allowed
+        return 0.0 if self.err == 0 else math.inf
+
+    @property
+    def ok(self) -> bool:
+        return self.err <= self.allowed
+
+    def message(self) -> str:
+        return (f"{self.name}: error {self.err:.3e} > allowed {self.allowed:.3e} ({self.bound} bound; "
+                f"2 x PyTorch's error {self.pytorch:.3e}, floor {self.floor:.3e} = {FLOOR_C:g} x max(eps, "
+                f"eps(acc) x sqrt({self.K})) x max|ref| {self.scale:.3e}; {self.dtype}, seed {self.seed})")
+
+
+def _max_abs_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return float((a.detach().double() - ref).abs().max())
+
+
+def measure(name: str, got: torch.Tensor, ref: torch.Tensor, pytorch=None, *, dtype: torch.dtype, K: int,
+            seed, scale: float | None = None, cap: float | None = None, log: bool = True) -> Check:
+    """Measure ``got`` against the float64 ``ref`` (see the module docstring) without asserting.
+
+    ``pytorch``: PyTorch's result at ``dtype`` on the same inputs, a tuple of such results (the
+    worst counts: e.g. the absorbed and the published formulations), or None (floor only).
+    ``scale`` replaces max|ref| where the reference is zero by cancellation; ``cap`` is an
+    absolute tolerance never to exceed; ``log=False`` keeps a check that is meant to fail (a
+    test of the criterion itself) out of the ``SPARO_ACCURACY_LOG`` record.
+    """
+    if got.shape != ref.shape:
+        raise AssertionError(f"{name}: shape {tuple(got.shape)} != reference {tuple(ref.shape)}")
+    if not torch.isfinite(got).all():
+        raise AssertionError(f"{name}: non-finite values (seed {seed})")
+    ref = ref.detach().double()
+    if scale is None:
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if pytorch is None:
+        pytorch = ()
+    elif isinstance(pytorch, torch.Tensor):
+        pytorch = (pytorch,)
+    torch_term = 2.0 * max((_max_abs_diff(t, ref) for t in pytorch), default=0.0)
+    fl = floor(dtype, K, scale)
+    allowed, bound = (torch_term, "pytorch") if torch_term >= fl else (fl, "floor")
+    if cap is not None and cap < allowed:
+        allowed, bound = cap, "cap"
+    check = Check(name, str(dtype).replace("torch.", ""), seed, _max_abs_diff(got, ref), torch_term, fl,
+                  allowed, bound, scale, int(K), os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0])
+    if log:
+        _log(check)
+    return check
+
+
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, pytorch=None, *, dtype: torch.dtype, K: int,
+                 seed, scale: float | None = None, cap: float | None = None) -> Check:
+    """:func:`measure`, then fail with the full account if the error exceeds the allowance."""
+    check = measure(name, got, ref, pytorch, dtype=dtype, K=K, seed=seed, scale=scale, cap=cap)
+    assert check.ok, check.message()
+    return check
+
+
+def readout_lengths(B: int, N: int, D: int, L: int, S: int, A: int, Vd: int, V: int) -> dict:
+    """``K`` for each result of the read-out (outputs and gradients by parameter name): the
+    longest sum it depends on.
+
+    Every result goes through the forward's sums (scores over D and A, softmax and pooling
+    over N, the value projection over D, the output projection over Vd); gradients add the
+    slot sum of dx (L), go = g W_O (V) and the batch sums of the weight gradients."""
+    fwd = max(N, D, A, Vd)
+    bwd = max(fwd, L, V)
+    return {"out": fwd, "y": fwd, "attn": max(N, D, A), "x": bwd, "q_emb": max(bwd, B * N),
+            "k.weight": max(bwd, B * N), "k.bias": max(bwd, B * N), "v.weight": max(bwd, B * S),
+            "v.bias": max(bwd, B * S), "proj.weight": max(fwd, B * L), "proj.bias": B * L}
+
+
+def _softmax_from_lse(scores, dim=-1, dtype=None):
+    """``2^(s log2(e) - lse2)``: the probabilities as the kernels' backward recomputes them (base 2)."""
+    scores = scores if dtype is None else scores.to(dtype)
+    lse2 = torch.logsumexp(scores, dim, keepdim=True) * LOG2E
+    return torch.exp2(scores * LOG2E - lse2)
+
+
+def absorbed_from_lse(x, eos_indices, params, need_weights=True):
+    """The absorbed formulation in PyTorch ops with its probabilities taken from the log-sum-exp,
+    as the Triton backward recomputes them: one of the PyTorch results whose error the kernels
+    are held to (``2^(s log2(e) - lse2)`` carries an error of about eps x |s| that a normalised
+    softmax does not)."""
+    with mock.patch.object(functional.torch, "softmax", _softmax_from_lse):
+        return functional.sparo_absorbed(x, eos_indices, params, need_weights)
+
+
+def module_lengths(module, x: torch.Tensor) -> dict:
+    """:func:`readout_lengths` for a ``SparoReadout`` (or published-layout module) applied to x."""
+    B, N, D = x.shape
+    return readout_lengths(B, N, D, module.L, module.L // module.num_heads, module.attn_dim, module.value_dim,
+                           module.proj.weight.shape[0])
+
+
+def _log(check: Check) -> None:
+    path = os.environ.get(LOG_ENV)
+    if not path:
+        return
+    line = json.dumps({**asdict(check), "seed": str(check.seed), "ratio": check.ratio}) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def summarize(lines) -> dict:
+    """Per dtype: number of checks, largest ratio measured/allowed (and where), floor-bound count."""
+    out: dict = defaultdict(lambda: {"checks": 0, "max_ratio": 0.0, "where": "", "floor_bound": 0,
+                                     "pytorch_bound": 0, "cap_bound": 0, "max_err_in_eps": 0.0})
+    for line in lines:
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        s = out[r["dtype"]]
+        s["checks"] += 1
+        s[f"{r['bound']}_bound"] += 1
+        if r["ratio"] > s["max_ratio"]:
+            s["max_ratio"], s["where"] = r["ratio"], f"{r['test']} {r['name']} (seed {r['seed']})"
+        if r["scale"] > 0:  # the error in units of eps x max|ref|
+            in_eps = r["err"] / (eps(getattr(torch, r["dtype"])) * r["scale"])
+            s["max_err_in_eps"] = max(s["max_err_in_eps"], in_eps)
+    return dict(out)
+
+
+def main(argv=None) -> int:
+    paths = (argv if argv is not None else sys.argv[1:]) or [os.environ.get(LOG_ENV, "")]
+    lines = []
+    for p in paths:
+        with open(p) as f:
+            lines += f.readlines()
+    for dtype, s in sorted(summarize(lines).items()):
+        print(f"{dtype:9s} checks {s['checks']:5d}  max measured/allowed {s['max_ratio']:.3f}  "
+              f"floor binds {s['floor_bound']}/{s['checks']}  pytorch binds {s['pytorch_bound']}  "
+              f"cap binds {s['cap_bound']}  max error {s['max_err_in_eps']:.1f} eps x max|ref|")
+        print(f"          worst: {s['where']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,10 @@ outputs with momentum 0.9) of each global view and the student's softmax (temper
 every other view.
 
 Budget: the same steps as a CLIP run and the same number of crops through the student per step as
-a CLIP run has images (``--batch-size`` 32: 8 images in 4 crops each). Multi-crop, kept CPU-cheap: 2 global crops (scale 0.4-1) and 2 local crops (scale 0.1-0.4), all
+a CLIP run has images (``--batch-size`` 32: 8 images in 4 crops each). Peak learning rate 1e-4
+(``--dino-lr``; AdamW, weight decay 0.04, cosine after 10% warm-up): at the CLIP runs' 1e-3 the
+outputs collapsed to uniform (training loss = log K from step 25 on, on a seed outside the
+evaluated ones), at 1e-4 they did not within 60 steps; no other setting was tried. Multi-crop, kept CPU-cheap: 2 global crops (scale 0.4-1) and 2 local crops (scale 0.1-0.4), all
 resized to 64x64 (the towers have a fixed position grid) with horizontal flips. No colour
 jitter, grey-scale or solarisation: colour is one of the labels evaluated.
 

@@ -39,7 +39,7 @@ def dino_key(args, key: str, seed: int, budget: float) -> dict:
     # compute-matched to a CLIP run: --batch-size crops per step, i.e. batch / (2 + n_local) images in 2 + n_local crops
     images = max(1, args.batch_size // (2 + dino.DEFAULTS["n_local"]))
     return {"model": R.MODELS[key][0], "seed": seed, "steps": R.steps_of(args, budget), "batch_size": images,
-            "lr": args.lr, "warmup": R.warmup_of(args, budget), "cfg": dino_cfg(args), "world": dino.S.VERSION}
+            "lr": args.dino_lr, "warmup": R.warmup_of(args, budget), "cfg": dino_cfg(args), "world": dino.S.VERSION}
 
 
 class Ledger:
@@ -133,7 +133,7 @@ def run_dino(args, book: Ledger) -> None:
                     print(f"[experiment] {name}: reusing {run_dir}", flush=True)
                 else:
                     print(f"[experiment] {name}: training {k['steps']} steps", flush=True)
-                    teacher, preprocess, train_s = dino.train(k["model"], seed, k["steps"], k["batch_size"], args.lr,
+                    teacher, preprocess, train_s = dino.train(k["model"], seed, k["steps"], k["batch_size"], k["lr"],
                                                               k["warmup"], k["cfg"], log=lambda m: print(m, flush=True))
                     t0 = time.time()
                     metrics = dino.evaluate(teacher, preprocess, k["cfg"])

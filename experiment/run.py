@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="selection items per category for greedy concept selection (SPARO runs)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per rank")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine schedule)")
+    p.add_argument("--dino-lr", type=float, default=1e-4,
+                   help="peak learning rate of --family dino (at 1e-3 the DINO outputs collapsed to uniform)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps / 10)")
     p.add_argument("--n-items", type=int, default=100, help="evaluation items per category and split")
     p.add_argument("--n-select", type=int, default=50, help="concept-selection items per category")

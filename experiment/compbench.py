@@ -2,6 +2,10 @@
 
 SugarCrepe's seven categories rebuilt on generated scenes: each item is an image, its true
 caption and a hard negative caption; a model is right when the image is closer to the true one.
+Categories live in a registry (``REGISTRY``): each is one function decorated with
+``@category(name, label)`` that draws a scene and its hard negative (an ``Edit``); the items, the
+metrics (one accuracy per category, their mean as ``compositional_mean``, the robustness split),
+the experiment's table and its plots all iterate over the registry. The seven registered here:
 
 * ``replace_att``: one object's colour or size replaced ("a small red circle" -> "a small green circle")
 * ``replace_obj``: one object's shape replaced
@@ -27,14 +31,13 @@ items, the top k slots are kept, and the category is scored on its test items.
 from __future__ import annotations
 
 import random
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from sparo_fast_training import synthetic as S
 
 BENCH_VERSION = 1  # bump when items or metrics change: the experiment then re-evaluates finished runs
-CATEGORIES = ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_att", "add_obj")
 PAIRS = [(c, s) for c in S.COLORS for s in S.SHAPES]  # the 24 zero-shot classes
 PAIR_TEMPLATES = (lambda c, s: f"a {c} {s}", lambda c, s: f"a small {c} {s}", lambda c, s: f"a large {c} {s}")
 
@@ -43,6 +46,45 @@ class Item(NamedTuple):
     image: "object"  # PIL image
     pos: str
     neg: str
+
+
+class Edit(NamedTuple):
+    """What a category function returns: the true scene, the hard negative and which sizes each caption
+    names (``None``: every size)."""
+    scene: S.Scene
+    neg: S.Scene
+    pos_sizes: Optional[Sequence[bool]] = None
+    neg_sizes: Optional[Sequence[bool]] = None
+
+
+class Category(NamedTuple):
+    name: str
+    label: str  # the table's row name
+    edit: Callable[..., Edit]  # edit(rng, heldout) -> Edit
+
+
+# name -> Category, in registration order (the table's order). A new category is one function
+# decorated with @category(...): items, metrics, the 7-category mean's successor, the table and the
+# plots all read this registry.
+REGISTRY: Dict[str, Category] = {}
+
+
+def category(name: str, label: str):
+    """Register ``fn(rng, heldout) -> Edit`` as a compositional category."""
+    if not name.isidentifier() or name.startswith(("robust_", "select_")):
+        raise ValueError(f"category name {name!r} must be an identifier without a split prefix")
+
+    def register(fn: Callable[..., Edit]) -> Callable[..., Edit]:
+        if name in REGISTRY:
+            raise ValueError(f"category {name!r} is already registered")
+        REGISTRY[name] = Category(name, label, fn)
+        return fn
+    return register
+
+
+def categories() -> Tuple[str, ...]:
+    """The registered categories' names, in registration order."""
+    return tuple(REGISTRY)
 
 
 def _other(rng: random.Random, values: Sequence[str], avoid) -> str:
@@ -57,63 +99,92 @@ def _scene(rng, n, heldout: bool, **kw) -> S.Scene:
     return S.random_scene(rng, n, include=include, **kw)
 
 
-def _pair(rng, n: int):
-    i, j = sorted(rng.sample(range(n), 2))
-    return i, j
+def _replace_obj_at(sc: S.Scene, i: int, new: S.Obj) -> S.Scene:
+    return S.Scene(sc.objs[:i] + (new,) + sc.objs[i + 1:], sc.relation)
+
+
+@category("replace_att", "replace-attribute")
+def replace_att(rng, heldout):
+    """One object's colour or size replaced ("a small red circle" -> "a small green circle")."""
+    sc = _scene(rng, rng.randint(1, 3), heldout)
+    i = rng.randrange(len(sc.objs))
+    o = sc.objs[i]
+    if rng.random() < 0.5:
+        new = o._replace(color=_other(rng, list(S.COLORS), {x.color for x in sc.objs}))
+    else:
+        new = o._replace(size=_other(rng, S.SIZES, {o.size}))
+    return Edit(sc, _replace_obj_at(sc, i, new))
+
+
+@category("replace_obj", "replace-object")
+def replace_obj(rng, heldout):
+    """One object's shape replaced."""
+    sc = _scene(rng, rng.randint(1, 3), heldout)
+    i = rng.randrange(len(sc.objs))
+    return Edit(sc, _replace_obj_at(sc, i, sc.objs[i]._replace(shape=_other(rng, S.SHAPES, {sc.objs[i].shape}))))
+
+
+@category("replace_rel", "replace-relation")
+def replace_rel(rng, heldout):
+    """The relation replaced ("left of" -> "above")."""
+    sc = _scene(rng, 2, heldout)
+    return Edit(sc, sc._replace(relation=_other(rng, S.RELATIONS, {sc.relation})))
+
+
+def _swap(rng, heldout, shape: bool) -> Edit:
+    while True:
+        sc = _scene(rng, rng.randint(2, 3), heldout)
+        i, j = sorted(rng.sample(range(len(sc.objs)), 2))
+        a, b = sc.objs[i], sc.objs[j]
+        if shape:
+            field = "shape"
+        else:  # colours always differ; sizes only sometimes
+            field = "size" if a.size != b.size and rng.random() < 0.5 else "color"
+        if getattr(a, field) != getattr(b, field):
+            break
+    objs = list(sc.objs)
+    objs[i], objs[j] = a._replace(**{field: getattr(b, field)}), b._replace(**{field: getattr(a, field)})
+    return Edit(sc, S.Scene(tuple(objs), sc.relation))
+
+
+@category("swap_att", "swap-attribute")
+def swap_att(rng, heldout):
+    """Two objects exchange their colours (or sizes)."""
+    return _swap(rng, heldout, shape=False)
+
+
+@category("swap_obj", "swap-object")
+def swap_obj(rng, heldout):
+    """Two objects exchange their shapes."""
+    return _swap(rng, heldout, shape=True)
+
+
+@category("add_att", "add-attribute")
+def add_att(rng, heldout):
+    """The true caption leaves one object's size out; the negative adds the wrong size."""
+    sc = _scene(rng, rng.randint(1, 3), heldout)
+    i = rng.randrange(len(sc.objs))
+    shown = [k != i for k in range(len(sc.objs))]
+    wrong = sc.objs[i]._replace(size=_other(rng, S.SIZES, {sc.objs[i].size}))
+    return Edit(sc, _replace_obj_at(sc, i, wrong), pos_sizes=shown)
+
+
+@category("add_obj", "add-object")
+def add_obj(rng, heldout):
+    """The negative adds an object that is not in the image."""
+    n = rng.randint(1, 2)
+    sc = _scene(rng, n, heldout, relation="left of" if n == 2 else None)
+    extra = S.Obj(_other(rng, list(S.COLORS), {o.color for o in sc.objs}), rng.choice(S.SIZES), rng.choice(S.SHAPES))
+    return Edit(sc, S.Scene(sc.objs + (extra,), sc.relation or rng.choice(S.RELATIONS)))
 
 
 def make_item(category: str, rng: random.Random, heldout: bool = False, corrupt: bool = False) -> Item:
-    """One (image, true caption, negative caption) of ``category``."""
-    full = None  # with_size for the captions: None shows every size
-    if category == "replace_att":
-        sc = _scene(rng, rng.randint(1, 3), heldout)
-        i = rng.randrange(len(sc.objs))
-        o = sc.objs[i]
-        if rng.random() < 0.5:
-            new = o._replace(color=_other(rng, list(S.COLORS), {x.color for x in sc.objs}))
-        else:
-            new = o._replace(size=_other(rng, S.SIZES, {o.size}))
-        neg = S.Scene(sc.objs[:i] + (new,) + sc.objs[i + 1:], sc.relation)
-    elif category == "replace_obj":
-        sc = _scene(rng, rng.randint(1, 3), heldout)
-        i = rng.randrange(len(sc.objs))
-        new = sc.objs[i]._replace(shape=_other(rng, S.SHAPES, {sc.objs[i].shape}))
-        neg = S.Scene(sc.objs[:i] + (new,) + sc.objs[i + 1:], sc.relation)
-    elif category == "replace_rel":
-        sc = _scene(rng, 2, heldout)
-        neg = sc._replace(relation=_other(rng, S.RELATIONS, {sc.relation}))
-    elif category in ("swap_att", "swap_obj"):
-        while True:
-            sc = _scene(rng, rng.randint(2, 3), heldout)
-            i, j = _pair(rng, len(sc.objs))
-            a, b = sc.objs[i], sc.objs[j]
-            if category == "swap_obj":
-                field = "shape"
-            else:  # colours always differ; sizes only sometimes
-                field = "size" if a.size != b.size and rng.random() < 0.5 else "color"
-            if getattr(a, field) != getattr(b, field):
-                break
-        objs = list(sc.objs)
-        objs[i], objs[j] = a._replace(**{field: getattr(b, field)}), b._replace(**{field: getattr(a, field)})
-        neg = S.Scene(tuple(objs), sc.relation)
-    elif category == "add_att":
-        sc = _scene(rng, rng.randint(1, 3), heldout)
-        i = rng.randrange(len(sc.objs))
-        full = [k != i for k in range(len(sc.objs))]  # the true caption leaves object i's size out
-        wrong = sc.objs[i]._replace(size=_other(rng, S.SIZES, {sc.objs[i].size}))
-        neg = S.Scene(sc.objs[:i] + (wrong,) + sc.objs[i + 1:], sc.relation)
-        image = S.render(sc, rng, corrupt=corrupt)
-        return Item(image, S.caption(sc, full), S.caption(neg))
-    elif category == "add_obj":
-        n = rng.randint(1, 2)
-        sc = _scene(rng, n, heldout, relation="left of" if n == 2 else None)
-        extra = S.Obj(_other(rng, list(S.COLORS), {o.color for o in sc.objs}), rng.choice(S.SIZES),
-                      rng.choice(S.SHAPES))
-        neg = S.Scene(sc.objs + (extra,), sc.relation or rng.choice(S.RELATIONS))
-    else:
-        raise ValueError(f"unknown category {category!r}; choose one of {CATEGORIES}")
-    image = S.render(sc, rng, corrupt=corrupt)
-    return Item(image, S.caption(sc, full), S.caption(neg, full))
+    """One (image, true caption, negative caption) of a registered ``category``."""
+    if category not in REGISTRY:
+        raise ValueError(f"unknown category {category!r}; choose one of {categories()}")
+    e = REGISTRY[category].edit(rng, heldout)
+    image = S.render(e.scene, rng, corrupt=corrupt)  # drawn after the edit: the rng order fixes the items
+    return Item(image, S.caption(e.scene, e.pos_sizes), S.caption(e.neg, e.neg_sizes))
 
 
 def _rng(*parts) -> random.Random:
@@ -124,7 +195,7 @@ def build_items(n: int = 300, n_select: int = 150) -> Dict[str, List[Item]]:
     """Every task's items: ``{cat}`` / ``select_{cat}`` / ``robust_{cat}`` pairs, ``heldout_swap_att``,
     ``retrieval_{seen,heldout,robust}`` (pos only) and ``zeroshot_{seen,heldout}`` (pos = class index)."""
     out: Dict[str, List[Item]] = {}
-    for cat in CATEGORIES:
+    for cat in categories():
         out[cat] = [make_item(cat, _rng("test", cat, i)) for i in range(n)]
         out[f"select_{cat}"] = [make_item(cat, _rng("select", cat, i)) for i in range(n_select)]
         out[f"robust_{cat}"] = [make_item(cat, _rng("robust", cat, i), corrupt=True) for i in range(n)]
@@ -148,6 +219,12 @@ def build_items(n: int = 300, n_select: int = 150) -> Dict[str, List[Item]]:
             items.append(Item(S.render(S.Scene((obj,), None), rng), str(PAIRS.index((obj.color, obj.shape))), ""))
         out[f"zeroshot_{split}"] = items
     return out
+
+
+def selection_items(n: int) -> Dict[str, List[Item]]:
+    """``n`` selection items per category (the first ``n_select`` of them are ``build_items``' select
+    split): disjoint from the test items, for choosing slots per category."""
+    return {cat: [make_item(cat, _rng("select", cat, i)) for i in range(n)] for cat in categories()}
 
 
 # ----------------------------------------------------------------------------------- encoding
@@ -240,12 +317,13 @@ def evaluate(model, items: Dict[str, List[Item]], preprocess, tokenizer, batch_s
             if name.startswith("select_") or name.startswith("zeroshot_"):
                 continue
             enc[name] = encode_items(model, its, preprocess, tokenizer, batch_size)
-        for cat in CATEGORIES:
+        cats = categories()
+        for cat in cats:
             for prefix in ("", "robust_"):
                 e = enc[prefix + cat]
                 metrics[prefix + cat] = pair_accuracy(e.img, e.pos, e.neg)
-        metrics["compositional_mean"] = sum(metrics[c] for c in CATEGORIES) / len(CATEGORIES)
-        metrics["robust_mean"] = sum(metrics["robust_" + c] for c in CATEGORIES) / len(CATEGORIES)
+        metrics["compositional_mean"] = sum(metrics[c] for c in cats) / len(cats)
+        metrics["robust_mean"] = sum(metrics["robust_" + c] for c in cats) / len(cats)
         e = enc["heldout_swap_att"]
         metrics["heldout_swap_att"] = pair_accuracy(e.img, e.pos, e.neg)
         for split in ("seen", "heldout", "robust"):
@@ -262,7 +340,7 @@ def evaluate(model, items: Dict[str, List[Item]], preprocess, tokenizer, batch_s
         selection = None
         if getattr(model, "use_sparo", False):
             selection = {"ks": [k for k in ks if k <= model.L] + [model.L], "by_category": {}, "select_acc": {}}
-            for cat in CATEGORIES:
+            for cat in cats:
                 sel_items = items[f"select_{cat}"]
                 ranking = rank_slots(model, images_tensor(sel_items, preprocess),
                                      tokenizer([it.pos for it in sel_items]), batch_size=batch_size).indices.tolist()
@@ -280,7 +358,7 @@ def evaluate(model, items: Dict[str, List[Item]], preprocess, tokenizer, batch_s
                 # k chosen on the selection items only (the test items never pick it)
                 best = max(range(len(sel_acc)), key=lambda i: (sel_acc[i], selection["ks"][i]))
                 metrics[f"selected_{cat}"] = test_acc[best]
-            metrics["selected_mean"] = sum(metrics[f"selected_{c}"] for c in CATEGORIES) / len(CATEGORIES)
+            metrics["selected_mean"] = sum(metrics[f"selected_{c}"] for c in cats) / len(cats)
     finally:
         model.train(was_training)
     return {"metrics": metrics, "selection": selection}

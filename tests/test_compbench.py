@@ -35,7 +35,7 @@ def _objects(text):
     return objs, rels
 
 
-@pytest.mark.parametrize("cat", C.CATEGORIES)
+@pytest.mark.parametrize("cat", C.categories())
 def test_items_are_deterministic_and_negatives_are_the_named_edit(cat):
     seed = random.randrange(10**6)
     a = C.make_item(cat, random.Random(seed))
@@ -103,10 +103,10 @@ def test_evaluate_tiny_sparo_model_selection_at_all_slots_equals_full():
     for k, v in m.items():
         assert 0.0 <= v <= 1.0, k
     assert sel["ks"] == [1, 4, model.L]
-    for cat in C.CATEGORIES:
+    for cat in C.categories():
         assert len(sel["by_category"][cat]) == 3
         assert sel["by_category"][cat][-1] == pytest.approx(m[cat])  # all slots kept: the plain score
-    assert m["compositional_mean"] == pytest.approx(sum(m[c] for c in C.CATEGORIES) / 7)
+    assert m["compositional_mean"] == pytest.approx(sum(m[c] for c in C.categories()) / 7)
 
 
 def test_stats_and_table():
@@ -123,3 +123,29 @@ def test_stats_and_table():
     text = report.table({"sparo": base, "clip": better})
     assert "| swap-attribute |" in text and "clip − sparo" in text
     assert "**+0.30" in text  # the paired interval excludes zero
+
+
+def test_registry_a_new_category_is_one_function_and_everything_picks_it_up(monkeypatch):
+    assert C.categories() == ("replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj", "add_att", "add_obj")
+    monkeypatch.setattr(C, "REGISTRY", dict(C.REGISTRY))  # the registration below is undone after the test
+
+    @C.category("drop_obj", "drop-object")
+    def drop_obj(rng, heldout):  # the negative leaves the last object out
+        sc = C._scene(rng, rng.randint(2, 3), heldout)
+        return C.Edit(sc, S.Scene(sc.objs[:-1], sc.relation if len(sc.objs) > 2 else None))
+
+    assert C.categories()[-1] == "drop_obj" and report.label("drop_obj") == "drop-object"
+    items = C.build_items(n=3, n_select=2)
+    for split in ("drop_obj", "select_drop_obj", "robust_drop_obj"):
+        assert len(items[split]) == {"select_drop_obj": 2}.get(split, 3)
+        for it in items[split]:
+            assert len(_objects(it.neg)[0]) == len(_objects(it.pos)[0]) - 1
+    with pytest.raises(ValueError, match="already registered"):
+        C.category("drop_obj", "x")(drop_obj)
+    with pytest.raises(ValueError, match="identifier"):
+        C.category("robust_x", "x")
+    with pytest.raises(ValueError, match="unknown category"):
+        C.make_item("nope", random.Random(0))
+    runs = {s: {"metrics": {c: 0.5 for c in C.categories()} | {"compositional_mean": 0.5}} for s in range(2)}
+    text = report.table({"sparo": runs, "clip": runs})
+    assert "| drop-object |" in text and text.index("| add-object |") < text.index("| drop-object |")

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
-from . import run as R
+from . import runs as R
 
 FORMAT = 2
 

@@ -7,7 +7,6 @@ is given.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, List, Optional, Sequence
 

@@ -1,6 +1,8 @@
 import os
+import socket
 
 import torch
+import torch.distributed as dist
 
 # Kernel tests run the real Triton kernels through the interpreter when there is no GPU. Triton
 # reads this when a kernel is defined, so it must be set before the kernels are imported.
@@ -23,3 +25,17 @@ def _sanitize_interpreter_kernels():
     """Every test: an unmasked interpreter load/store outside the launch's tensors fails the test."""
     with sanitize_if_interpreting():
         yield
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-rank gloo process group on a free local port, for trainer pieces tested in-process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo")
+    yield
+    dist.destroy_process_group()

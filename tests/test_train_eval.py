@@ -2,24 +2,9 @@
 tree, the synthetic metrics (retrieval, swap accuracy, colour/shape zero-shot), and known-answer tests of
 every metric on hand-built features."""
 import math
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
-    dist.init_process_group("gloo")
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

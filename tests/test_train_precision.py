@@ -2,28 +2,13 @@
 gradient scaler) trains, TF32 and bf16 capability as open_clip_train sets and needs them, --use-bn-sync's reason."""
 import json
 import math
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from train_utils import MAIN, env, shared_once, tiny_args
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(port)).items():
-        monkeypatch.setenv(k, v)
-    dist.init_process_group("gloo")
-    yield
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("precision", ["amp_bf16", "bf16", "pure_bf16"])

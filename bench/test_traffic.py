@@ -47,6 +47,7 @@ def test_kernel_requested_and_distinct_bytes_are_exact():
     assert e["distinct_load"] == 4 * (n + 1) and e["distinct_store"] == 4 * n
     assert e["dram"] == 4 * (n + 1) + 4 * n
     assert e["programs"] == triton.cdiv(n, 64)
+    assert e["grid"] == [triton.cdiv(n, 64), 1, 1]  # the launch grid, recorded at launch time
 
 
 def test_torch_ops_count_inputs_and_outputs_and_skip_views():

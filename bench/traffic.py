@@ -143,7 +143,7 @@ class _KernelEvents:
         self.events.append({"name": r.kernel, "kind": "kernel", "requested": r.requested_bytes,
                             "dram": r.distinct_bytes, "load": r.load_bytes, "store": r.store_bytes,
                             "distinct_load": r.distinct_load_bytes, "distinct_store": r.distinct_store_bytes,
-                            "flops": r.flops, "programs": r.programs})
+                            "flops": r.flops, "programs": r.programs, "grid": list(r.grid)})
 
 
 def _module(shape: sb.Shape, backend: str):

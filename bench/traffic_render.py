@@ -78,16 +78,21 @@ def _key(r: dict):
 
 
 def _table(doc: dict, pass_: str) -> List[str]:
+    lat = any("latency_pred_us" in r for r in doc["rows"])
     out = [f"#### {PASS_NAME[pass_]}", "",
            "| shape | B | backend | requested / floor | DRAM-level / floor | launches | kernels | ops | "
-           "ops MB | floor MB | H100 model us (prediction) | model x floor time | fit err |",
-           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "ops MB | floor MB | H100 model us (prediction) | model x floor time | "
+           + ("latency-aware us (prediction) | latency-aware x floor | " if lat else "") + "fit err |",
+           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+           + ("---: | ---: | " if lat else "") + "---: |"]
     for r in sorted((r for r in doc["rows"] if r["pass"] == pass_), key=_key):
         err = r.get("check_max_rel_err")
         out.append(f"| {r['shape']} | {r['batch']} | {r['backend']} | {r['requested_x']:.2f}x | {r['dram_x']:.2f}x | "
                    f"{r['launches']} | {r['kernel_launches']} | {r['torch_ops']} | {_mb(r['torch_bytes'])} | "
                    f"{_mb(r['floor_bytes'])} | {r['h100_pred_us']:.0f} | {r['h100_pred_x']:.2f}x | "
-                   f"{'n/a' if err is None else f'{err:.0e}'} |")
+                   + ((f"{r['latency_pred_us']:.0f} | {r['latency_pred_x']:.2f}x | " if "latency_pred_us" in r
+                       else "n/a | n/a | ") if lat else "")
+                   + f"{'n/a' if err is None else f'{err:.0e}'} |")
     return out + [""]
 
 
@@ -97,11 +102,14 @@ def _detail(doc: dict) -> List[str]:
         if r["shape"] != DETAIL_SHAPE or r["backend"] != "triton":
             continue
         out += [f"#### {DETAIL_SHAPE} triton, {PASS_NAME[r['pass']]}: every launch (B = {r['batch']})", "",
-                "| # | launch | requested MB | DRAM-level MB | GFLOP | H100 model us (prediction) |",
-                "| ---: | --- | ---: | ---: | ---: | ---: |"]
+                "| # | launch | requested MB | DRAM-level MB | GFLOP | H100 model us (prediction) | programs | "
+                "per SM | waves | trips | chain us | latency-aware us (prediction) |",
+                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for i, e in enumerate(r["launch_detail"], 1):
+            g = [f"{e[k]:.1f}" if isinstance(e.get(k), float) else str(e.get(k, "n/a"))
+                 for k in ("grid_programs", "per_sm", "waves", "trips", "chain_us", "latency_pred_us")]
             out.append(f"| {i} | `{e['name']}` | {_mb(e['requested'])} | {_mb(e['dram'])} | "
-                       f"{e['flops'] / 1e9:.2f} | {e['h100_pred_us']:.1f} |")
+                       f"{e['flops'] / 1e9:.2f} | {e['h100_pred_us']:.1f} | " + " | ".join(g) + " |")
         out.append("")
     return out
 
@@ -148,11 +156,37 @@ def _targets(a: dict, b: dict) -> List[str]:
     return out + [""]
 
 
+LATENCY = """\
+**latency-aware (prediction)** (`bench/latency_model.py`, its docstring has the model), on the
+latest count only: per launch `max(H100 model less its 2 us / SM utilisation, waves x serial
+chain) + 2 us`, summed. Programs: the launch grid of the current kernels at the benchmark batch,
+computed from the shape (the counts' `programs` field is fitted linearly in B and P, wrong for a
+ceil-divided grid; new counts record the grid); resident programs per SM from the first fitting
+sm_90 config of `bench/results/compile-matrix.json` (Triton 3.8.0, fp16), a stand-in for the
+autotuned one; trips: the sequential loop trips of one program at ~1 us each (one dependent DRAM
+round trip), divided by num_stages for a software-pipelined loop. Computed from the committed
+counts, not a fresh count: the finish kernel's bytes are those of its earlier `(Hh,)` grid and
+the current code's extra PyTorch sum of its dq partials is not in them. It ignores L2 hits,
+tail effects within a wave, clocks, overlap of launches and waves, and latency the warps hide.
+"""
+
+
+def _with_latency(doc: dict) -> dict:
+    try:
+        import latency_model as lm
+        import sparo_readout_bench as sb
+    except ImportError:  # the kernels package is not importable: render without the column
+        return doc
+    lm.summarize(doc["rows"], lambda r: lm.bench_dims(r, sb.SHAPES))
+    return doc
+
+
 def section(results_dir: Path = HERE / "results") -> List[str]:
     docs = [json.loads(f.read_text()) for f in sorted(results_dir.glob("traffic-*.json"))]
     if not docs:
         return []
-    lines = [INTRO]
+    docs[-1] = _with_latency(docs[-1])
+    lines = [INTRO, LATENCY]
     if len(docs) > 1:
         lines += _compare(docs)
     for doc in docs:

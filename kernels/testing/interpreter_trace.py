@@ -11,7 +11,7 @@ addresses to the active listeners:
   atomic lies inside one of the tensors passed to the launch, and otherwise fails with the
   kernel, the nearest argument, the offset and the program id.
 * :class:`Recorder` collects per launch: requested bytes (every unmasked access), distinct
-  bytes (the union of the byte ranges touched) and ``tl.dot`` FLOPs; ``bench/traffic.py`` uses it.
+  bytes (the union of the byte ranges touched), ``tl.dot`` FLOPs and the launch grid; ``bench/traffic.py`` uses it.
 
 With no listener active the wrappers cost one list test per access. The check is "inside some
 argument", not "inside the argument the pointer came from": the interpreter does not track a
@@ -73,6 +73,7 @@ class _Launch:
     kernel: str
     args: List[_Arg]
     grid_idx: Tuple[int, int, int] = (0, 0, 0)
+    grid: Tuple[int, int, int] = (1, 1, 1)  # the launch grid (set when the interpreter sizes it)
 
 
 _current: Optional[_Launch] = None
@@ -96,7 +97,7 @@ def _install() -> None:
         orig_init, orig_call = gx._init_args_hst, gx.__call__
         orig_load, orig_store = ib.create_masked_load, ib.create_masked_store
         orig_rmw, orig_cas, orig_dot = ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot
-        orig_idx = ib.set_grid_idx
+        orig_idx, orig_dim = ib.set_grid_idx, ib.set_grid_dim
 
         def _init_args_hst(self, args_dev, kwargs):
             args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
@@ -128,6 +129,11 @@ def _install() -> None:
             if _current is not None:
                 _current.grid_idx = (x, y, z)
             return orig_idx(self, x, y, z)
+
+        def set_grid_dim(self, x, y, z):
+            if _current is not None:
+                _current.grid = (x, y, z)
+            return orig_dim(self, x, y, z)
 
         def _notify(kind, ptrs, mask):
             if _current is None:
@@ -169,7 +175,7 @@ def _install() -> None:
             return orig_dot(self, a, b, d, *rest, **k)
 
         gx._init_args_hst, gx.__call__ = _init_args_hst, __call__
-        ib.set_grid_idx = set_grid_idx
+        ib.set_grid_idx, ib.set_grid_dim = set_grid_idx, set_grid_dim
         ib.create_masked_load, ib.create_masked_store = create_masked_load, create_masked_store
         ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot = create_atomic_rmw, create_atomic_cas, create_dot
         _installed = True
@@ -252,7 +258,8 @@ def distinct_bytes(starts: np.ndarray, itemsizes: np.ndarray) -> int:
 @dataclass
 class LaunchRecord:
     kernel: str
-    programs: int = 0
+    programs: int = 0         # programs that accessed memory
+    grid: Tuple[int, int, int] = (1, 1, 1)  # the launch grid: every program, busy or not
     load_bytes: int = 0       # every unmasked load lane
     store_bytes: int = 0      # every unmasked store / atomic lane
     distinct_bytes: int = 0   # union of all byte ranges touched
@@ -294,6 +301,7 @@ class Recorder(_Listener):
     def launch_end(self, launch):
         rec = self.launches[-1]
         rec.programs = len(self._programs)
+        rec.grid = tuple(launch.grid)
         parts = {}
         for key, chunks in rec._chunks.items():
             starts = np.concatenate([c for c, _ in chunks]) if chunks else np.zeros(0, np.uint64)

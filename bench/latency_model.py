@@ -100,7 +100,9 @@ def _token(s: Launch, c: Dict):
 
 def _finish(s: Launch, c: Dict):
     f = at.finish_space(s.S, s.A, s.D)[0]  # its one config (the matrix row carries no BD)
-    return s.H * _cd(s.D, f["BD"]), _cd(s.P, f["BP"]) + 1, False  # partial sweep + head sums
+    programs = s.H * _cd(s.D, f["BD"])
+    # the sweep over the P partials, BP at a time, then the NV trips of the dW_O / db_O head sums
+    return programs, _cd(s.P, f["BP"]) + _cd(s.V, programs), False
 
 
 #: kernel -> (Launch, config) -> (programs, sequential trips per program, loop pipelined)

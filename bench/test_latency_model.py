@@ -23,3 +23,38 @@ def test_chain_bounds_a_launch_with_few_programs_and_long_loops():
     # a pipelined loop divides the chain by num_stages; bandwidth / utilisation wins when larger
     assert abs(lm.chain_s(96, 3, True) - 32e-6) < 1e-15 and lm.chain_s(96, 3, False) == 96e-6
     assert abs(lm.predict(e, 200e-6, dims, facts)["latency_pred_us"] - 202) < 1e-9
+
+
+def test_grid_table_matches_the_grids_the_kernels_launch():
+    """Every kernel's grid in ``KERNELS`` equals the grid recorded at launch time (a tiny read-out
+    under the interpreter, which launches the first config of each space)."""
+    import os
+
+    import pytest
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the launches are recorded under the Triton CPU interpreter")
+    import math
+
+    import torch
+
+    import sparo_readout_bench as sb
+    import traffic
+    from sparo_fast_kernels import sparo_readout_autotune as at
+    from sparo_fast_kernels import sparo_readout_bwd as bwd
+
+    shape, B = sb.Shape("tiny", 8, 9, 32, True), 5
+    dims = lm.Launch(B=B, N=shape.N, D=shape.D, L=sb.L_SLOTS, H=sb.NUM_HEADS, S=sb.L_SLOTS // sb.NUM_HEADS,
+                     VD=sb.VALUE_DIM // sb.NUM_HEADS, V=sb.OUT_DIM, P=bwd.num_programs(B, torch.device("cpu")))
+    M, f16 = dims.B * dims.S, torch.float16
+    first = {"_fwd_pool_kernel": at.pool_space(dims.L, dims.N, dims.D, f16),
+             "_fwd_proj_kernel": at.proj_space(M, dims.D, dims.VD, dims.V, f16),
+             "_bwd_slot_kernel": at.slot_space(M, dims.D, dims.VD, dims.V, f16),
+             "_bwd_token_kernel": at.bwd_space(dims.L, dims.N, dims.D, f16),
+             "_bwd_finish_kernel": at.finish_space(dims.S, dims.A, dims.D)}
+    seen = set()
+    for e in traffic.count(shape, "triton", "fwd_bwd", B):
+        if e["kind"] == "kernel":
+            programs, _, _ = lm.KERNELS[e["name"]](dims, first[e["name"]][0])
+            assert programs == math.prod(e["grid"]), e["name"]
+            seen.add(e["name"])
+    assert seen == set(lm.KERNELS)

@@ -1,6 +1,6 @@
 """The traffic counter (bench/traffic.py): exact on kernels and ops of known traffic, and a
 count of the real read-out at a tiny shape (CPU, Triton interpreter, a few seconds) whose
-launches must be exactly those the op functions make (3 forward, 6 forward + backward)."""
+launches must be exactly those the op functions make (3 forward, 7 forward + backward)."""
 import ast
 import os
 from pathlib import Path
@@ -83,27 +83,42 @@ def test_fit_is_exact_for_linear_counts_and_rejects_changing_launches():
         traffic.fit([(2,), (4,)], [ev(2), ev(4) + ev(4)])
 
 
-def _op_launches(function: str) -> list:
-    """The launches one op function of ``kernels/sparo_readout_op.py`` makes, read from its code:
-    every Triton kernel it names (``_..._kernel``) and every ``torch.matmul`` it calls."""
-    tree = ast.parse(Path(ops.__file__).read_text())
-    (fn,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function]
-    kernels = sorted({n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id.endswith("_kernel")},
-                     key=lambda name: next(n.lineno for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id == name))
-    matmuls = [n for n in ast.walk(fn) if isinstance(n, ast.Call) and ast.unparse(n.func) == "torch.matmul"]
-    return ["aten.bmm"] * len(matmuls) + kernels
+_TORCH_CALLS = {"torch.matmul": "aten.bmm", "torch.sum": "aten.sum"}
+
+
+def _op_launches(function: str, tree=None) -> list:
+    """The launches one op function of ``kernels/sparo_readout_op.py`` makes, read from its code in
+    source order: every Triton kernel it names (``_..._kernel``), every ``torch.matmul`` and
+    ``torch.sum`` it calls, and those of the module's ``launch_*`` helpers it calls."""
+    tree = tree or ast.parse(Path(ops.__file__).read_text())
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    nodes = sorted((n for n in ast.walk(funcs[function]) if hasattr(n, "lineno")),
+                   key=lambda n: (n.lineno, n.col_offset))
+    out, kernels = [], set()
+    for n in nodes:
+        if isinstance(n, ast.Name) and n.id.endswith("_kernel") and n.id not in kernels:
+            kernels.add(n.id)
+            out.append(n.id)
+        elif isinstance(n, ast.Call) and ast.unparse(n.func) in _TORCH_CALLS:
+            out.append(_TORCH_CALLS[ast.unparse(n.func)])
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id.startswith("launch_") \
+                and n.func.id in funcs:
+            out += _op_launches(n.func.id, tree)
+    return out
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
 def test_smoke_count_of_the_real_readout_at_a_tiny_shape(pass_):
     """The counted launches are exactly the op functions' launches: 3 forward (the absorbed query's
-    matmul, the pool and projection kernels), 6 forward + backward (slot, token, finish kernels)."""
+    matmul, the pool and projection kernels), 7 forward + backward (slot, token, finish kernels and
+    the sum of the finish kernel's dq partials)."""
     shape = sb.Shape("tiny", 8, 9, 32, True)
     row = traffic.run_case(shape, "triton", pass_, batches=(2, 4), check=3)
     expected = _op_launches("_readout_fwd") + (_op_launches("_readout_bwd") if pass_ == "fwd_bwd" else [])
     assert [e["name"] for e in row["launch_detail"]] == expected
-    assert row["launches"] == len(expected) == {"fwd": 3, "fwd_bwd": 6}[pass_]
-    assert row["kernel_launches"] == {"fwd": 2, "fwd_bwd": 5}[pass_] and row["torch_ops"] == 1
+    assert row["launches"] == len(expected) == {"fwd": 3, "fwd_bwd": 7}[pass_]
+    assert row["kernel_launches"] == {"fwd": 2, "fwd_bwd": 5}[pass_]
+    assert row["torch_ops"] == {"fwd": 1, "fwd_bwd": 2}[pass_]
     assert row["check_max_rel_err"] < 1e-9  # counts are exactly linear in the batch
     assert row["launches"] == len(row["launch_detail"])
     assert row["requested"] >= row["dram"] > 0

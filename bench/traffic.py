@@ -9,7 +9,8 @@ off, as in ``bench/RESULTS.md``) runs under ``TRITON_INTERPRET=1`` with two reco
 
 * every Triton launch (``kernels/testing/interpreter_trace.Recorder``): **requested** bytes (every
   unmasked load/store lane), **distinct** bytes (the union of the byte ranges the launch
-  touches), ``tl.dot`` FLOPs;
+  touches), ``tl.dot`` FLOPs and the launch grid (``grid``: recorded, not fitted; a
+  ceil-divided grid is not linear in the batch, ``bench/latency_model.py`` computes it);
 * every PyTorch op outside the kernels (a ``TorchDispatchMode``; the ``sparo_fast::*`` custom
   ops are entered, so the PyTorch ops inside them count and their own inputs/outputs do
   not): the distinct bytes of its tensor inputs and outputs, matmul FLOPs. Views and

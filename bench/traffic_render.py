@@ -7,6 +7,7 @@ writes the file; this module only builds the section's lines.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import List
 
@@ -101,15 +102,16 @@ def _detail(doc: dict) -> List[str]:
     for r in sorted(doc["rows"], key=lambda r: r["pass"]):
         if r["shape"] != DETAIL_SHAPE or r["backend"] != "triton":
             continue
+        lat = "latency_pred_us" in r
+        keys = ("grid_programs", "per_sm", "waves", "trips", "chain_us", "latency_pred_us") if lat else ()
         out += [f"#### {DETAIL_SHAPE} triton, {PASS_NAME[r['pass']]}: every launch (B = {r['batch']})", "",
-                "| # | launch | requested MB | DRAM-level MB | GFLOP | H100 model us (prediction) | programs | "
-                "per SM | waves | trips | chain us | latency-aware us (prediction) |",
-                "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                "| # | launch | requested MB | DRAM-level MB | GFLOP | H100 model us (prediction) |"
+                + (" programs | per SM | waves | trips | chain us | latency-aware us (prediction) |" if lat else ""),
+                "| ---: | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(keys)]
         for i, e in enumerate(r["launch_detail"], 1):
-            g = [f"{e[k]:.1f}" if isinstance(e.get(k), float) else str(e.get(k, "n/a"))
-                 for k in ("grid_programs", "per_sm", "waves", "trips", "chain_us", "latency_pred_us")]
+            g = [f"{e[k]:.1f}" if isinstance(e.get(k), float) else str(e.get(k, "n/a")) for k in keys]
             out.append(f"| {i} | `{e['name']}` | {_mb(e['requested'])} | {_mb(e['dram'])} | "
-                       f"{e['flops'] / 1e9:.2f} | {e['h100_pred_us']:.1f} | " + " | ".join(g) + " |")
+                       f"{e['flops'] / 1e9:.2f} | {e['h100_pred_us']:.1f} |" + "".join(f" {v} |" for v in g))
         out.append("")
     return out
 
@@ -175,7 +177,8 @@ def _with_latency(doc: dict) -> dict:
     try:
         import latency_model as lm
         import sparo_readout_bench as sb
-    except ImportError:  # the kernels package is not importable: render without the column
+    except ImportError as err:  # the kernels package is not importable: render without the column
+        print(f"traffic_render: no latency-aware column ({err})", file=sys.stderr)
         return doc
     lm.summarize(doc["rows"], lambda r: lm.bench_dims(r, sb.SHAPES))
     return doc

@@ -24,6 +24,7 @@ how much latency the warps of one program hide.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -85,7 +86,8 @@ def _pool(s: Launch, c: Dict):
 
 
 def _proj(s: Launch, c: Dict):
-    return _cd(s.B * s.S, c["BM"]) * s.H, _cd(s.D, c["BD"]) + _cd(s.V, 64), True
+    m = at.proj_meta(s.B * s.S, s.D, s.VD, s.V, torch.float16)
+    return _cd(s.B * s.S, c["BM"]) * s.H, _cd(s.D, c["BD"]) + _cd(s.V, m["BVO"]), True  # D sweep, V sweep
 
 
 def _slot(s: Launch, c: Dict):
@@ -110,10 +112,14 @@ KERNELS: Dict[str, Callable] = {"_fwd_pool_kernel": _pool, "_fwd_proj_kernel": _
                                 "_bwd_token_kernel": _token, "_bwd_finish_kernel": _finish}
 
 
+@functools.lru_cache(maxsize=None)
+def _matrix_rows(path: Path) -> tuple:
+    return tuple(json.loads(path.read_text())["versions"]["3.8.0"]["90"])
+
+
 def compile_facts(shape: str, kernel: str, dtype: str = "fp16", path: Path = MATRIX) -> Dict:
     """The first fitting config of ``kernel`` at ``shape`` (Triton 3.8.0, sm_90) and its facts."""
-    rows = json.loads(path.read_text())["versions"]["3.8.0"]["90"]
-    for r in rows:
+    for r in _matrix_rows(path):
         if (r["shape"], r["dtype"], r["kernel"]) == (shape, dtype, kernel) and "error" not in r \
                 and r["fits"] and not r["spill_bytes"]:
             return r

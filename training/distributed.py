@@ -68,9 +68,18 @@ def init(device_choice: str = "auto", backend: Optional[str] = None) -> DistInfo
     return DistInfo(rank, world, local_rank, local_world, device, backend)
 
 
-def cleanup() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def cleanup(synchronize: bool = True) -> None:
+    """Tear the process group down. After a normal end every rank first meets the others, so that no
+    rank destroys its group while a peer still has gloo traffic in flight (seen as an abort at exit
+    on loaded CPUs); after an error no barrier, since a failed peer may never arrive."""
+    if not dist.is_initialized():
+        return
+    if synchronize:
+        try:
+            dist.barrier()
+        except Exception:  # a peer already gone: tearing down is all that is left to do
+            pass
+    dist.destroy_process_group()
 
 
 def all_gather_object(obj):

@@ -33,7 +33,7 @@ def main(argv=None, trainer_cls=Trainer) -> int:
         discard_failed_start(trainer)
         return 2
     finally:
-        D.cleanup()
+        D.cleanup(synchronize=error is None)
         if error is not None and int(os.environ.get("RANK", "0")) == 0:
             sys.stdout.flush()
             print(f"error: {error}", file=sys.stderr, flush=True)

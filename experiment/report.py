@@ -166,6 +166,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str) -> str:
+    """Every figure of the report: tight layout, 110 dpi, closed after writing; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 SHORT = {"compositional_mean": "mean", "heldout_swap_att": "held-out\nswap-att",
          "zeroshot_pair_heldout": "held-out\nzero-shot", "retrieval_heldout_i2t_R@1": "held-out\ni2t R@1",
          "zeroshot_pair_seen": "seen\nzero-shot", "retrieval_seen_i2t_R@1": "seen\ni2t R@1",
@@ -198,10 +206,7 @@ def bars(results: Dict[str, Dict[int, dict]], metrics: Sequence[str], path: str,
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, ncol=min(len(models) + 1, 6), loc="upper center", bbox_to_anchor=(0.5, -0.18))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def selection_curve(results: Dict[str, Dict[int, dict]], path: str) -> Optional[str]:
@@ -236,10 +241,7 @@ def selection_curve(results: Dict[str, Dict[int, dict]], path: str) -> Optional[
     ax.set_ylabel("mean accuracy over the 7 categories (test split)")
     ax.set_title("Concept selection", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def budget_gap(clip: Dict[str, Dict[str, Dict[int, dict]]], path: str, ref: str = "sparo",
@@ -272,10 +274,7 @@ def budget_gap(clip: Dict[str, Dict[str, Dict[int, dict]]], path: str, ref: str 
     ax.set_ylabel(f"paired difference in {label(metric).strip('*')}")
     ax.set_title("Gap to SPARO against budget (95% t intervals over seeds)", fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 LINE_ORDER = ("clip", "codebook", "gap", "bottleneck")
@@ -303,10 +302,7 @@ def slot_heatmap(results: Dict[str, Dict[int, dict]], path: str, model: str = "s
         ax.set_xlabel("slot")
         ax.set_title(f"{title}, seed {seeds[0]}", fontsize=9)
         fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_all(clip: Dict[str, Dict[str, Dict[int, dict]]], dino: Optional[Dict[str, Dict[str, Dict[int, dict]]]],

@@ -269,6 +269,31 @@ def proj_space(M: int, D: int, VD: int, V: int, dtype: torch.dtype) -> List[Dict
     return out or [dict(BM=16, BD=16, num_warps=4, num_stages=1)]
 
 
+# ----------------------------------------------------------------------------- forward fused
+def fused_meta(L: int, N: int, D: int, VD: int, V: int, dtype: torch.dtype) -> Dict:
+    """The pool's meta-parameters plus the projection's, its row tile ``BM`` fixed (the work
+    order is built from it before the launch) and its feature tile ``BDP`` fixed."""
+    pm = proj_meta(1, D, VD, V, dtype)
+    return dict(pool_meta(L, N, D, dtype), BM=64 if _half(dtype) else 32, BDP=64 if _half(dtype) else 32,
+                BVD=pm["BVD"], BVO=pm["BVO"])
+
+
+def smem_fused(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
+    """One program runs either phase: the larger of the two allocations."""
+    proj = dict(BM=meta["BM"], BD=meta["BDP"], num_stages=cfg["num_stages"])
+    return max(smem_pool(meta, cfg, dtype), smem_proj(meta, proj, dtype))
+
+
+def fused_space(L: int, N: int, D: int, VD: int, V: int, dtype: torch.dtype) -> List[Dict]:
+    """The pool's space (the heavier phase), less configs whose warps cannot hold the
+    projection's o and y tiles in registers or whose shared memory does not fit."""
+    m = fused_meta(L, N, D, VD, V, dtype)
+    out = [c for c in pool_space(L, N, D, dtype)
+           if max(m["BVD"], m["BVO"]) * m["BM"] / (32 * c["num_warps"]) <= 64
+           and _fits(smem_fused(m, c, dtype), c["num_warps"])]
+    return out or [dict(BD=16, num_warps=8, num_stages=1)]
+
+
 # ----------------------------------------------------------------------------- backward token
 def _bwd_one_tile(BL: int, BN: int, dtype: torch.dtype) -> bool:
     one_max = 256 if _half(dtype) else 32  # fp32: true-fp32 dots keep their operands in registers
@@ -356,7 +381,7 @@ def finish_space(S: int, A: int, D: int) -> List[Dict]:
 #: kernel name -> its shared-memory estimate (the spaces above and aot_check's checks)
 SMEM_ESTIMATES: Dict[str, Callable[[Dict, Dict, torch.dtype], int]] = {
     "_fwd_pool_kernel": smem_pool, "_fwd_proj_kernel": smem_proj, "_bwd_token_kernel": smem_bwd,
-    "_bwd_slot_kernel": smem_slot, "_bwd_finish_kernel": smem_finish,
+    "_bwd_slot_kernel": smem_slot, "_bwd_finish_kernel": smem_finish, "_fwd_fused_kernel": smem_fused,
 }
 
 
@@ -534,26 +559,34 @@ def _tracing(args) -> bool:
     return any(isinstance(a, torch.Tensor) and type(a) not in plain for a in args) or torch.compiler.is_compiling()
 
 
-def _bench_fn(kernel, grid, args, meta):
+def _bench_fn(kernel, grid, args, meta, reset=()):
     from triton.testing import do_bench
+
+    def run(g, c, w, st):
+        for t in reset:  # work counters: every run starts from zero
+            t.zero_()
+        kernel[g](*args, **meta, **c, num_warps=w, num_stages=st)
 
     def bench(cfg):
         c, w, st = split(cfg)
         g = grid({**meta, **c}) if callable(grid) else grid
-        return do_bench(lambda: kernel[g](*args, **meta, **c, num_warps=w, num_stages=st))
+        return do_bench(lambda: run(g, c, w, st))
     return bench
 
 
-def launch(kernel, grid, args, meta: Dict, space: List[Dict], key: List[str], tag: Tuple) -> None:
-    """Launch ``kernel`` (a ``triton.jit`` function) with the chosen config of ``space``."""
+def launch(kernel, grid, args, meta: Dict, space: List[Dict], key: List[str], tag: Tuple,
+           reset: Tuple[str, ...] = ()) -> None:
+    """Launch ``kernel`` (a ``triton.jit`` function) with the chosen config of ``space``;
+    ``reset`` names the (zero-initialised) work-counter arguments that timing runs re-zero."""
     from torch.library import wrap_triton
 
     named = dict(zip(kernel.arg_names, args))
     k = tune_key(kernel, named, key, tag)
     tracing = _tracing(args)
-    cfg = choose(kernel_name(kernel), k, space, None if tracing else _bench_fn(kernel, grid, args, meta))
+    bench = None if tracing else _bench_fn(kernel, grid, args, meta, tuple(named[r] for r in reset))
+    cfg = choose(kernel_name(kernel), k, space, bench)
     if cfg is None:  # traced by torch.compile with an unknown key: Inductor tunes the pruned space
-        wrap_triton(tuned(kernel, space, k))[grid](*args, **meta)
+        wrap_triton(tuned(kernel, space, k, reset=reset))[grid](*args, **meta)
         return
     c, w, st = split(cfg)
     g = grid({**meta, **c}) if callable(grid) else grid
@@ -563,7 +596,7 @@ def launch(kernel, grid, args, meta: Dict, space: List[Dict], key: List[str], ta
 _TUNED: Dict[Tuple, object] = {}
 
 
-def tuned(kernel, space: List[Dict], key, tag=()):
+def tuned(kernel, space: List[Dict], key, tag=(), reset: Tuple[str, ...] = ()):
     """``triton.autotune`` over ``space``, one Autotuner per launch key (no runtime key: the key
     is already bucketed); Triton's own result cache where the installed Triton has one."""
     k = (kernel_name(kernel), str(key)) + tuple(map(str, tag))
@@ -572,5 +605,7 @@ def tuned(kernel, space: List[Dict], key, tag=()):
 
         configs = [triton.Config(m, num_warps=w, num_stages=st) for m, w, st in map(split, space)]
         extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+        if reset:
+            extra["reset_to_zero"] = list(reset)
         _TUNED[k] = triton.autotune(configs=configs, key=[], **extra)(kernel)
     return _TUNED[k]

@@ -162,17 +162,11 @@ def _fwd_tiled_pool(X, SCR, XP, x_base, row_base, xp_rows, offs_l, lmask, lse, n
 
 
 @triton.jit
-def _fwd_pool_kernel(
-    X, EOS, QT, SCR, ATTN, LSE, XP,
-    scale, B, N, D, L, S,
-    stride_xb, stride_xn, stride_xd,
-    HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr,
-    BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr = False,
-):
-    """Softmax pooling of one sample's tokens for all slots (grid ``(B, cdiv(L, BL))``)."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_l = tl.program_id(1) * BL + tl.arange(0, BL)
+def _pool_sample(X, EOS, QT, SCR, ATTN, LSE, XP, b, scale, B, N, D, L, S, stride_xb, stride_xn, stride_xd,
+                 HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr, BL: tl.constexpr,
+                 BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Softmax pooling of sample ``b`` (int64) for all slots (``BL`` covers them): lse, attn, xp."""
+    offs_l = tl.arange(0, BL)
     lmask = offs_l < L
     x_base = X + b * stride_xb
     row_base = b * L * N  # attn / scratch rows of this sample: [L, N] contiguous
@@ -194,14 +188,24 @@ def _fwd_pool_kernel(
 
 
 @triton.jit
-def _fwd_proj_kernel(
-    XP, WV, BV, WO, BO, O, OUT,
-    M, S, L, D, VD, V,
-    BM: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr, BVO: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+def _fwd_pool_kernel(
+    X, EOS, QT, SCR, ATTN, LSE, XP,
+    scale, B, N, D, L, S,
+    stride_xb, stride_xn, stride_xd,
+    HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr,
+    BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr = False,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
+    """Softmax pooling of one sample's tokens for all slots (grid ``(B,)``: ``BL`` covers every slot)."""
+    _pool_sample(X, EOS, QT, SCR, ATTN, LSE, XP, tl.program_id(0).to(tl.int64), scale, B, N, D, L, S,
+                 stride_xb, stride_xn, stride_xd, HAS_EOS, NEED_WEIGHTS, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
+
+
+@triton.jit
+def _proj_tile(XP, WV, BV, WO, BO, O, OUT, pid_m, h, M, S, L, D, VD, V, BM: tl.constexpr, BD: tl.constexpr,
+               BVD: tl.constexpr, BVO: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+               XP_CACHE: tl.constexpr):
+    """Rows ``pid_m * BM ...`` of head ``h`` (int64): ``o = xp W_V[h]^T + b_V[h]``, ``out = o W_O^T + b_O``."""
     offs_m = pid_m * BM + tl.arange(0, BM)  # row r = b * S + s of this head's slots
     mmask = offs_m < M
     xrow = h * M + offs_m  # head-major xp: the head's rows are contiguous
@@ -213,7 +217,8 @@ def _fwd_proj_kernel(
     for d0 in range(0, D, BD):
         offs_d = d0 + tl.arange(0, BD)
         dmask = offs_d < D
-        xp = tl.load(XP + xrow[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+        xp = tl.load(XP + xrow[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0,
+                     cache_modifier=XP_CACHE)
         wv = tl.load(WV + (h * VD + offs_vd)[None, :] * D + offs_d[:, None],
                      mask=vdmask[None, :] & dmask[:, None], other=0.0)  # [BD, BVD] = W_V[h]^T tile
         acc = _dot(xp, wv, acc, DOT_PREC, UPCAST)
@@ -232,12 +237,92 @@ def _fwd_proj_kernel(
                  mask=mmask[:, None] & vmask[None, :])
 
 
+@triton.jit
+def _fwd_proj_kernel(
+    XP, WV, BV, WO, BO, O, OUT,
+    M, S, L, D, VD, V,
+    BM: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr, BVO: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+):
+    _proj_tile(XP, WV, BV, WO, BO, O, OUT, tl.program_id(0), tl.program_id(1).to(tl.int64), M, S, L, D, VD, V,
+               BM, BD, BVD, BVO, DOT_PREC, UPCAST, "")
+
+
+
+@triton.jit
+def _wait_samples(SYNC, pid_m, M, S, BM: tl.constexpr):
+    """Spin until every sample with rows in row tile ``pid_m`` is pooled (``SYNC[1 + b]`` set).
+    The acquiring atomics order the pooled rows' stores (released by their producer) before
+    this program's loads; the barrier hands that to every thread of the program."""
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mmask = offs_m < M
+    flags = SYNC + 1 + offs_m // S
+    ready = tl.atomic_add(flags, 0, mask=mmask, sem="acquire")
+    while tl.min(tl.where(mmask, ready, 1), axis=0) == 0:
+        ready = tl.atomic_add(flags, 0, mask=mmask, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _fwd_fused_kernel(
+    X, EOS, QT, SCR, ATTN, LSE, XP, WV, BV, WO, BO, O, OUT, SCHED, SYNC,
+    scale, B, N, D, L, S, H, VD, V, NT,
+    stride_xb, stride_xn, stride_xd,
+    HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr,
+    BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BDP: tl.constexpr,
+    BVD: tl.constexpr, BVO: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+):
+    """Pooling and projections in one persistent launch (grid ``(P,)``), so that each chunk of
+    pooled rows is projected while it is still in L2. Work items come from one ticket counter
+    (``SYNC[0]``) in the order of ``SCHED``: ``item >= 0`` pools sample ``item``,
+    ``item < 0`` projects row tile ``(-item - 1) // H`` of head ``(-item - 1) % H``.
+    ``SCHED`` lists every sample before the row tiles that read it, so a projection waits only
+    for samples whose tickets are already taken by running programs: no deadlock however many
+    programs are resident, and under the CPU interpreter (programs run one after another, the
+    first one takes every ticket in order) no wait ever spins."""
+    M = B * S
+    t = tl.atomic_add(SYNC, 1)
+    while t < NT:
+        item = tl.load(SCHED + t)
+        if item >= 0:
+            b = item.to(tl.int64)
+            _pool_sample(X, EOS, QT, SCR, ATTN, LSE, XP, b, scale, B, N, D, L, S, stride_xb, stride_xn, stride_xd,
+                         HAS_EOS, NEED_WEIGHTS, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
+            tl.debug_barrier()  # every thread's xp stores precede the release below
+            tl.atomic_add(SYNC + 1 + b, 1, sem="release")
+        else:
+            tile = -item - 1
+            pid_m = tile // H
+            _wait_samples(SYNC, pid_m, M, S, BM)
+            # .cg: the pooled rows were written by other SMs after this launch began; never L1
+            _proj_tile(XP, WV, BV, WO, BO, O, OUT, pid_m, (tile % H).to(tl.int64), M, S, L, D, VD, V,
+                       BM, BDP, BVD, BVO, DOT_PREC, UPCAST, ".cg")
+        t = tl.atomic_add(SYNC, 1)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: true fp32 ("ieee") for float32, tensor cores otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 _p2 = next_pow2  # the autotune module's name for it
+
+
+def fused_schedule(B: int, S: int, H: int, BM: int, lag: int = 1) -> list:
+    """The work order of ``_fwd_fused_kernel``: samples in order, and the H projection tiles of
+    row tile k right after the samples of row tile ``k + lag`` (so a projection seldom waits,
+    and its rows were written about one chunk of samples earlier: still in L2)."""
+    M = B * S
+    tiles = -(-M // BM)
+    order, pooled = [], 0
+    for k in range(tiles + lag):
+        if k < tiles:
+            last = min(B, -(-min(M, (k + 1) * BM) // S))  # samples with rows in tile k
+            order += range(pooled, last)
+            pooled = max(pooled, last)
+        if k >= lag:
+            order += [-((k - lag) * H + h) - 1 for h in range(H)]
+    return order
 
 
 # ----------------------------------------------------------------------------- refs

@@ -41,7 +41,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import sparo_readout_autotune as at
 from .sparo_readout_bwd import _bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_kernel, num_programs
-from .sparo_readout_fwd import _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
+from .sparo_readout_fwd import _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision, fused_schedule
 
 try:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -65,16 +65,16 @@ def _upcast(x: Tensor) -> bool:
 FIXED_CONFIGS: bool = False
 
 
-def _launch(kernel, grid, args, meta, space, key, tag):
+def _launch(kernel, grid, args, meta, space, key, tag, reset=()):
     """The interpreter (or ``FIXED_CONFIGS``): the space's first config; a GPU:
-    ``triton.autotune`` over the space."""
+    ``triton.autotune`` over the space (``reset``: work counters re-zeroed between timing runs)."""
     if INTERPRETED or FIXED_CONFIGS:
         cfg, w, st = at.split(space[0])
         if callable(grid):
             grid = grid(space[0])
         (kernel if INTERPRETED else wrap_triton(kernel))[grid](*args, **meta, **cfg, num_warps=w, num_stages=st)
     else:
-        at.launch(kernel, grid, args, meta, space, key, tag)
+        at.launch(kernel, grid, args, meta, space, key, tag, reset)
 
 
 # Explicit schemas; the annotations of the functions below infer the same ones (older torch
@@ -142,6 +142,54 @@ def launch_fwd_proj(xp: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: T
     return o, out
 
 
+_SCHEDULES: Dict[Tuple, Tensor] = {}
+
+
+def _schedule(B: int, S: int, H: int, BM: int, device: torch.device) -> Tensor:
+    """``fused_schedule`` as an int32 tensor on ``device``, built once per shape."""
+    key = (B, S, H, BM, str(device))
+    if key not in _SCHEDULES:
+        _SCHEDULES[key] = torch.tensor(fused_schedule(B, S, H, BM), dtype=torch.int32, device=device)
+    return _SCHEDULES[key]
+
+
+def fused_programs(items: int, device: torch.device) -> int:
+    """Persistent programs of the fused forward: two per SM on a GPU (a program waiting for its
+    rows leaves the SM to the other), at most one per work item; 2 under the interpreter."""
+    if device.type != "cuda":
+        return min(items, 2)
+    return max(1, min(items, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+
+
+def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float, num_heads: int, need_weights: bool,
+                     v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``_fwd_fused_kernel`` (refs: ``fwd_pool_ref`` then ``fwd_proj_ref``): (attn or an empty
+    tensor, lse, xp head-major, o, out), one launch after a zero-filled work counter."""
+    B, N, D = x.shape
+    L = qt.shape[0]
+    H, S = num_heads, L // num_heads
+    vd, V = v_weight.shape[0] // H, proj_weight.shape[0]
+    meta = _path_meta(at.fused_meta(L, N, D, vd, V, x.dtype), "pool")
+    lse = torch.empty((B, L), device=x.device, dtype=torch.float32)
+    scr = lse if meta["ONE_TILE"] else torch.empty((B, L, N), device=x.device, dtype=torch.float32)
+    attn = torch.empty((B, L, N) if need_weights else (0,), device=x.device, dtype=x.dtype)
+    xp = torch.empty((H, B * S, D), device=x.device, dtype=x.dtype)
+    o, out = x.new_empty((B, L, vd)), x.new_empty((B, L, V))
+    sched = _schedule(B, S, H, meta["BM"], x.device)
+    sync = torch.zeros((1 + B,), device=x.device, dtype=torch.int32)  # ticket counter, per-sample ready flags
+    has_eos = eos is not None
+    _launch(_fwd_fused_kernel, (fused_programs(sched.numel(), x.device),),
+            (x, eos.contiguous() if has_eos else lse, qt, scr, attn if need_weights else lse, lse, xp,
+             v_weight.contiguous(), v_bias.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(), o, out,
+             sched, sync, scale, B, N, D, L, S, H, vd, V, sched.numel(), x.stride(0), x.stride(1), x.stride(2)),
+            dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
+                 **meta),
+            at.fused_space(L, N, D, vd, V, x.dtype), ["N", "D", "L"],
+            (at.n_bucket(N), D, L, vd, V, x.dtype, has_eos, need_weights), reset=("SYNC",))
+    return attn, lse, xp, o, out
+
+
 def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weight: Tensor, k_bias: Tensor,
                 v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
                 need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -149,8 +197,8 @@ def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weig
     _, H, S, _, A = q_emb.shape
     # the absorbed query, unscaled (the kernels apply 1/sqrt(A)): the one PyTorch launch
     qt = torch.matmul(q_emb.reshape(H, S, A), k_weight.view(H, A, D)).reshape(H * S, D)
-    attn, lse, xp = launch_fwd_pool(x, eos_indices, qt, float(A) ** -0.5, H, need_weights)
-    o, out = launch_fwd_proj(xp, v_weight, v_bias, proj_weight, proj_bias, B)
+    attn, lse, xp, o, out = launch_fwd_fused(x, eos_indices, qt, float(A) ** -0.5, H, need_weights, v_weight,
+                                             v_bias, proj_weight, proj_bias)
     return out, attn, qt, lse, xp, o
 
 

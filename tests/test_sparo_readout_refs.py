@@ -175,3 +175,49 @@ def test_bwd_finish(ops, dtype, shared, H, S):
     lo = bwd_finish_ref(t["part"], t["q"], t["kw"], t["dwv"] if shared else None, t["dwo_p"], t["dbo_p"])
     for name, g_, tr, r in zip(("dq", "dW_K", "dW_O", "db_O"), got, truth, lo):
         _check(name, g_, tr, r, dtype)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fwd_fused(ops, dtype, tiled):
+    """The one-launch forward (pooling and projections, work items in ``fused_schedule`` order)
+    against the refs, and bitwise equal to the split pool and projection kernels: the same
+    arithmetic whichever program takes which item."""
+    from sparo_fast_kernels.sparo_readout_fwd import fwd_pool_ref, fwd_proj_ref
+
+    ops.TILED_OVERRIDE = 16 if tiled else None
+    t = _inputs(dtype)
+    B, scale = t["x"].shape[0], t["A"] ** -0.5
+    got = ops.launch_fwd_fused(t["x"], t["eos"], t["qt"], scale, t["H"], True, t["vw"], t["vb"], t["pw"], t["pb"])
+    assert ops.LAST_PATHS["pool"] == ("tiled" if tiled else "one_tile")
+    split = ops.launch_fwd_pool(t["x"], t["eos"], t["qt"], scale, t["H"], True)
+    split += ops.launch_fwd_proj(split[2], t["vw"], t["vb"], t["pw"], t["pb"], B)
+    for name, a, b in zip(("attn", "lse", "xp", "o", "out"), got, split):
+        assert torch.equal(a, b), f"{name}: the fused forward differs from the split kernels (seed {SEED})"
+    w = _wide(t)
+    truth = fwd_pool_ref(w["x"], w["eos"], w["qt"], scale, t["H"])
+    lo32 = fwd_pool_ref(t["x"], t["eos"], t["qt"], scale, t["H"])
+    for name, g_, tr, r, od in zip(("attn", "lse", "xp"), got, truth, lo32, (dtype, torch.float32, dtype)):
+        _check(name, g_, tr, r, od)
+    # the projections, from the fused kernel's own pooled rows (the pool is checked just above)
+    truth = fwd_proj_ref(got[2].double(), w["vw"], w["vb"], w["pw"], w["pb"], t["H"], B)
+    lo = _lo(fwd_proj_ref, got[2], t["vw"], t["vb"], t["pw"], t["pb"], t["H"], B)
+    for name, g_, tr, r in zip(("o", "out"), got[3:], truth, lo):
+        _check(name, g_, tr, r, dtype)
+
+
+@pytest.mark.parametrize("B,S,H,BM", [(3, 2, 3, 16), (5, 3, 2, 4), (256, 1, 64, 64), (7, 16, 2, 32)])
+def test_fused_schedule_orders_every_tile_after_its_samples(B, S, H, BM):
+    """Deadlock freedom of the fused forward rests on this order: every item once, and each
+    projection tile after every sample with rows in it (a waiting program then only waits for
+    tickets already taken)."""
+    from sparo_fast_kernels.sparo_readout_fwd import fused_schedule
+
+    order = fused_schedule(B, S, H, BM)
+    tiles = -(-(B * S) // BM)
+    assert sorted(i for i in order if i >= 0) == list(range(B))
+    assert sorted(-i - 1 for i in order if i < 0) == list(range(tiles * H))
+    pos = {i: k for k, i in enumerate(order)}
+    for tile in range(tiles * H):
+        rows = range((tile // H) * BM, min(B * S, (tile // H + 1) * BM))
+        assert all(pos[r // S] < pos[-tile - 1] for r in rows)

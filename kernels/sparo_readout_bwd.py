@@ -178,24 +178,18 @@ def _bwd_tiled_grads(X, GXP, QT, DX, scr, part, first, x_base, dx_base, g_rows, 
 
 
 @triton.jit
-def _bwd_token_kernel(
-    X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT,
-    scale, B, N, D, L, S, NPROG,
-    stride_xb, stride_xn, stride_xd,
-    stride_gab, stride_gal, stride_gan,
-    HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr,
-    BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr = False,
-):
-    """Persistent token-level backward, grid ``(P,)``: program pid takes samples pid, pid + P, ..."""
-    pid = tl.program_id(0)
+def _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, owner, scale, B, N, D, L, S, NPROG,
+                 stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                 HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr, BL: tl.constexpr,
+                 BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Samples ``owner, owner + NPROG, ...`` in that order, into the owner's dqt partial."""
     offs_l = tl.arange(0, BL)
     lmask = offs_l < L
     qk = scale * 1.4426950408889634
-    part = DQT + pid.to(tl.int64) * L * D
-    scr = SCR + pid.to(tl.int64) * 2 * L * N  # per-program [2, L, N] (tiled path only)
-    for i in range(0, tl.cdiv(B - pid, NPROG)):
-        b = (pid + i * NPROG).to(tl.int64)  # a fixed order of samples (determinism)
+    part = DQT + owner.to(tl.int64) * L * D
+    scr = SCR + owner.to(tl.int64) * 2 * L * N  # per-owner [2, L, N] (tiled path only)
+    for i in range(0, tl.cdiv(B - owner, NPROG)):
+        b = (owner + i * NPROG).to(tl.int64)  # a fixed order of samples (determinism)
         # the previous sample's dqt-partial stores and scratch reads (other threads) are done
         # before this sample reads the partial back or overwrites the scratch
         tl.debug_barrier()
@@ -216,6 +210,62 @@ def _bwd_token_kernel(
             inv = 1.0 / tl.maximum(psum, 1e-30)  # renormalise the recomputed p (see the one-tile path)
             _bwd_tiled_grads(X, GXP, QT, DX, scr, part, i == 0, x_base, dx_base, g_rows, offs_l, lmask, inv,
                              delta * inv, n_valid, scale, N, D, L, stride_xn, stride_xd, BL, BN, BD, DOT_PREC, UPCAST)
+
+
+@triton.jit
+def _bwd_token_kernel(
+    X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT,
+    scale, B, N, D, L, S, NPROG,
+    stride_xb, stride_xn, stride_xd,
+    stride_gab, stride_gal, stride_gan,
+    HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr,
+    BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr = False,
+):
+    """Persistent token-level backward, grid ``(P,)``: program pid takes samples pid, pid + P, ..."""
+    _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, tl.program_id(0), scale, B, N, D, L, S, NPROG,
+                 stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                 HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
+
+
+@triton.jit
+def _bwd_token_finish_kernel(
+    X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT,
+    QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, SYNC,
+    scale, B, N, D, L, S, NPROG, H, A, V, VD, NV, TILES,
+    stride_xb, stride_xn, stride_xd,
+    stride_gab, stride_gal, stride_gan,
+    HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr,
+    BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
+    SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BDF: tl.constexpr, BH: tl.constexpr,
+    BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr, UPCAST: tl.constexpr = False,
+):
+    """The token kernel and the finish kernel in one persistent launch (grid ``(P,)``), so the
+    dqt partials are summed by the launch that wrote them. One ticket counter (``SYNC[0]``)
+    hands out, in this order, the NPROG owners of the token stage (owner t: samples t,
+    t + NPROG, ..., as ``_bwd_token_kernel``'s program t) and then the Hh x TILES finish
+    tiles, which wait until every owner is done (``SYNC[1] == NPROG``). A waiting program holds
+    a ticket past every owner's, so every owner is already running: no deadlock however many
+    programs are resident; under the CPU interpreter (programs one after another, the first
+    takes every ticket in order) the wait never spins. The arithmetic of an item does not
+    depend on which program runs it: bitwise the same results as the two kernels."""
+    t = tl.atomic_add(SYNC, 1)
+    while t < NPROG + H * TILES:
+        if t < NPROG:
+            _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, t, scale, B, N, D, L, S, NPROG,
+                         stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                         HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            tl.atomic_add(SYNC + 1, 1, sem="release")
+        else:
+            done = tl.atomic_add(SYNC + 1, 0, sem="acquire")
+            while done < NPROG:
+                done = tl.atomic_add(SYNC + 1, 0, sem="acquire")
+            tl.debug_barrier()
+            f = t - NPROG
+            _finish_tile(DQT, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, (f // TILES).to(tl.int64), f % TILES,
+                         f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR, ".cg")
+        t = tl.atomic_add(SYNC, 1)
 
 
 @triton.jit
@@ -279,7 +329,7 @@ def _bwd_slot_kernel(
 
 @triton.jit
 def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl.constexpr, BD: tl.constexpr,
-                  BP: tl.constexpr):
+                  BP: tl.constexpr, CACHE: tl.constexpr):
     """Head h's rows of the NP partials over one feature tile, summed BP partials per vector load
     ([BP, BSR, BD] blocks, BSR = next_pow2(S) >= 1, a fixed order: deterministic), returned as
     the [BS, BD] tile the dots take (BS >= 16 rows: at S = 1, 15 of them are zero padding that
@@ -292,7 +342,7 @@ def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl
     for p0 in range(0, NP, BP):
         pp = p0 + offs_p
         blk = tl.load(PART + pp.to(tl.int64)[:, None, None] * L * D + rows[None, :, :],
-                      mask=(pp < NP)[:, None, None] & rd[None, :, :], other=0.0)
+                      mask=(pp < NP)[:, None, None] & rd[None, :, :], other=0.0, cache_modifier=CACHE)
         acc += tl.sum(blk, axis=0)
     if BSR == BS:
         return acc
@@ -300,6 +350,34 @@ def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl
         offs_s = tl.arange(0, BS)
         pick = offs_s[:, None, None] == offs_r[None, :, None]
         return tl.sum(tl.where(pick, acc[None, :, :], 0.0), axis=1)
+
+
+@triton.jit
+def _finish_tile(PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, h, t, item, items, NP, H, S, A, D, V, VD, NV,
+                 SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+                 BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr, PART_CACHE: tl.constexpr):
+    """Head ``h`` (int64), feature tile ``t``: the weight gradients of ``_bwd_finish_kernel``;
+    ``item`` of ``items`` picks its rows of the dW_O / db_O head sums."""
+    offs_s = tl.arange(0, BS)
+    smask = offs_s < S
+    offs_a = tl.arange(0, BA)
+    amask = offs_a < A
+    offs_d = t * BD + tl.arange(0, BD)
+    dmask = offs_d < D
+    L = H * S
+    dqt = _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS, BSR, BD, BP, PART_CACHE)
+    ad = amask[:, None] & dmask[None, :]
+    q = tl.load(QE + (h * S + offs_s)[:, None] * A + offs_a[None, :], mask=smask[:, None] & amask[None, :],
+                other=0.0).to(tl.float32)
+    wk = tl.load(WK + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
+    dwk = tl.dot(tl.trans(q), dqt, None, input_precision="ieee")
+    if SHARED:
+        dwk += tl.load(DWV + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
+    tl.store(DWK + (h * A + offs_a)[:, None] * D + offs_d[None, :], dwk.to(DWK.dtype.element_ty), mask=ad)
+    dq = tl.dot(dqt, tl.trans(wk), None, input_precision="ieee")
+    tl.store(DQ + t * L * A + (h * S + offs_s)[:, None] * A + offs_a[None, :], dq,
+             mask=smask[:, None] & amask[None, :])
+    _sum_head_partials(DWO_P, DBO_P, DWO, DBO, item, items, H, V, VD, NV, BH, BVD)
 
 
 @triton.jit
@@ -318,27 +396,8 @@ def _bwd_finish_kernel(
     grid size). Weight-sized work only: products in true fp32 (``ieee``)."""
     h = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
-    offs_s = tl.arange(0, BS)
-    smask = offs_s < S
-    offs_a = tl.arange(0, BA)
-    amask = offs_a < A
-    offs_d = t * BD + tl.arange(0, BD)
-    dmask = offs_d < D
-    L = H * S
-    dqt = _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS, BSR, BD, BP)
-    ad = amask[:, None] & dmask[None, :]
-    q = tl.load(QE + (h * S + offs_s)[:, None] * A + offs_a[None, :], mask=smask[:, None] & amask[None, :],
-                other=0.0).to(tl.float32)
-    wk = tl.load(WK + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
-    dwk = tl.dot(tl.trans(q), dqt, None, input_precision="ieee")
-    if SHARED:
-        dwk += tl.load(DWV + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
-    tl.store(DWK + (h * A + offs_a)[:, None] * D + offs_d[None, :], dwk.to(DWK.dtype.element_ty), mask=ad)
-    dq = tl.dot(dqt, tl.trans(wk), None, input_precision="ieee")
-    tl.store(DQ + t * L * A + (h * S + offs_s)[:, None] * A + offs_a[None, :], dq,
-             mask=smask[:, None] & amask[None, :])
-    _sum_head_partials(DWO_P, DBO_P, DWO, DBO, h * tl.num_programs(1) + t, H * tl.num_programs(1), H, V, VD, NV,
-                       BH, BVD)
+    _finish_tile(PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, h, t, h * tl.num_programs(1) + t,
+                 H * tl.num_programs(1), NP, H, S, A, D, V, VD, NV, SHARED, BS, BA, BD, BH, BVD, BP, BSR, "")
 
 
 @triton.jit
@@ -420,5 +479,5 @@ def bwd_finish_ref(part: Tensor, q_emb: Tensor, k_weight: Tensor, dwv: Optional[
     return dq, dwk, _wide(dwo_p).sum(0), _wide(dbo_p).sum(0)
 
 
-__all__ = ["_bwd_slot_kernel", "_bwd_token_kernel", "_bwd_finish_kernel", "num_programs", "bwd_slot_ref",
+__all__ = ["_bwd_slot_kernel", "_bwd_token_kernel", "_bwd_finish_kernel", "_bwd_token_finish_kernel", "num_programs", "bwd_slot_ref",
            "bwd_token_ref", "bwd_finish_ref", "LOG2E"]

@@ -40,7 +40,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import sparo_readout_autotune as at
-from .sparo_readout_bwd import _bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_kernel, num_programs
+from .sparo_readout_bwd import (_bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_finish_kernel, _bwd_token_kernel,
+                                 num_programs)
 from .sparo_readout_fwd import _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision, fused_schedule
 
 try:
@@ -273,6 +274,45 @@ def launch_bwd_finish(part: Tensor, q_emb: Tensor, k_weight: Tensor, dwv: Tensor
     return dq, dwk, dwo, dbo
 
 
+def launch_bwd_token_finish(x: Tensor, eos: Optional[Tensor], lse: Tensor, ga: Optional[Tensor], gxp: Tensor,
+                            qt: Tensor, scale: float, q_emb: Tensor, k_weight: Tensor, dwv: Tensor, dwo_p: Tensor,
+                            dbo_p: Tensor, shared_kv: bool, dtype: torch.dtype
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``_bwd_token_finish_kernel`` (refs: ``bwd_token_ref`` then ``bwd_finish_ref``), then the
+    one PyTorch sum of its dq partials: (dx, dq_emb, dW_K (+ dW_V when shared), dW_O, db_O)."""
+    B, N, D = x.shape
+    L = qt.shape[0]
+    _, H, S, _, A = q_emb.shape
+    _, V, vd = dwo_p.shape
+    P = num_programs(B, x.device)
+    meta = _path_meta(at.bwd_meta(L, N, D, x.dtype), "token")
+    fcfg, _, _ = at.split(at.finish_space(S, A, D)[0])
+    tiles = triton.cdiv(D, fcfg["BD"])
+    scr = lse if meta["ONE_TILE"] else torch.empty((P, 2, L, N), device=x.device, dtype=torch.float32)
+    dx = torch.empty((B, N, D), device=x.device, dtype=x.dtype)
+    part = torch.empty((P, L, D), device=x.device, dtype=torch.float32)
+    dq_p = torch.empty((tiles, L, A), device=x.device, dtype=torch.float32)
+    dwk = torch.empty_like(k_weight)
+    dwo = torch.empty((V, vd), device=x.device, dtype=dtype)
+    dbo = torch.empty((V,), device=x.device, dtype=dtype)
+    sync = torch.zeros((2,), device=x.device, dtype=torch.int32)  # ticket counter, owners done
+    has_ga, has_eos = ga is not None, eos is not None
+    ga = ga if has_ga else lse.view(B, L, 1)
+    fin = dict(SHARED=shared_kv, BDF=fcfg["BD"], BP=fcfg["BP"], BSR=fcfg["BSR"], **at.finish_meta(S, A, H, vd, V))
+    _launch(_bwd_token_finish_kernel, (P,),
+            (x, eos.contiguous() if has_eos else lse, lse, ga, gxp, qt, scr, dx, part, q_emb.contiguous(),
+             k_weight.contiguous(), dwv, dwo_p, dbo_p, dq_p, dwk, dwo, dbo, sync, scale, B, N, D, L, S, P, H, A, V,
+             vd, triton.cdiv(V, H * tiles), tiles, x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1),
+             ga.stride(2)),
+            dict(HAS_EOS=has_eos, HAS_GA=has_ga, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x), **meta, **fin),
+            at.bwd_space(L, N, D, x.dtype), ["N", "D", "L"],
+            (at.n_bucket(N), D, L, x.dtype, has_eos, has_ga, shared_kv), reset=("SYNC",))
+    # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype
+    dq = torch.empty(q_emb.shape, device=x.device, dtype=q_emb.dtype)
+    torch.sum(dq_p, 0, out=dq.view(L, A))
+    return dx, dq, dwk, dwo, dbo
+
+
 def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_indices: Optional[Tensor],
                 q_emb: Tensor, k_weight: Tensor, qt: Tensor, v_weight: Tensor, proj_weight: Tensor, lse: Tensor,
                 xp: Tensor, o: Tensor, shared_kv: bool
@@ -280,10 +320,10 @@ def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_i
     A = q_emb.shape[-1]
     # 1. slot level: go, gxp (head-major), dW_V, db_V, per-head dW_O / db_O partials
     gxp, dwv, dbv, dwo_p, dbo_p = launch_bwd_slot(grad_out, o, xp, v_weight, proj_weight)
-    # 2. token level: persistent programs with per-program dqt partials
-    dx, part = launch_bwd_token(x, eos_indices, lse, grad_attn, gxp, qt, float(A) ** -0.5)
-    # 3. weight level: dqt reduction (fixed order), dq_emb, dW_K (+ dW_V when shared), dW_O, db_O
-    dq, dwk, dwo, dbo = launch_bwd_finish(part, q_emb, k_weight, dwv, dwo_p, dbo_p, shared_kv, proj_weight.dtype)
+    # 2. token level (persistent owners with per-owner dqt partials), then in the same launch the
+    # weight level: dqt reduction (fixed order), dq_emb, dW_K (+ dW_V when shared), dW_O, db_O
+    dx, dq, dwk, dwo, dbo = launch_bwd_token_finish(x, eos_indices, lse, grad_attn, gxp, qt, float(A) ** -0.5, q_emb,
+                                                    k_weight, dwv, dwo_p, dbo_p, shared_kv, proj_weight.dtype)
     if shared_kv:
         dwv = dwv.new_empty((0,))  # already added into dW_K
     return dx, dq, dwk, dwv, dbv, dwo, dbo

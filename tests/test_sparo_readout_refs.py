@@ -221,3 +221,39 @@ def test_fused_schedule_orders_every_tile_after_its_samples(B, S, H, BM):
     for tile in range(tiles * H):
         rows = range((tile // H) * BM, min(B * S, (tile // H + 1) * BM))
         assert all(pos[r // S] < pos[-tile - 1] for r in rows)
+
+
+@pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
+@pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared_kv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_bwd_token_finish(ops, dtype, shared, tiled, monkeypatch):
+    """The token and finish stages in one launch (finish tiles wait for every owner of the
+    token stage) against the refs, and bitwise equal to the two separate kernels."""
+    from sparo_fast_kernels import sparo_readout_bwd as bwd
+    from sparo_fast_kernels.sparo_readout_fwd import from_head_major, fwd_pool_ref
+
+    monkeypatch.setattr(bwd, "PROGRAMS_OVERRIDE", 2)  # one owner takes two samples: partial read-back
+    ops.TILED_OVERRIDE = 16 if tiled else None
+    t = _inputs(dtype, S=1, D=70)  # several finish feature tiles, the last one partial
+    B, scale = t["x"].shape[0], t["A"] ** -0.5
+    _, lse, _ = fwd_pool_ref(t["x"], t["eos"], t["qt"], scale, t["H"])
+    args = (t["x"], t["eos"], lse, t["ga"], t["gxp"], t["qt"], scale)
+    got = ops.launch_bwd_token_finish(*args, t["q"], t["kw"], t["dwv"], t["dwo_p"], t["dbo_p"], shared, dtype)
+    assert ops.LAST_PATHS["token"] == ("tiled" if tiled else "one_tile")
+    dx, part = ops.launch_bwd_token(*args)
+    split = (dx,) + ops.launch_bwd_finish(part, t["q"], t["kw"], t["dwv"], t["dwo_p"], t["dbo_p"], shared, dtype)
+    for name, a, b in zip(("dx", "dq", "dW_K", "dW_O", "db_O"), got, split):
+        assert torch.equal(a, b), f"{name}: the one-launch token + finish differs from the two kernels (seed {SEED})"
+    res = {}
+    for key, d in (("truth", _wide(t)), ("lo32", t), ("lo", t)):
+        run = (lambda fn, *a: fn(*a)) if key != "lo" else _lo
+        p, _, _ = run(fwd_pool_ref, d["x"], d["eos"], d["qt"], scale, t["H"])
+        res[key] = run(bwd.bwd_token_ref, d["x"], p.to(dtype) if key == "lo" else p, d["ga"],
+                       from_head_major(d["gxp"], B), d["qt"], scale)
+    _check("dx", got[0], res["truth"][0], res["lo32"][0], dtype)
+    # the weight gradients from the truth's dqt (one [1, L, D] partial) against the finish ref
+    for key, d in (("truth", _wide(t)), ("lo", t)):
+        dqt = res[key][1].to(d["q"].dtype if key == "truth" else torch.float32)[None]
+        res[key] = bwd.bwd_finish_ref(dqt, d["q"], d["kw"], d["dwv"] if shared else None, d["dwo_p"], d["dbo_p"])
+    for name, g_, tr, r in zip(("dq", "dW_K", "dW_O", "db_O"), got[1:], res["truth"], res["lo"]):
+        _check(name, g_, tr, r, dtype)

@@ -264,9 +264,27 @@ def _wait_samples(SYNC, pid_m, M, S, BM: tl.constexpr):
 
 
 @triton.jit
+def _pooled(r, B, M, S, BM: tl.constexpr):
+    """Samples with rows in the row tiles before tile ``r``."""
+    return tl.minimum(B, tl.cdiv(tl.minimum(M, r * BM), S))
+
+
+@triton.jit
+def _fused_item(t, B, M, S, H, BM: tl.constexpr):
+    """Ticket ``t`` -> work item of ``_fwd_fused_kernel`` (``fused_schedule`` in closed form): round
+    r pools the samples of row tile r, then projects row tile r - 1 (H items)."""
+    r = t * 0
+    while _pooled(r + 1, B, M, S, BM) + H * r <= t:  # the start of round r + 1
+        r += 1
+    o = t - (_pooled(r, B, M, S, BM) + H * tl.maximum(r - 1, 0))
+    npool = _pooled(r + 1, B, M, S, BM) - _pooled(r, B, M, S, BM)
+    return tl.where(o < npool, _pooled(r, B, M, S, BM) + o, -((r - 1) * H + (o - npool)) - 1)
+
+
+@triton.jit
 def _fwd_fused_kernel(
-    X, EOS, QT, SCR, ATTN, LSE, XP, WV, BV, WO, BO, O, OUT, SCHED, SYNC,
-    scale, B, N, D, L, S, H, VD, V, NT,
+    X, EOS, QT, SCR, ATTN, LSE, XP, WV, BV, WO, BO, O, OUT, SYNC,
+    scale, B, N, D, L, S, H, VD, V,
     stride_xb, stride_xn, stride_xd,
     HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BDP: tl.constexpr,
@@ -274,16 +292,17 @@ def _fwd_fused_kernel(
 ):
     """Pooling and projections in one persistent launch (grid ``(P,)``), so that each chunk of
     pooled rows is projected while it is still in L2. Work items come from one ticket counter
-    (``SYNC[0]``) in the order of ``SCHED``: ``item >= 0`` pools sample ``item``,
-    ``item < 0`` projects row tile ``(-item - 1) // H`` of head ``(-item - 1) % H``.
-    ``SCHED`` lists every sample before the row tiles that read it, so a projection waits only
+    (``SYNC[0]``) in the order of ``fused_schedule`` (``_fused_item``): ``item >= 0`` pools sample
+    ``item``, ``item < 0`` projects row tile ``(-item - 1) // H`` of head ``(-item - 1) % H``.
+    The order lists every sample before the row tiles that read it, so a projection waits only
     for samples whose tickets are already taken by running programs: no deadlock however many
     programs are resident, and under the CPU interpreter (programs run one after another, the
     first one takes every ticket in order) no wait ever spins."""
     M = B * S
+    NT = B + H * tl.cdiv(M, BM)
     t = tl.atomic_add(SYNC, 1)
     while t < NT:
-        item = tl.load(SCHED + t)
+        item = _fused_item(t, B, M, S, H, BM)
         if item >= 0:
             b = item.to(tl.int64)
             _pool_sample(X, EOS, QT, SCR, ATTN, LSE, XP, b, scale, B, N, D, L, S, stride_xb, stride_xn, stride_xd,
@@ -309,9 +328,10 @@ _p2 = next_pow2  # the autotune module's name for it
 
 
 def fused_schedule(B: int, S: int, H: int, BM: int, lag: int = 1) -> list:
-    """The work order of ``_fwd_fused_kernel``: samples in order, and the H projection tiles of
-    row tile k right after the samples of row tile ``k + lag`` (so a projection seldom waits,
-    and its rows were written about one chunk of samples earlier: still in L2)."""
+    """The work order of ``_fwd_fused_kernel`` (computed there by ``_fused_item``, lag 1): samples
+    in order, and the H projection tiles of row tile k right after the samples of row tile
+    ``k + lag`` (so a projection seldom waits, and its rows were written about one chunk of
+    samples earlier: still in L2)."""
     M = B * S
     tiles = -(-M // BM)
     order, pooled = [], 0

@@ -42,7 +42,7 @@ from torch.library import triton_op, wrap_triton
 from . import sparo_readout_autotune as at
 from .sparo_readout_bwd import (_bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_finish_kernel, _bwd_token_kernel,
                                  num_programs)
-from .sparo_readout_fwd import _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision, fused_schedule
+from .sparo_readout_fwd import _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
 
 try:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -143,17 +143,6 @@ def launch_fwd_proj(xp: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: T
     return o, out
 
 
-_SCHEDULES: Dict[Tuple, Tensor] = {}
-
-
-def _schedule(B: int, S: int, H: int, BM: int, device: torch.device) -> Tensor:
-    """``fused_schedule`` as an int32 tensor on ``device``, built once per shape."""
-    key = (B, S, H, BM, str(device))
-    if key not in _SCHEDULES:
-        _SCHEDULES[key] = torch.tensor(fused_schedule(B, S, H, BM), dtype=torch.int32, device=device)
-    return _SCHEDULES[key]
-
-
 def fused_programs(items: int, device: torch.device) -> int:
     """Persistent programs of the fused forward: two per SM on a GPU (a program waiting for its
     rows leaves the SM to the other), at most one per work item; 2 under the interpreter."""
@@ -177,13 +166,13 @@ def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float,
     attn = torch.empty((B, L, N) if need_weights else (0,), device=x.device, dtype=x.dtype)
     xp = torch.empty((H, B * S, D), device=x.device, dtype=x.dtype)
     o, out = x.new_empty((B, L, vd)), x.new_empty((B, L, V))
-    sched = _schedule(B, S, H, meta["BM"], x.device)
+    items = B + H * triton.cdiv(B * S, meta["BM"])
     sync = torch.zeros((1 + B,), device=x.device, dtype=torch.int32)  # ticket counter, per-sample ready flags
     has_eos = eos is not None
-    _launch(_fwd_fused_kernel, (fused_programs(sched.numel(), x.device),),
+    _launch(_fwd_fused_kernel, (fused_programs(items, x.device),),
             (x, eos.contiguous() if has_eos else lse, qt, scr, attn if need_weights else lse, lse, xp,
              v_weight.contiguous(), v_bias.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(), o, out,
-             sched, sync, scale, B, N, D, L, S, H, vd, V, sched.numel(), x.stride(0), x.stride(1), x.stride(2)),
+             sync, scale, B, N, D, L, S, H, vd, V, x.stride(0), x.stride(1), x.stride(2)),
             dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
                  **meta),
             at.fused_space(L, N, D, vd, V, x.dtype), ["N", "D", "L"],

@@ -70,9 +70,10 @@ def _add_partial(PART, offs_l, offs_d, D, dq, ldmask, first):
     differs from the load's): the token kernel's barrier at the top of each sample orders them."""
     ptrs = PART + offs_l[:, None] * D + offs_d[None, :]
     if first:
-        tl.store(ptrs, dq, mask=ldmask)
+        tl.store(ptrs, dq, mask=ldmask, eviction_policy="evict_last")
     else:
-        tl.store(ptrs, tl.load(ptrs, mask=ldmask, other=0.0) + dq, mask=ldmask)
+        tl.store(ptrs, tl.load(ptrs, mask=ldmask, other=0.0, eviction_policy="evict_last") + dq, mask=ldmask,
+                 eviction_policy="evict_last")
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def _bwd_one_tile(X, GA, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs
     offs_n = tl.arange(0, BN)
     vmask = offs_n < n_valid
     s, gp = _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
-                         True, BL, BN, BD, DOT_PREC, UPCAST)
+                         True, BL, BN, BD, DOT_PREC, UPCAST, "evict_last")  # x re-read by the second sweep
     msk = lmask[:, None] & vmask[None, :]
     p = tl.where(msk, tl.exp2(s * qk - lse[:, None]), 0.0)
     # renormalise: the recomputed row sums to 1 within an ulp again, so that gp - delta
@@ -104,10 +105,14 @@ def _bwd_one_tile(X, GA, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs
 def _bwd_dx_dq(X, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs_l, lmask, offs_n, vmask, pc, gsc, N, D,
                stride_xn, stride_xd, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """One-tile second sweep over D: ``dx = p^T gxp + gs^T qt`` (zero past EOS: p = gs = 0 there,
-    written once, no atomics) and the program's dqt partial += ``gs @ x``."""
+    written once, no atomics) and the program's dqt partial += ``gs @ x``. The feature tiles
+    are walked backwards, so the sweep starts on the x tiles the score sweep read last (still
+    in L2); x is read here for the last time and dx never again in this launch: both streamed
+    (evict_first), the dqt partial kept (evict_last, read back for the next sample)."""
     x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
+    nd = tl.cdiv(D, BD)
+    for i in range(0, nd):
+        offs_d = (nd - 1 - i) * BD + tl.arange(0, BD)
         dmask = offs_d < D
         ldmask = lmask[:, None] & dmask[None, :]
         q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
@@ -115,8 +120,9 @@ def _bwd_dx_dq(X, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs_l, lma
         dx = _dot(tl.trans(pc), g, None, DOT_PREC, UPCAST)
         dx = _dot(tl.trans(gsc), q, dx, DOT_PREC, UPCAST)
         tl.store(dx_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
-                 mask=(offs_n < N)[:, None] & dmask[None, :])
-        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0)
+                 mask=(offs_n < N)[:, None] & dmask[None, :], eviction_policy="evict_first")
+        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0,
+                     eviction_policy="evict_first")
         _add_partial(part, offs_l, offs_d, D, _dot(gsc, xt, None, DOT_PREC, UPCAST), ldmask, first)
 
 

@@ -53,10 +53,12 @@ def _xp_rows(offs_l, b, B, S):
 @triton.jit
 def _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
                  WITH_GP: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, X_EVICT: tl.constexpr = ""):
     """One token tile's raw scores ``s = qt @ x^T`` [BL, BN] (fp32 accumulation, unscaled)
     and, with ``WITH_GP``, ``gp = gxp @ x^T`` from the same x tile (one x read for both).
-    Lanes past ``vmask`` load zeros (never read from memory); callers mask them to -inf / 0."""
+    Lanes past ``vmask`` load zeros (never read from memory); callers mask them to -inf / 0.
+    ``X_EVICT``: the x tiles' L2 eviction hint ("evict_last" where a second sweep re-reads them;
+    qt, read by every program, is always kept)."""
     x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
     s = tl.zeros([BL, BN], tl.float32)
     gp = tl.zeros([BL, BN], tl.float32)
@@ -64,8 +66,9 @@ def _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, strid
         offs_d = d0 + tl.arange(0, BD)
         dmask = offs_d < D
         ldmask = lmask[:, None] & dmask[None, :]
-        q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0)
+        q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0, eviction_policy="evict_last")
+        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0,
+                     eviction_policy=X_EVICT)
         s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
         if WITH_GP:
             g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)

@@ -79,8 +79,10 @@ def _fwd_pool_one_tile(X, QT, ATTN, LSE, XP, x_base, row_base, xp_rows, offs_l, 
     """The whole [BL, BN] score block in registers: one score sweep, the softmax, attn, pooling."""
     offs_n = tl.arange(0, BN)
     vmask = offs_n < n_valid
+    # x is read twice: kept in L2 by the score sweep, streamed out by the pooling sweep, which
+    # walks the feature tiles backwards so that it starts on the most recently read ones
     s, _ = _score_sweep(QT, QT, x_base, offs_l, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
-                        False, BL, BN, BD, DOT_PREC, UPCAST)
+                        False, BL, BN, BD, DOT_PREC, UPCAST, "evict_last")
     s = tl.where(vmask[None, :], s * qk, float("-inf"))
     m = tl.max(s, axis=1)
     p = tl.exp2(s - m[:, None])  # no valid token: m = -inf, p = NaN (see sparo_readout_common)
@@ -92,10 +94,12 @@ def _fwd_pool_one_tile(X, QT, ATTN, LSE, XP, x_base, row_base, xp_rows, offs_l, 
                  mask=lmask[:, None] & (offs_n < N)[None, :])
     pc = p.to(X.dtype.element_ty)
     x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
-    for d0 in range(0, D, BD):
-        offs_d = d0 + tl.arange(0, BD)
+    nd = tl.cdiv(D, BD)
+    for i in range(0, nd):
+        offs_d = (nd - 1 - i) * BD + tl.arange(0, BD)
         dmask = offs_d < D
-        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0)
+        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0,
+                     eviction_policy="evict_first")
         acc = _dot(pc, xt, None, DOT_PREC, UPCAST)
         tl.store(XP + xp_rows[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
                  mask=lmask[:, None] & dmask[None, :])

@@ -45,7 +45,8 @@ unknown key is handed to ``triton.autotune`` over the pruned space (Inductor tun
 
 No kernel accumulates into memory it did not write in the same launch (the backward's ``dqt``
 partials are stored outright for a program's first sample), so re-running a config while
-tuning is harmless: no ``reset_to_zero`` or ``restore_value`` is needed.
+tuning is harmless, except for the work counters of the two persistent kernels
+(``RESET_ARGS``), which every timing run zeroes first (``reset_to_zero`` under Inductor).
 
 ``python -m sparo_fast_kernels.testing.aot_check --arch ARCH`` compiles every config of every
 space for any GPU architecture without a GPU, under the same pruning.
@@ -378,10 +379,34 @@ def finish_space(S: int, A: int, D: int) -> List[Dict]:
                  num_stages=1)]
 
 
+def token_finish_meta(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: int, dtype: torch.dtype) -> Dict:
+    """The token kernel's meta-parameters plus the finish stage's (its one config's tiles, the
+    feature tile renamed ``BDF``; the launch's warps are the token stage's)."""
+    f, _, _ = split(finish_space(S, A, D)[0])
+    return dict(bwd_meta(L, N, D, dtype), BDF=f["BD"], BP=f["BP"], BSR=f["BSR"], **finish_meta(S, A, H, VD, V))
+
+
+def smem_token_finish(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
+    """One program runs either stage: the larger of the two allocations."""
+    return max(smem_bwd(meta, cfg, dtype), smem_finish(meta, dict(BD=meta["BDF"]), dtype))
+
+
+def token_finish_space(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: int,
+                       dtype: torch.dtype) -> List[Dict]:
+    m = token_finish_meta(L, N, D, S, A, H, VD, V, dtype)
+    out = [c for c in bwd_space(L, N, D, dtype) if _fits(smem_token_finish(m, c, dtype), c["num_warps"])]
+    return out or [dict(BD=16, num_warps=8, num_stages=1)]
+
+
 #: kernel name -> its shared-memory estimate (the spaces above and aot_check's checks)
 SMEM_ESTIMATES: Dict[str, Callable[[Dict, Dict, torch.dtype], int]] = {
+    "_fwd_fused_kernel": smem_fused, "_bwd_slot_kernel": smem_slot, "_bwd_token_finish_kernel": smem_token_finish,
+}
+#: the split kernels (the pool, projection, token and finish stages launched one by one): the
+#: fused kernels' peers in the tests, not launched by the ops
+SMEM_SPLIT: Dict[str, Callable[[Dict, Dict, torch.dtype], int]] = {
     "_fwd_pool_kernel": smem_pool, "_fwd_proj_kernel": smem_proj, "_bwd_token_kernel": smem_bwd,
-    "_bwd_slot_kernel": smem_slot, "_bwd_finish_kernel": smem_finish, "_fwd_fused_kernel": smem_fused,
+    "_bwd_finish_kernel": smem_finish,
 }
 
 
@@ -559,8 +584,11 @@ def _tracing(args) -> bool:
     return any(isinstance(a, torch.Tensor) and type(a) not in plain for a in args) or torch.compiler.is_compiling()
 
 
-def _bench_fn(kernel, grid, args, meta, reset=()):
+def _bench_fn(kernel, grid, args, meta):
     from triton.testing import do_bench
+
+    named = dict(zip(kernel.arg_names, args))
+    reset = [named[r] for r in RESET_ARGS.get(kernel_name(kernel), ())]
 
     def run(g, c, w, st):
         for t in reset:  # work counters: every run starts from zero
@@ -574,16 +602,20 @@ def _bench_fn(kernel, grid, args, meta, reset=()):
     return bench
 
 
-def launch(kernel, grid, args, meta: Dict, space: List[Dict], key: List[str], tag: Tuple,
-           reset: Tuple[str, ...] = ()) -> None:
-    """Launch ``kernel`` (a ``triton.jit`` function) with the chosen config of ``space``;
-    ``reset`` names the (zero-initialised) work-counter arguments that timing runs re-zero."""
+#: kernel -> its work-counter arguments (zero-filled by the op before each launch; each timing
+#: run while tuning zeroes them again, or the next run would find every ticket taken)
+RESET_ARGS: Dict[str, Tuple[str, ...]] = {"_fwd_fused_kernel": ("SYNC",), "_bwd_token_finish_kernel": ("SYNC",)}
+
+
+def launch(kernel, grid, args, meta: Dict, space: List[Dict], key: List[str], tag: Tuple) -> None:
+    """Launch ``kernel`` (a ``triton.jit`` function) with the chosen config of ``space``."""
     from torch.library import wrap_triton
 
+    reset = RESET_ARGS.get(kernel_name(kernel), ())
     named = dict(zip(kernel.arg_names, args))
     k = tune_key(kernel, named, key, tag)
     tracing = _tracing(args)
-    bench = None if tracing else _bench_fn(kernel, grid, args, meta, tuple(named[r] for r in reset))
+    bench = None if tracing else _bench_fn(kernel, grid, args, meta)
     cfg = choose(kernel_name(kernel), k, space, bench)
     if cfg is None:  # traced by torch.compile with an unknown key: Inductor tunes the pruned space
         wrap_triton(tuned(kernel, space, k, reset=reset))[grid](*args, **meta)

@@ -66,16 +66,16 @@ def _upcast(x: Tensor) -> bool:
 FIXED_CONFIGS: bool = False
 
 
-def _launch(kernel, grid, args, meta, space, key, tag, reset=()):
+def _launch(kernel, grid, args, meta, space, key, tag):
     """The interpreter (or ``FIXED_CONFIGS``): the space's first config; a GPU:
-    ``triton.autotune`` over the space (``reset``: work counters re-zeroed between timing runs)."""
+    ``triton.autotune`` over the space."""
     if INTERPRETED or FIXED_CONFIGS:
         cfg, w, st = at.split(space[0])
         if callable(grid):
             grid = grid(space[0])
         (kernel if INTERPRETED else wrap_triton(kernel))[grid](*args, **meta, **cfg, num_warps=w, num_stages=st)
     else:
-        at.launch(kernel, grid, args, meta, space, key, tag, reset)
+        at.launch(kernel, grid, args, meta, space, key, tag)
 
 
 # Explicit schemas; the annotations of the functions below infer the same ones (older torch
@@ -176,7 +176,7 @@ def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float,
             dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
                  **meta),
             at.fused_space(L, N, D, vd, V, x.dtype), ["N", "D", "L"],
-            (at.n_bucket(N), D, L, vd, V, x.dtype, has_eos, need_weights), reset=("SYNC",))
+            (at.n_bucket(N), D, L, vd, V, x.dtype, has_eos, need_weights))
     return attn, lse, xp, o, out
 
 
@@ -274,9 +274,8 @@ def launch_bwd_token_finish(x: Tensor, eos: Optional[Tensor], lse: Tensor, ga: O
     _, H, S, _, A = q_emb.shape
     _, V, vd = dwo_p.shape
     P = num_programs(B, x.device)
-    meta = _path_meta(at.bwd_meta(L, N, D, x.dtype), "token")
-    fcfg, _, _ = at.split(at.finish_space(S, A, D)[0])
-    tiles = triton.cdiv(D, fcfg["BD"])
+    meta = _path_meta(at.token_finish_meta(L, N, D, S, A, H, vd, V, x.dtype), "token")
+    tiles = triton.cdiv(D, meta["BDF"])
     scr = lse if meta["ONE_TILE"] else torch.empty((P, 2, L, N), device=x.device, dtype=torch.float32)
     dx = torch.empty((B, N, D), device=x.device, dtype=x.dtype)
     part = torch.empty((P, L, D), device=x.device, dtype=torch.float32)
@@ -287,15 +286,15 @@ def launch_bwd_token_finish(x: Tensor, eos: Optional[Tensor], lse: Tensor, ga: O
     sync = torch.zeros((2,), device=x.device, dtype=torch.int32)  # ticket counter, owners done
     has_ga, has_eos = ga is not None, eos is not None
     ga = ga if has_ga else lse.view(B, L, 1)
-    fin = dict(SHARED=shared_kv, BDF=fcfg["BD"], BP=fcfg["BP"], BSR=fcfg["BSR"], **at.finish_meta(S, A, H, vd, V))
     _launch(_bwd_token_finish_kernel, (P,),
             (x, eos.contiguous() if has_eos else lse, lse, ga, gxp, qt, scr, dx, part, q_emb.contiguous(),
              k_weight.contiguous(), dwv, dwo_p, dbo_p, dq_p, dwk, dwo, dbo, sync, scale, B, N, D, L, S, P, H, A, V,
              vd, triton.cdiv(V, H * tiles), tiles, x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1),
              ga.stride(2)),
-            dict(HAS_EOS=has_eos, HAS_GA=has_ga, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x), **meta, **fin),
-            at.bwd_space(L, N, D, x.dtype), ["N", "D", "L"],
-            (at.n_bucket(N), D, L, x.dtype, has_eos, has_ga, shared_kv), reset=("SYNC",))
+            dict(HAS_EOS=has_eos, HAS_GA=has_ga, SHARED=shared_kv, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
+                 **meta),
+            at.token_finish_space(L, N, D, S, A, H, vd, V, x.dtype), ["N", "D", "L"],
+            (at.n_bucket(N), D, L, x.dtype, has_eos, has_ga, shared_kv))
     # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype
     dq = torch.empty(q_emb.shape, device=x.device, dtype=q_emb.dtype)
     torch.sum(dq_p, 0, out=dq.view(L, A))

@@ -255,22 +255,25 @@ def _bwd_token_finish_kernel(
     programs are resident; under the CPU interpreter (programs one after another, the first
     takes every ticket in order) the wait never spins. The arithmetic of an item does not
     depend on which program runs it: bitwise the same results as the two kernels."""
+    # tickets come in order: once a program holds a finish ticket it gets no owner again, so the
+    # two stages are two loops (the finish stage's loop invariants then do not stay live, in
+    # registers, through the token stage: merged into one loop, ptxas spilled)
     t = tl.atomic_add(SYNC, 1)
+    while t < NPROG:
+        _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, t, scale, B, N, D, L, S, NPROG,
+                     stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                     HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        tl.atomic_add(SYNC + 1, 1, sem="release")
+        t = tl.atomic_add(SYNC, 1)
     while t < NPROG + H * TILES:
-        if t < NPROG:
-            _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, t, scale, B, N, D, L, S, NPROG,
-                         stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
-                         HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
-            tl.debug_barrier()  # every thread's partial stores precede the release below
-            tl.atomic_add(SYNC + 1, 1, sem="release")
-        else:
+        done = tl.atomic_add(SYNC + 1, 0, sem="acquire")
+        while done < NPROG:
             done = tl.atomic_add(SYNC + 1, 0, sem="acquire")
-            while done < NPROG:
-                done = tl.atomic_add(SYNC + 1, 0, sem="acquire")
-            tl.debug_barrier()
-            f = t - NPROG
-            _finish_tile(DQT, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, (f // TILES).to(tl.int64), f % TILES,
-                         f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR, ".cg")
+        tl.debug_barrier()
+        f = t - NPROG
+        _finish_tile(DQT, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, (f // TILES).to(tl.int64), f % TILES,
+                     f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR, ".cg")
         t = tl.atomic_add(SYNC, 1)
 
 

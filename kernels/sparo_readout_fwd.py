@@ -261,9 +261,10 @@ def _wait_samples(SYNC, pid_m, M, S, BM: tl.constexpr):
     offs_m = pid_m * BM + tl.arange(0, BM)
     mmask = offs_m < M
     flags = SYNC + 1 + offs_m // S
-    ready = tl.atomic_add(flags, 0, mask=mmask, sem="acquire")
-    while tl.min(tl.where(mmask, ready, 1), axis=0) == 0:
-        ready = tl.atomic_add(flags, 0, mask=mmask, sem="acquire")
+    # the loop carries a scalar (a tensor-carrying spin loop broke Triton 3.8's layout pass)
+    ready = tl.min(tl.where(mmask, tl.atomic_add(flags, 0, mask=mmask, sem="acquire"), 1), axis=0)
+    while ready == 0:
+        ready = tl.min(tl.where(mmask, tl.atomic_add(flags, 0, mask=mmask, sem="acquire"), 1), axis=0)
     tl.debug_barrier()
 
 

@@ -379,34 +379,41 @@ def finish_space(S: int, A: int, D: int) -> List[Dict]:
                  num_stages=1)]
 
 
-def token_finish_meta(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: int, dtype: torch.dtype) -> Dict:
-    """The token kernel's meta-parameters plus the finish stage's (its one config's tiles, the
-    feature tile renamed ``BDF``; the launch's warps are the token stage's)."""
+def bwd_fused_meta(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: int, B: int,
+                   dtype: torch.dtype) -> Dict:
+    """The token kernel's meta-parameters, the finish stage's (its one config's tiles, the
+    feature tile renamed ``BDF``) and the slot stage's (the first config of its own space:
+    ``BMS``, ``BDS``); the launch's warps and stages are the token stage's, the heaviest."""
     f, _, _ = split(finish_space(S, A, D)[0])
-    return dict(bwd_meta(L, N, D, dtype), BDF=f["BD"], BP=f["BP"], BSR=f["BSR"], **finish_meta(S, A, H, VD, V))
+    sm = slot_meta(B * S, D, VD, V, dtype)
+    sc = slot_space(B * S, D, VD, V, dtype)[0]
+    return dict(bwd_meta(L, N, D, dtype), BDF=f["BD"], BP=f["BP"], BSR=f["BSR"], **finish_meta(S, A, H, VD, V),
+                BMS=sc["BM"], BDS=sc["BD"], BVDS=sm["BVD"], BVS=sm["BV"])
 
 
-def smem_token_finish(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
-    """One program runs either stage: the larger of the two allocations."""
-    return max(smem_bwd(meta, cfg, dtype), smem_finish(meta, dict(BD=meta["BDF"]), dtype))
+def smem_bwd_fused(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
+    """One program runs one stage at a time: the largest of the three allocations."""
+    slot = dict(BM=meta["BMS"], BD=meta["BDS"], num_stages=cfg["num_stages"])
+    return max(smem_bwd(meta, cfg, dtype), smem_finish(meta, dict(BD=meta["BDF"]), dtype),
+               smem_slot(dict(BVD=meta["BVDS"], BV=meta["BVS"]), slot, dtype))
 
 
-def token_finish_space(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: int,
-                       dtype: torch.dtype) -> List[Dict]:
-    m = token_finish_meta(L, N, D, S, A, H, VD, V, dtype)
-    out = [c for c in bwd_space(L, N, D, dtype) if _fits(smem_token_finish(m, c, dtype), c["num_warps"])]
+def bwd_fused_space(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: int, B: int,
+                    dtype: torch.dtype) -> List[Dict]:
+    m = bwd_fused_meta(L, N, D, S, A, H, VD, V, B, dtype)
+    out = [c for c in bwd_space(L, N, D, dtype) if _fits(smem_bwd_fused(m, c, dtype), c["num_warps"])]
     return out or [dict(BD=16, num_warps=8, num_stages=1)]
 
 
 #: kernel name -> its shared-memory estimate (the spaces above and aot_check's checks)
 SMEM_ESTIMATES: Dict[str, Callable[[Dict, Dict, torch.dtype], int]] = {
-    "_fwd_fused_kernel": smem_fused, "_bwd_slot_kernel": smem_slot, "_bwd_token_finish_kernel": smem_token_finish,
+    "_fwd_fused_kernel": smem_fused, "_bwd_fused_kernel": smem_bwd_fused,
 }
 #: the split kernels (the pool, projection, token and finish stages launched one by one): the
 #: fused kernels' peers in the tests, not launched by the ops
 SMEM_SPLIT: Dict[str, Callable[[Dict, Dict, torch.dtype], int]] = {
-    "_fwd_pool_kernel": smem_pool, "_fwd_proj_kernel": smem_proj, "_bwd_token_kernel": smem_bwd,
-    "_bwd_finish_kernel": smem_finish,
+    "_fwd_pool_kernel": smem_pool, "_fwd_proj_kernel": smem_proj, "_bwd_slot_kernel": smem_slot,
+    "_bwd_token_kernel": smem_bwd, "_bwd_finish_kernel": smem_finish,
 }
 
 
@@ -604,7 +611,7 @@ def _bench_fn(kernel, grid, args, meta):
 
 #: kernel -> its work-counter arguments (zero-filled by the op before each launch; each timing
 #: run while tuning zeroes them again, or the next run would find every ticket taken)
-RESET_ARGS: Dict[str, Tuple[str, ...]] = {"_fwd_fused_kernel": ("SYNC",), "_bwd_token_finish_kernel": ("SYNC",)}
+RESET_ARGS: Dict[str, Tuple[str, ...]] = {"_fwd_fused_kernel": ("SYNC",), "_bwd_fused_kernel": ("SYNC",)}
 
 
 def launch(kernel, grid, args, meta: Dict, space: List[Dict], key: List[str], tag: Tuple) -> None:

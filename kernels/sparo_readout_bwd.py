@@ -116,7 +116,7 @@ def _bwd_dx_dq(X, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs_l, lma
         dmask = offs_d < D
         ldmask = lmask[:, None] & dmask[None, :]
         q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-        g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+        g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0, cache_modifier=".cg")
         dx = _dot(tl.trans(pc), g, None, DOT_PREC, UPCAST)
         dx = _dot(tl.trans(gsc), q, dx, DOT_PREC, UPCAST)
         tl.store(dx_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
@@ -164,7 +164,7 @@ def _bwd_tiled_grads(X, GXP, QT, DX, scr, part, first, x_base, dx_base, g_rows, 
         dmask = offs_d < D
         ldmask = lmask[:, None] & dmask[None, :]
         q = tl.load(QT + offs_l[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
-        g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+        g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0, cache_modifier=".cg")
         dq = tl.zeros([BL, BD], tl.float32)
         for n0 in range(0, N, BN):  # every tile: p = gs = 0 past EOS (no scratch read there) gives dx = 0
             offs_n = n0 + tl.arange(0, BN)
@@ -235,62 +235,69 @@ def _bwd_token_kernel(
 
 
 @triton.jit
-def _bwd_token_finish_kernel(
-    X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT,
-    QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, SYNC,
-    scale, B, N, D, L, S, NPROG, H, A, V, VD, NV, TILES,
+def _wait_count(CTR, target):
+    """Spin until the counter ``CTR`` reaches ``target`` (acquire: the writes released before
+    each increment are visible to this program; the barrier hands that to all its threads)."""
+    done = tl.atomic_add(CTR, 0, sem="acquire")
+    while done < target:
+        done = tl.atomic_add(CTR, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _bwd_fused_kernel(
+    G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P,
+    X, EOS, LSE, GA, QT, SCR, DX, DQT,
+    QE, WK, DQ, DWK, DWO, DBO, SYNC,
+    scale, B, N, D, L, S, NPROG, H, A, V, VD, NV, TILES, STILES,
     stride_xb, stride_xn, stride_xd,
     stride_gab, stride_gal, stride_gan,
     HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
     SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BDF: tl.constexpr, BH: tl.constexpr,
-    BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr, UPCAST: tl.constexpr = False,
+    BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr,
+    BMS: tl.constexpr, BDS: tl.constexpr, BVDS: tl.constexpr, BVS: tl.constexpr, UPCAST: tl.constexpr = False,
 ):
-    """The token kernel and the finish kernel in one persistent launch (grid ``(P,)``), so the
-    dqt partials are summed by the launch that wrote them. One ticket counter (``SYNC[0]``)
-    hands out, in this order, the NPROG owners of the token stage (owner t: samples t,
-    t + NPROG, ..., as ``_bwd_token_kernel``'s program t) and then the Hh x TILES finish
-    tiles, which wait until every owner is done (``SYNC[1] == NPROG``). A waiting program holds
-    a ticket past every owner's, so every owner is already running: no deadlock however many
-    programs are resident; under the CPU interpreter (programs one after another, the first
-    takes every ticket in order) the wait never spins. The arithmetic of an item does not
-    depend on which program runs it: bitwise the same results as the two kernels."""
-    # tickets come in order: once a program holds a finish ticket it gets no owner again, so the
-    # two stages are two loops (the finish stage's loop invariants then do not stay live, in
-    # registers, through the token stage: merged into one loop, ptxas spilled)
+    """The whole backward in one persistent launch (grid ``(P,)``): the slot, token and finish
+    stages of the three kernels above, so that gxp, dW_V and the dqt partials are read back by
+    the launch that wrote them and the shared k/v weight is read by one launch. One ticket
+    counter (``SYNC[0]``) hands out, in this order, the Hh x STILES slot tiles, the NPROG token
+    owners (owner t: samples t, t + NPROG, ..., as ``_bwd_token_kernel``'s program t) and the
+    Hh x TILES finish tiles. An owner waits until every slot tile is done (``SYNC[2]``), a finish
+    tile until every owner is (``SYNC[1]``). A waiting program holds a later ticket than all it
+    waits for, whose programs are therefore running: no deadlock however many programs are
+    resident; under the CPU interpreter (programs one after another, the first takes every
+    ticket in order) no wait spins. An item's arithmetic does not depend on which program runs
+    it: bitwise the results of the three kernels. Tickets come in order, so the stages are three
+    loops (one loop kept every stage's invariants live in registers: ptxas spilled)."""
+    NSLOT = H * STILES
     t = tl.atomic_add(SYNC, 1)
-    while t < NPROG:
-        _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, t, scale, B, N, D, L, S, NPROG,
+    while t < NSLOT:
+        _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (t // STILES).to(tl.int64), t % STILES,
+                   B, S, L, D, VD, V, BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST)
+        tl.debug_barrier()  # every thread's stores precede the release below
+        tl.atomic_add(SYNC + 2, 1, sem="release")
+        t = tl.atomic_add(SYNC, 1)
+    while t < NSLOT + NPROG:
+        _wait_count(SYNC + 2, NSLOT)
+        _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, t - NSLOT, scale, B, N, D, L, S, NPROG,
                      stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
                      HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
-        tl.debug_barrier()  # every thread's partial stores precede the release below
+        tl.debug_barrier()
         tl.atomic_add(SYNC + 1, 1, sem="release")
         t = tl.atomic_add(SYNC, 1)
-    while t < NPROG + H * TILES:
-        done = tl.atomic_add(SYNC + 1, 0, sem="acquire")
-        while done < NPROG:
-            done = tl.atomic_add(SYNC + 1, 0, sem="acquire")
-        tl.debug_barrier()
-        f = t - NPROG
+    while t < NSLOT + NPROG + H * TILES:
+        _wait_count(SYNC + 1, NPROG)
+        f = t - NSLOT - NPROG
         _finish_tile(DQT, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, (f // TILES).to(tl.int64), f % TILES,
-                     f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR, ".cg")
+                     f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR)
         t = tl.atomic_add(SYNC, 1)
 
 
 @triton.jit
-def _bwd_slot_kernel(
-    G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P,
-    B, S, L, D, VD, V,
-    BM: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr, BV: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
-):
-    """Slot-level backward, grid ``(Hh, cdiv(D, BD))``: for head h and a feature tile, over the
-    head's B*S rows (contiguous in the head-major layout): ``go = g W_O`` (recomputed per feature
-    tile: [BM, V] x [V, Vd], cheap), ``gxp = go W_V[h]`` (stored head-major, as the token kernel
-    reads it), ``dW_V[h] = go^T xp``; the first feature tile also ``db_V[h]`` and the head's
-    partials of ``dW_O = g^T o`` and ``db_O`` (summed over heads by the finish kernel)."""
-    h = tl.program_id(0).to(tl.int64)
-    dt = tl.program_id(1)
+def _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, h, dt, B, S, L, D, VD, V, BM: tl.constexpr,
+               BD: tl.constexpr, BVD: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Head ``h`` (int64), feature tile ``dt`` of ``_bwd_slot_kernel``."""
     M = B * S
     offs_d = dt * BD + tl.arange(0, BD)
     dmask = offs_d < D
@@ -336,9 +343,27 @@ def _bwd_slot_kernel(
         tl.store(DBO_P + h * V + offs_v, dbo, mask=vmask)
 
 
+
+
+@triton.jit
+def _bwd_slot_kernel(
+    G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P,
+    B, S, L, D, VD, V,
+    BM: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr, BV: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+):
+    """Slot-level backward, grid ``(Hh, cdiv(D, BD))``: for head h and a feature tile, over the
+    head's B*S rows (contiguous in the head-major layout): ``go = g W_O`` (recomputed per feature
+    tile: [BM, V] x [V, Vd], cheap), ``gxp = go W_V[h]`` (stored head-major, as the token kernel
+    reads it), ``dW_V[h] = go^T xp``; the first feature tile also ``db_V[h]`` and the head's
+    partials of ``dW_O = g^T o`` and ``db_O`` (summed over heads by the finish kernel)."""
+    _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, tl.program_id(0).to(tl.int64), tl.program_id(1),
+               B, S, L, D, VD, V, BM, BD, BVD, BV, DOT_PREC, UPCAST)
+
+
 @triton.jit
 def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl.constexpr, BD: tl.constexpr,
-                  BP: tl.constexpr, CACHE: tl.constexpr):
+                  BP: tl.constexpr):
     """Head h's rows of the NP partials over one feature tile, summed BP partials per vector load
     ([BP, BSR, BD] blocks, BSR = next_pow2(S) >= 1, a fixed order: deterministic), returned as
     the [BS, BD] tile the dots take (BS >= 16 rows: at S = 1, 15 of them are zero padding that
@@ -351,7 +376,7 @@ def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl
     for p0 in range(0, NP, BP):
         pp = p0 + offs_p
         blk = tl.load(PART + pp.to(tl.int64)[:, None, None] * L * D + rows[None, :, :],
-                      mask=(pp < NP)[:, None, None] & rd[None, :, :], other=0.0, cache_modifier=CACHE)
+                      mask=(pp < NP)[:, None, None] & rd[None, :, :], other=0.0, cache_modifier=".cg")
         acc += tl.sum(blk, axis=0)
     if BSR == BS:
         return acc
@@ -364,9 +389,11 @@ def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl
 @triton.jit
 def _finish_tile(PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, h, t, item, items, NP, H, S, A, D, V, VD, NV,
                  SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                 BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr, PART_CACHE: tl.constexpr):
+                 BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr):
     """Head ``h`` (int64), feature tile ``t``: the weight gradients of ``_bwd_finish_kernel``;
-    ``item`` of ``items`` picks its rows of the dW_O / db_O head sums."""
+    ``item`` of ``items`` picks its rows of the dW_O / db_O head sums. Everything the earlier
+    stages wrote is loaded past L1 (``.cg``): in the one-launch backward other programs wrote it
+    after the launch began."""
     offs_s = tl.arange(0, BS)
     smask = offs_s < S
     offs_a = tl.arange(0, BA)
@@ -374,14 +401,15 @@ def _finish_tile(PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, h, t, item,
     offs_d = t * BD + tl.arange(0, BD)
     dmask = offs_d < D
     L = H * S
-    dqt = _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS, BSR, BD, BP, PART_CACHE)
+    dqt = _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS, BSR, BD, BP)
     ad = amask[:, None] & dmask[None, :]
     q = tl.load(QE + (h * S + offs_s)[:, None] * A + offs_a[None, :], mask=smask[:, None] & amask[None, :],
                 other=0.0).to(tl.float32)
     wk = tl.load(WK + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
     dwk = tl.dot(tl.trans(q), dqt, None, input_precision="ieee")
     if SHARED:
-        dwk += tl.load(DWV + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0).to(tl.float32)
+        dwk += tl.load(DWV + (h * A + offs_a)[:, None] * D + offs_d[None, :], mask=ad, other=0.0,
+                       cache_modifier=".cg").to(tl.float32)
     tl.store(DWK + (h * A + offs_a)[:, None] * D + offs_d[None, :], dwk.to(DWK.dtype.element_ty), mask=ad)
     dq = tl.dot(dqt, tl.trans(wk), None, input_precision="ieee")
     tl.store(DQ + t * L * A + (h * S + offs_s)[:, None] * A + offs_a[None, :], dq,
@@ -406,7 +434,7 @@ def _bwd_finish_kernel(
     h = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     _finish_tile(PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, h, t, h * tl.num_programs(1) + t,
-                 H * tl.num_programs(1), NP, H, S, A, D, V, VD, NV, SHARED, BS, BA, BD, BH, BVD, BP, BSR, "")
+                 H * tl.num_programs(1), NP, H, S, A, D, V, VD, NV, SHARED, BS, BA, BD, BH, BVD, BP, BSR)
 
 
 @triton.jit
@@ -421,9 +449,9 @@ def _sum_head_partials(DWO_P, DBO_P, DWO, DBO, pid, P, H, V, VD, NV, BH: tl.cons
         hok = hmask & (offs_h * 0 + v < V)
         dok = (offs_vd < VD) & (offs_vd * 0 + v < V)
         w = tl.load(DWO_P + offs_h[:, None] * V * VD + v * VD + offs_vd[None, :],
-                    mask=hok[:, None] & dok[None, :], other=0.0)
+                    mask=hok[:, None] & dok[None, :], other=0.0, cache_modifier=".cg")
         tl.store(DWO + v * VD + offs_vd, tl.sum(w, axis=0).to(DWO.dtype.element_ty), mask=dok)
-        bo = tl.load(DBO_P + offs_h * V + v, mask=hok, other=0.0)
+        bo = tl.load(DBO_P + offs_h * V + v, mask=hok, other=0.0, cache_modifier=".cg")
         tl.store(DBO + v + offs_h * 0, tl.zeros([BH], tl.float32) + tl.sum(bo, axis=0), mask=hok & (offs_h == 0))
 
 
@@ -488,5 +516,5 @@ def bwd_finish_ref(part: Tensor, q_emb: Tensor, k_weight: Tensor, dwv: Optional[
     return dq, dwk, _wide(dwo_p).sum(0), _wide(dbo_p).sum(0)
 
 
-__all__ = ["_bwd_slot_kernel", "_bwd_token_kernel", "_bwd_finish_kernel", "_bwd_token_finish_kernel", "num_programs", "bwd_slot_ref",
+__all__ = ["_bwd_slot_kernel", "_bwd_token_kernel", "_bwd_finish_kernel", "_bwd_fused_kernel", "num_programs", "bwd_slot_ref",
            "bwd_token_ref", "bwd_finish_ref", "LOG2E"]

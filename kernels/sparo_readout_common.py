@@ -58,7 +58,8 @@ def _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, strid
     and, with ``WITH_GP``, ``gp = gxp @ x^T`` from the same x tile (one x read for both).
     Lanes past ``vmask`` load zeros (never read from memory); callers mask them to -inf / 0.
     ``X_EVICT``: the x tiles' L2 eviction hint ("evict_last" where a second sweep re-reads them;
-    qt, read by every program, is always kept)."""
+    qt, read by every program, is always kept). ``gxp`` is loaded past L1 (``.cg``): in the one-launch
+    backward other programs wrote it after the launch began."""
     x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
     s = tl.zeros([BL, BN], tl.float32)
     gp = tl.zeros([BL, BN], tl.float32)
@@ -71,7 +72,7 @@ def _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, strid
                      eviction_policy=X_EVICT)
         s = _dot(q, tl.trans(xt), s, DOT_PREC, UPCAST)
         if WITH_GP:
-            g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0)
+            g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0, cache_modifier=".cg")
             gp = _dot(g, tl.trans(xt), gp, DOT_PREC, UPCAST)
     return s, gp
 

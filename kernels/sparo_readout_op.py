@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import sparo_readout_autotune as at
-from .sparo_readout_bwd import (_bwd_finish_kernel, _bwd_slot_kernel, _bwd_token_finish_kernel, _bwd_token_kernel,
+from .sparo_readout_bwd import (_bwd_finish_kernel, _bwd_slot_kernel, _bwd_fused_kernel, _bwd_token_kernel,
                                  num_programs)
 from .sparo_readout_fwd import _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
 
@@ -263,42 +263,46 @@ def launch_bwd_finish(part: Tensor, q_emb: Tensor, k_weight: Tensor, dwv: Tensor
     return dq, dwk, dwo, dbo
 
 
-def launch_bwd_token_finish(x: Tensor, eos: Optional[Tensor], lse: Tensor, ga: Optional[Tensor], gxp: Tensor,
-                            qt: Tensor, scale: float, q_emb: Tensor, k_weight: Tensor, dwv: Tensor, dwo_p: Tensor,
-                            dbo_p: Tensor, shared_kv: bool, dtype: torch.dtype
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``_bwd_token_finish_kernel`` (refs: ``bwd_token_ref`` then ``bwd_finish_ref``), then the
-    one PyTorch sum of its dq partials: (dx, dq_emb, dW_K (+ dW_V when shared), dW_O, db_O)."""
+def launch_bwd_fused(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_weight: Tensor, x: Tensor,
+                     eos: Optional[Tensor], lse: Tensor, ga: Optional[Tensor], qt: Tensor, scale: float,
+                     q_emb: Tensor, k_weight: Tensor, shared_kv: bool
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``_bwd_fused_kernel`` (refs: ``bwd_slot_ref``, ``bwd_token_ref``, ``bwd_finish_ref``), then
+    the one PyTorch sum of its dq partials: (dx, dq_emb, dW_K (+ dW_V when shared), dW_V, db_V,
+    dW_O, db_O)."""
     B, N, D = x.shape
     L = qt.shape[0]
     _, H, S, _, A = q_emb.shape
-    _, V, vd = dwo_p.shape
+    V, vd = proj_weight.shape[0], v_weight.shape[0] // H
     P = num_programs(B, x.device)
-    meta = _path_meta(at.token_finish_meta(L, N, D, S, A, H, vd, V, x.dtype), "token")
-    tiles = triton.cdiv(D, meta["BDF"])
-    scr = lse if meta["ONE_TILE"] else torch.empty((P, 2, L, N), device=x.device, dtype=torch.float32)
-    dx = torch.empty((B, N, D), device=x.device, dtype=x.dtype)
-    part = torch.empty((P, L, D), device=x.device, dtype=torch.float32)
-    dq_p = torch.empty((tiles, L, A), device=x.device, dtype=torch.float32)
+    meta = _path_meta(at.bwd_fused_meta(L, N, D, S, A, H, vd, V, B, x.dtype), "token")
+    tiles, stiles = triton.cdiv(D, meta["BDF"]), triton.cdiv(D, meta["BDS"])
+    f32 = dict(device=x.device, dtype=torch.float32)
+    scr = lse if meta["ONE_TILE"] else torch.empty((P, 2, L, N), **f32)
+    v_weight = v_weight.contiguous()
+    gxp, dx = torch.empty_like(xp), torch.empty((B, N, D), device=x.device, dtype=x.dtype)
+    dwv, dbv = torch.empty_like(v_weight), v_weight.new_empty((H * vd,))
+    dwo_p, dbo_p = torch.empty((H, V, vd), **f32), torch.empty((H, V), **f32)
+    part, dq_p = torch.empty((P, L, D), **f32), torch.empty((tiles, L, A), **f32)
     dwk = torch.empty_like(k_weight)
-    dwo = torch.empty((V, vd), device=x.device, dtype=dtype)
-    dbo = torch.empty((V,), device=x.device, dtype=dtype)
-    sync = torch.zeros((2,), device=x.device, dtype=torch.int32)  # ticket counter, owners done
+    dwo, dbo = proj_weight.new_empty((V, vd)), proj_weight.new_empty((V,))
+    sync = torch.zeros((3,), device=x.device, dtype=torch.int32)  # ticket counter, owners done, slot tiles done
     has_ga, has_eos = ga is not None, eos is not None
     ga = ga if has_ga else lse.view(B, L, 1)
-    _launch(_bwd_token_finish_kernel, (P,),
-            (x, eos.contiguous() if has_eos else lse, lse, ga, gxp, qt, scr, dx, part, q_emb.contiguous(),
-             k_weight.contiguous(), dwv, dwo_p, dbo_p, dq_p, dwk, dwo, dbo, sync, scale, B, N, D, L, S, P, H, A, V,
-             vd, triton.cdiv(V, H * tiles), tiles, x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1),
-             ga.stride(2)),
+    _launch(_bwd_fused_kernel, (P,),
+            (g.contiguous(), o, xp, v_weight, proj_weight.contiguous(), gxp, dwv, dbv, dwo_p, dbo_p,
+             x, eos.contiguous() if has_eos else lse, lse, ga, qt, scr, dx, part,
+             q_emb.contiguous(), k_weight.contiguous(), dq_p, dwk, dwo, dbo, sync,
+             scale, B, N, D, L, S, P, H, A, V, vd, triton.cdiv(V, H * tiles), tiles, stiles,
+             x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1), ga.stride(2)),
             dict(HAS_EOS=has_eos, HAS_GA=has_ga, SHARED=shared_kv, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
                  **meta),
-            at.token_finish_space(L, N, D, S, A, H, vd, V, x.dtype), ["N", "D", "L"],
-            (at.n_bucket(N), D, L, x.dtype, has_eos, has_ga, shared_kv))
+            at.bwd_fused_space(L, N, D, S, A, H, vd, V, B, x.dtype), ["N", "D", "L"],
+            (at.n_bucket(N), at.m_bucket(B * S), D, L, vd, V, x.dtype, has_eos, has_ga, shared_kv))
     # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype
     dq = torch.empty(q_emb.shape, device=x.device, dtype=q_emb.dtype)
     torch.sum(dq_p, 0, out=dq.view(L, A))
-    return dx, dq, dwk, dwo, dbo
+    return dx, dq, dwk, dwv, dbv, dwo, dbo
 
 
 def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_indices: Optional[Tensor],
@@ -306,12 +310,11 @@ def _readout_bwd(grad_out: Tensor, grad_attn: Optional[Tensor], x: Tensor, eos_i
                 xp: Tensor, o: Tensor, shared_kv: bool
                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     A = q_emb.shape[-1]
-    # 1. slot level: go, gxp (head-major), dW_V, db_V, per-head dW_O / db_O partials
-    gxp, dwv, dbv, dwo_p, dbo_p = launch_bwd_slot(grad_out, o, xp, v_weight, proj_weight)
-    # 2. token level (persistent owners with per-owner dqt partials), then in the same launch the
-    # weight level: dqt reduction (fixed order), dq_emb, dW_K (+ dW_V when shared), dW_O, db_O
-    dx, dq, dwk, dwo, dbo = launch_bwd_token_finish(x, eos_indices, lse, grad_attn, gxp, qt, float(A) ** -0.5, q_emb,
-                                                    k_weight, dwv, dwo_p, dbo_p, shared_kv, proj_weight.dtype)
+    # one launch: slot level (go, gxp, dW_V, db_V, per-head dW_O / db_O partials), token level
+    # (persistent owners with per-owner dqt partials), weight level (dqt reduction in a fixed
+    # order, dq_emb, dW_K (+ dW_V when shared), dW_O, db_O)
+    dx, dq, dwk, dwv, dbv, dwo, dbo = launch_bwd_fused(grad_out, o, xp, v_weight, proj_weight, x, eos_indices, lse,
+                                                       grad_attn, qt, float(A) ** -0.5, q_emb, k_weight, shared_kv)
     if shared_kv:
         dwv = dwv.new_empty((0,))  # already added into dW_K
     return dx, dq, dwk, dwv, dbv, dwo, dbo

@@ -21,9 +21,8 @@ def _props(name="NVIDIA A10", major=8, minor=6, smem=99 * 1024, sms=72):
 def _spaces(N, D, dtype, L=64, A=64, V=64, M=256):
     """(kernel, meta, space) of every tuned kernel at one shape, for the limits now assumed."""
     return [("_fwd_fused_kernel", at.fused_meta(L, N, D, A, V, dtype), at.fused_space(L, N, D, A, V, dtype)),
-            ("_bwd_token_finish_kernel", at.token_finish_meta(L, N, D, 1, A, L, A, V, dtype),
-             at.token_finish_space(L, N, D, 1, A, L, A, V, dtype)),
-            ("_bwd_slot_kernel", at.slot_meta(M, D, A, V, dtype), at.slot_space(M, D, A, V, dtype))]
+            ("_bwd_fused_kernel", at.bwd_fused_meta(L, N, D, 1, A, L, A, V, M, dtype),
+             at.bwd_fused_space(L, N, D, 1, A, L, A, V, M, dtype))]
 
 
 @pytest.fixture

@@ -249,34 +249,40 @@ def _fused_items(B, S, H, BM, n):
 @pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
 @pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared_kv"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_bwd_token_finish(ops, dtype, shared, tiled, monkeypatch):
-    """The token and finish stages in one launch (finish tiles wait for every owner of the
-    token stage) against the refs, and bitwise equal to the two separate kernels."""
+def test_bwd_fused(ops, dtype, shared, tiled, monkeypatch):
+    """The whole backward in one launch (slot tiles, then token owners waiting for every slot
+    tile, then finish tiles waiting for every owner): bitwise equal to the three kernels run one
+    after another (each checked against its ref above), and dx and the weight gradients within
+    the criterion of the float64 chain of refs."""
     from sparo_fast_kernels import sparo_readout_bwd as bwd
     from sparo_fast_kernels.sparo_readout_fwd import from_head_major, fwd_pool_ref
 
     monkeypatch.setattr(bwd, "PROGRAMS_OVERRIDE", 2)  # one owner takes two samples: partial read-back
     ops.TILED_OVERRIDE = 16 if tiled else None
-    t = _inputs(dtype, S=1, D=70)  # several finish feature tiles, the last one partial
+    t = _inputs(dtype, D=70, Vd=6)  # several finish feature tiles, the last one partial; A = Vd
     B, scale = t["x"].shape[0], t["A"] ** -0.5
     _, lse, _ = fwd_pool_ref(t["x"], t["eos"], t["qt"], scale, t["H"])
-    args = (t["x"], t["eos"], lse, t["ga"], t["gxp"], t["qt"], scale)
-    got = ops.launch_bwd_token_finish(*args, t["q"], t["kw"], t["dwv"], t["dwo_p"], t["dbo_p"], shared, dtype)
+    q, kw = t["q"], (t["vw"] if shared else t["kw"])  # shared k/v: one tensor
+    got = ops.launch_bwd_fused(t["g"], t["o"], t["xp"], t["vw"], t["pw"], t["x"], t["eos"], lse, t["ga"], t["qt"],
+                               scale, q, kw, shared)
     assert ops.LAST_PATHS["token"] == ("tiled" if tiled else "one_tile")
-    dx, part = ops.launch_bwd_token(*args)
-    split = (dx,) + ops.launch_bwd_finish(part, t["q"], t["kw"], t["dwv"], t["dwo_p"], t["dbo_p"], shared, dtype)
-    for name, a, b in zip(("dx", "dq", "dW_K", "dW_O", "db_O"), got, split):
-        assert torch.equal(a, b), f"{name}: the one-launch token + finish differs from the two kernels (seed {SEED})"
+    gxp, dwv, dbv, dwo_p, dbo_p = ops.launch_bwd_slot(t["g"], t["o"], t["xp"], t["vw"], t["pw"])
+    dx, part = ops.launch_bwd_token(t["x"], t["eos"], lse, t["ga"], gxp, t["qt"], scale)
+    dq, dwk, dwo, dbo = ops.launch_bwd_finish(part, q, kw, dwv, dwo_p, dbo_p, shared, dtype)
+    for name, a, b in zip(("dx", "dq", "dW_K", "dW_V", "db_V", "dW_O", "db_O"), got,
+                          (dx, dq, dwk, dwv, dbv, dwo, dbo)):
+        assert torch.equal(a, b), f"{name}: the one-launch backward differs from the three kernels (seed {SEED})"
     res = {}
-    for key, d in (("truth", _wide(t)), ("lo32", t), ("lo", t)):
-        run = (lambda fn, *a: fn(*a)) if key != "lo" else _lo
-        p, _, _ = run(fwd_pool_ref, d["x"], d["eos"], d["qt"], scale, t["H"])
-        res[key] = run(bwd.bwd_token_ref, d["x"], p.to(dtype) if key == "lo" else p, d["ga"],
-                       from_head_major(d["gxp"], B), d["qt"], scale)
-    _check("dx", got[0], res["truth"][0], res["lo32"][0], dtype)
-    # the weight gradients from the truth's dqt (one [1, L, D] partial) against the finish ref
     for key, d in (("truth", _wide(t)), ("lo", t)):
-        dqt = res[key][1].to(d["q"].dtype if key == "truth" else torch.float32)[None]
-        res[key] = bwd.bwd_finish_ref(dqt, d["q"], d["kw"], d["dwv"] if shared else None, d["dwo_p"], d["dbo_p"])
-    for name, g_, tr, r in zip(("dq", "dW_K", "dW_O", "db_O"), got[1:], res["truth"], res["lo"]):
-        _check(name, g_, tr, r, dtype)
+        run = (lambda fn, *a: fn(*a)) if key != "lo" else _lo
+        p_, _, _ = run(fwd_pool_ref, d["x"], d["eos"], d["qt"], scale, t["H"])
+        g_h, dwv_r = run(bwd.bwd_slot_ref, d["g"], d["o"], d["xp"], d["vw"], d["pw"])[:2]
+        dx_r, dqt = run(bwd.bwd_token_ref, d["x"], p_.to(d["x"].dtype), d["ga"], from_head_major(g_h.to(d["x"].dtype), B),
+                        d["qt"], scale)
+        qd = d["q"]
+        fin = bwd.bwd_finish_ref(dqt[None].to(qd.dtype if key == "truth" else torch.float32), qd,
+                                 d["vw"] if shared else d["kw"], dwv_r if shared else None, *run(
+                                     bwd.bwd_slot_ref, d["g"], d["o"], d["xp"], d["vw"], d["pw"])[3:])
+        res[key] = (dx_r, fin[1])
+    _check("dx", got[0], res["truth"][0], res["lo"][0], dtype)
+    _check("dW_K", got[2], res["truth"][1], res["lo"][1], dtype)

@@ -1,6 +1,6 @@
 """The traffic counter (bench/traffic.py): exact on kernels and ops of known traffic, and a
 count of the real read-out at a tiny shape (CPU, Triton interpreter, a few seconds) whose
-launches must be exactly those the op functions make (3 forward, 7 forward + backward)."""
+launches must be exactly those the op functions make (3 forward, 6 forward + backward)."""
 import ast
 import os
 from pathlib import Path
@@ -83,7 +83,7 @@ def test_fit_is_exact_for_linear_counts_and_rejects_changing_launches():
         traffic.fit([(2,), (4,)], [ev(2), ev(4) + ev(4)])
 
 
-_TORCH_CALLS = {"torch.matmul": "aten.bmm", "torch.sum": "aten.sum"}
+_TORCH_CALLS = {"torch.matmul": "aten.bmm", "torch.sum": "aten.sum", "torch.zeros": "aten.zeros"}
 
 
 def _op_launches(function: str, tree=None) -> list:
@@ -110,15 +110,15 @@ def _op_launches(function: str, tree=None) -> list:
 @pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
 def test_smoke_count_of_the_real_readout_at_a_tiny_shape(pass_):
     """The counted launches are exactly the op functions' launches: 3 forward (the absorbed query's
-    matmul, the pool and projection kernels), 7 forward + backward (slot, token, finish kernels and
-    the sum of the finish kernel's dq partials)."""
+    matmul, the zero-filled work counter, the fused pool + projection kernel), 6 forward + backward
+    (a work counter, the fused slot + token + finish kernel, the sum of its dq partials)."""
     shape = sb.Shape("tiny", 8, 9, 32, True)
     row = traffic.run_case(shape, "triton", pass_, batches=(2, 4), check=3)
     expected = _op_launches("_readout_fwd") + (_op_launches("_readout_bwd") if pass_ == "fwd_bwd" else [])
     assert [e["name"] for e in row["launch_detail"]] == expected
-    assert row["launches"] == len(expected) == {"fwd": 3, "fwd_bwd": 7}[pass_]
-    assert row["kernel_launches"] == {"fwd": 2, "fwd_bwd": 5}[pass_]
-    assert row["torch_ops"] == {"fwd": 1, "fwd_bwd": 2}[pass_]
+    assert row["launches"] == len(expected) == {"fwd": 3, "fwd_bwd": 6}[pass_]
+    assert row["kernel_launches"] == {"fwd": 1, "fwd_bwd": 2}[pass_]
+    assert row["torch_ops"] == {"fwd": 2, "fwd_bwd": 4}[pass_]
     assert row["check_max_rel_err"] < 1e-9  # counts are exactly linear in the batch
     assert row["launches"] == len(row["launch_detail"])
     assert row["requested"] >= row["dram"] > 0

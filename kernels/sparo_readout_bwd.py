@@ -1,4 +1,10 @@
-"""Backward Triton kernels of the SPARO read-out: three kernels, each with a PyTorch ``*_ref``.
+"""Backward Triton kernels of the SPARO read-out: three stages, each with a PyTorch ``*_ref``.
+
+The op launches ``_bwd_fused_kernel``: the three stages below as work items of one persistent
+launch (slot tiles, then token owners, then finish tiles, off one ticket counter), so that
+gxp, dW_V and the dqt partials are read back by the launch that wrote them. The three kernels
+run the same stages as three launches: the fused kernel's peers in the tests (bitwise the same
+results).
 
 With g = dL/dout and ga = dL/dattn (optional); ``xp`` and ``gxp`` are head-major
 ``[Hh, B*S, D]`` (the layout every kernel reads, no permute copies):
@@ -36,14 +42,15 @@ Both paths form ``s`` and ``gp`` with the one ``_score_sweep`` helper of
 partial stores and scratch reads (done by other threads: the dot's register layout is not
 the load's) before this sample reads the partial back or overwrites the scratch.
 
-Determinism: there are no atomics. Each program owns a ``[L, D]`` fp32 partial of ``dqt``
+Determinism: no atomic touches a result (the fused kernel's atomics are its work counters).
+Each program (token owner) owns a ``[L, D]`` fp32 partial of ``dqt``
 (first sample: store, later samples: load-add-store, in a fixed order), and the batch-wide
-reduction is the finish kernel's fixed-order sum over the P partials, so the result is
+reduction is the finish stage's fixed-order sum over the P partials, so the result is
 bitwise reproducible for a given (B, P) and launch configuration
 (``tests/test_sparo_readout_triton_paths.py`` compares two processes bitwise). No kernel
-accumulates into memory it did not write in the same launch, so autotuning needs no
-``reset_to_zero`` / ``restore_value``. The key bias gets an exactly-zero gradient (it only
-adds a per-slot constant to the scores).
+accumulates into memory it did not write in the same launch; the fused kernel's work
+counters are zeroed by the op before each launch (and before each timing run while tuning).
+The key bias gets an exactly-zero gradient (it only adds a per-slot constant to the scores).
 
 Saved from the forward: x, qt, lse (fp32 [B, L]), xp (head-major [Hh, B*S, D]) and
 o ([B, L, Vd]).

@@ -1,7 +1,13 @@
 """Forward Triton kernels of the SPARO read-out (absorbed formulation), with PyTorch refs.
 
-Design (three launches in all, no loop over slots, no per-slot launch; docs/DESIGN.md, "The absorbed formulation")
+Design (no loop over slots, no per-slot launch; docs/DESIGN.md, "The absorbed formulation")
 --------------------------------------------------------------------------------------------
+The op launches ``_fwd_fused_kernel`` (below): the two stages described here, pooling and
+projection, as work items of one persistent launch, each row tile of pooled rows projected
+right after its samples are pooled, while the rows are still in L2. ``_fwd_pool_kernel`` and
+``_fwd_proj_kernel`` run the same two stages as two launches: the fused kernel's peers in the
+tests (bitwise the same results) and the split that counts as the baseline in bench/NOTES.md.
+
 The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l`` (a [L, D]
 weight-only product: the one PyTorch launch of the forward, inside the op; its gradient flows
 to ``q_emb`` and ``W_K`` through the backward's finish kernel); the ``1/sqrt(A)`` scale is a

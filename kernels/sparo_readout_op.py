@@ -26,9 +26,13 @@ dq_emb, dW_K, dW_V, db_V, dW_O, db_O)`` (``dW_V`` empty when ``shared_kv``: it i
 
 Each kernel has a ``launch_*`` function here (allocation and launch, nothing else), tested
 one by one against its ``*_ref`` in ``tests/test_sparo_readout_refs.py``. Launches: forward =
-``qt`` (one PyTorch matmul) + 2 kernels; backward = 3 kernels + the sum of the finish
-kernel's per-feature-tile ``dq`` partials (one PyTorch ``sum``, written in the parameter's
-dtype) and, only with separate k/v tensors, a zero-filled key-bias gradient.
+``qt`` (one PyTorch matmul) + a zero-filled work counter + 1 persistent kernel (pooling and
+projections); backward = a zero-filled work counter + 1 persistent kernel (slot, token and
+finish stages) + the sum of the finish stage's per-feature-tile ``dq`` partials (one PyTorch
+``sum``, written in the parameter's dtype) and, only with separate k/v tensors, a zero-filled
+key-bias gradient. The split kernels (``launch_fwd_pool``, ``launch_fwd_proj``,
+``launch_bwd_slot``, ``launch_bwd_token``, ``launch_bwd_finish``) are the persistent kernels'
+peers in the tests: the same stages, bitwise the same results.
 """
 from __future__ import annotations
 

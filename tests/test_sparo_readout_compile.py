@@ -92,7 +92,7 @@ def test_token_offsets_are_int64():
     stride arguments of x (i32 at launch) are only ever sign-extended to i64, never multiplied as
     i32; and a kernel that multiplies in i32 is caught by the same check."""
     res = _aot("--int64")
-    assert set(res) == {f"{k}:{one}" for k in ("_fwd_pool_kernel", "_bwd_token_kernel") for one in (True, False)} | {"_bad"}
+    assert set(res) == {f"{k}:{one}" for k in ("_fwd_fused_kernel", "_bwd_fused_kernel") for one in (True, False)} | {"_bad"}
     assert res["_bad"]["stride_xn"]["other"], "the checker must flag an i32 token-index * stride product"
     for k, uses in res.items():
         if k != "_bad":

@@ -289,8 +289,11 @@ def fused_space(L: int, N: int, D: int, VD: int, V: int, dtype: torch.dtype) -> 
     """The pool's space (the heavier phase), less configs whose warps cannot hold the
     projection's o and y tiles in registers or whose shared memory does not fit."""
     m = fused_meta(L, N, D, VD, V, dtype)
+    # mma.sync (sm_8x, sm_12x): the widest feature tile at three stages spilled 16 bytes on sm_80
+    # (vit_b16, fp16, Triton 3.8) once the projection shared the kernel
     out = [c for c in pool_space(L, N, D, dtype)
            if max(m["BVD"], m["BVO"]) * m["BM"] / (32 * c["num_warps"]) <= 64
+           and (_staged_operands() or c["BD"] * c["num_stages"] <= 128)
            and _fits(smem_fused(m, c, dtype), c["num_warps"])]
     return out or [dict(BD=16, num_warps=8, num_stages=1)]
 

@@ -8,7 +8,10 @@ lines still dirty at the end (written back eventually).
 
 Policy: write-allocate without fetch (a store miss allocates the line and reads nothing: the
 GPU's L2 keeps byte masks, so a written line need not be read first); an atomic reads the line
-on a miss and dirties it; eviction of the least recently used line of the set. ``ways=None``:
+on a miss and dirties it; eviction of the least recently used line of the set. Eviction hints
+(``EVICT_FIRST`` / ``EVICT_LAST`` or-ed into the kind, from ``tl.load(..., eviction_policy=)``):
+a line last touched with evict_first is the next victim; lines last touched with evict_last
+are evicted only when no other line is left (no cap on their share). ``ways=None``:
 fully associative; ``ways=W``: ``size / (line x W)`` sets, a line's set is its number modulo the
 set count (the hardware's address hash is not modelled).
 
@@ -32,54 +35,76 @@ import numpy as np
 LINE = 128
 LOAD, STORE, ATOMIC = 0, 1, 2
 
+#: hint bits or-ed into a kind: Triton's eviction_policy="evict_first" / "evict_last"
+EVICT_FIRST, EVICT_LAST = 4, 8
+
 _C_SRC = r"""
 #include <stdint.h>
-/* fully associative LRU over dense line ids: a doubly linked list, head = least recent.
-   st = {head, tail, count}; flag bit 0 = present, bit 1 = dirty. */
+/* Fully associative LRU over dense line ids: two doubly linked lists, list 1 holding the lines
+   last touched with evict_last; the victim is the head of list 0, or of list 1 when list 0 is
+   empty; evict_first puts the line at the head of list 0 (the next victim), others at a tail.
+   st = {head0, tail0, head1, tail1, count}; flag: 1 present, 2 dirty, 4 in list 1. */
+static void unlink_(int64_t id, int64_t *prv, int64_t *nxt, int64_t *h, int64_t *t) {
+  if (prv[id] >= 0) nxt[prv[id]] = nxt[id]; else *h = nxt[id];
+  if (nxt[id] >= 0) prv[nxt[id]] = prv[id]; else *t = prv[id];
+}
 void lru_full(int64_t n, const int64_t *ids, const uint8_t *op, int64_t cap, int64_t *prv, int64_t *nxt,
               uint8_t *flag, int64_t *st, uint8_t *miss, uint8_t *wb) {
-  int64_t head = st[0], tail = st[1], cnt = st[2];
   for (int64_t i = 0; i < n; i++) {
-    int64_t id = ids[i]; uint8_t o = op[i], m = 0, w = 0;
+    int64_t id = ids[i]; uint8_t o = op[i], kind = o & 3, m = 0, w = 0;
     if (flag[id] & 1) {
-      if (prv[id] >= 0) nxt[prv[id]] = nxt[id]; else head = nxt[id];
-      if (nxt[id] >= 0) prv[nxt[id]] = prv[id]; else tail = prv[id];
+      int l = (flag[id] & 4) ? 2 : 0;
+      unlink_(id, prv, nxt, &st[l], &st[l + 1]);
     } else {
-      m = (o != 1);
-      if (cnt == cap) {
-        int64_t v = head;
-        head = nxt[v];
-        if (head >= 0) prv[head] = -1; else tail = -1;
-        w = (flag[v] & 2) != 0; flag[v] = 0; cnt--;
+      m = (kind != 1);
+      if (st[4] == cap) {
+        int l = st[0] >= 0 ? 0 : 2;
+        int64_t v = st[l];
+        unlink_(v, prv, nxt, &st[l], &st[l + 1]);
+        w = (flag[v] & 2) != 0; flag[v] = 0; st[4]--;
       }
-      cnt++; flag[id] = 1;
+      st[4]++; flag[id] = 1;
     }
-    if (o) flag[id] |= 2;
-    prv[id] = tail; nxt[id] = -1;
-    if (tail >= 0) nxt[tail] = id; else head = id;
-    tail = id;
+    if (kind) flag[id] |= 2;
+    flag[id] &= 3;
+    if (o & 8) flag[id] |= 4;
+    int l = (o & 8) ? 2 : 0;
+    if (o & 4) {  /* evict_first: head of list 0 */
+      nxt[id] = st[0]; prv[id] = -1;
+      if (st[0] >= 0) prv[st[0]] = id; else st[1] = id;
+      st[0] = id;
+    } else {
+      prv[id] = st[l + 1]; nxt[id] = -1;
+      if (st[l + 1] >= 0) nxt[st[l + 1]] = id; else st[l] = id;
+      st[l + 1] = id;
+    }
     miss[i] = m; wb[i] = w;
   }
-  st[0] = head; st[1] = tail; st[2] = cnt;
 }
-/* set-associative LRU: set = line % sets, `ways` entries per set with a last-use stamp. */
+/* set-associative LRU: set = line % sets, `ways` entries per set with a last-use stamp and a
+   class (1: evict_last); the victim: an empty way, else class 0 before class 1, the smallest
+   stamp first; evict_first stamps are negative, the latest the smallest (as the list's head). */
 void lru_sets(int64_t n, const int64_t *lines, const uint8_t *op, int64_t sets, int64_t ways, int64_t *tag,
-              int64_t *stamp, uint8_t *dirty, int64_t *clock, uint8_t *miss, uint8_t *wb) {
+              int64_t *stamp, uint8_t *dirty, uint8_t *cls, int64_t *clock, uint8_t *miss, uint8_t *wb) {
   int64_t t = *clock;
   for (int64_t i = 0; i < n; i++) {
-    int64_t s = lines[i] % sets, base = s * ways, hit = -1, victim = base;
+    int64_t s = lines[i] % sets, base = s * ways, hit = -1, victim = -1;
     uint8_t o = op[i], m = 0, w = 0;
     for (int64_t k = base; k < base + ways; k++) {
       if (tag[k] == lines[i]) { hit = k; break; }
-      if (tag[victim] >= 0 && (tag[k] < 0 || stamp[k] < stamp[victim])) victim = k;
+      if (victim < 0 || (tag[victim] >= 0 && (tag[k] < 0 || cls[k] < cls[victim]
+                                              || (cls[k] == cls[victim] && stamp[k] < stamp[victim]))))
+        victim = k;
     }
     if (hit < 0) {
-      m = (o != 1);
+      m = ((o & 3) != 1);
       if (tag[victim] >= 0) w = dirty[victim];
       tag[victim] = lines[i]; dirty[victim] = 0; hit = victim;
     }
-    if (o) dirty[hit] = 1;
-    stamp[hit] = ++t;
+    if (o & 3) dirty[hit] = 1;
+    cls[hit] = (o & 8) ? 1 : 0;
+    ++t;
+    stamp[hit] = (o & 4) ? -t : t;
     miss[i] = m; wb[i] = w;
   }
   *clock = t;
@@ -147,13 +172,15 @@ class L2:
             self._known, self._known_ids = np.zeros(0, np.int64), np.zeros(0, np.int64)
             self._prv = self._nxt = np.zeros(0, np.int64)
             self._flag = np.zeros(0, np.uint8)
-            self._st = np.array([-1, -1, 0], np.int64)
+            self._st = np.array([-1, -1, -1, -1, 0], np.int64)
         else:
             self._tag = np.full(self.sets * ways, -1, np.int64)
             self._stamp = np.zeros(self.sets * ways, np.int64)
             self._dirty = np.zeros(self.sets * ways, np.uint8)
+            self._cls = np.zeros(self.sets * ways, np.uint8)
             self._clock = np.zeros(1, np.int64)
-        self._py = [OrderedDict() for _ in range(self.sets)] if self.lib is None else None
+        # per set: (lines of list 0, lines of list 1: evict_last), each oldest first, value = dirty
+        self._py = [(OrderedDict(), OrderedDict()) for _ in range(self.sets)] if self.lib is None else None
 
     def access(self, lines: np.ndarray, ops: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """Run a stream through the cache: (missed, evicted a dirty line) per access."""
@@ -171,7 +198,7 @@ class L2:
         else:
             self.lib.lru_sets(ctypes.c_int64(lines.size), _ptr(lines), _ptr(ops), ctypes.c_int64(self.sets),
                               ctypes.c_int64(self.ways), _ptr(self._tag), _ptr(self._stamp), _ptr(self._dirty),
-                              _ptr(self._clock), _ptr(miss), _ptr(wb))
+                              _ptr(self._cls), _ptr(self._clock), _ptr(miss), _ptr(wb))
         return miss.astype(bool), wb.astype(bool)
 
     def _dense(self, lines: np.ndarray) -> np.ndarray:
@@ -196,28 +223,33 @@ class L2:
         return np.ascontiguousarray(ids[inv.ravel()])
 
     def _access_py(self, lines, ops, miss, wb) -> None:
+        """The same policy as the C loops (for sets: a per-set order instead of stamps)."""
         cap = self.capacity if self.ways is None else self.ways
         for i, (ln, o) in enumerate(zip(lines.tolist(), ops.tolist())):
-            s = self._py[ln % self.sets]
-            if ln in s:
-                s.move_to_end(ln)
+            normal, last = self._py[ln % self.sets]
+            dirty = normal.pop(ln, None)
+            dirty = last.pop(ln, None) if dirty is None else dirty
+            if dirty is None:
+                miss[i] = (o & 3) != STORE
+                if len(normal) + len(last) == cap:
+                    wb[i] = (normal or last).popitem(last=False)[1]
+                dirty = False
+            dirty = dirty or (o & 3) != LOAD
+            if o & EVICT_FIRST:
+                normal[ln] = dirty
+                normal.move_to_end(ln, last=False)
             else:
-                miss[i] = o != STORE
-                if len(s) == cap:
-                    wb[i] = s.popitem(last=False)[1]
-                s[ln] = False
-            if o != LOAD:
-                s[ln] = True
+                (last if o & EVICT_LAST else normal)[ln] = dirty
 
     def dirty_lines(self) -> int:
         """Lines dirty now: what a flush (or later evictions) writes back."""
         if self._py is not None:
-            return sum(v for s in self._py for v in s.values())
+            return sum(v for pair in self._py for s in pair for v in s.values())
         if self.ways is None:
             return int(((self._flag & 3) == 3).sum())
         return int(((self._tag >= 0) & (self._dirty == 1)).sum())
 
     def resident_lines(self) -> int:
         if self._py is not None:
-            return sum(len(s) for s in self._py)
-        return int(self._st[2]) if self.ways is None else int((self._tag >= 0).sum())
+            return sum(len(s) for pair in self._py for s in pair)
+        return int(self._st[4]) if self.ways is None else int((self._tag >= 0).sum())

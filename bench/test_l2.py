@@ -33,6 +33,19 @@ def _sweep_twice_kernel(X, Y, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sweep_twice_hinted_kernel(X, Y, n, KEEP: tl.constexpr, BLOCK: tl.constexpr):
+    """As ``_sweep_twice_kernel``, the first KEEP elements loaded with evict_last."""
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for sweep in range(2):
+        for start in range(0, n, BLOCK):
+            if start < KEEP:
+                acc += tl.load(X + start + tl.arange(0, BLOCK), eviction_policy="evict_last")
+            else:
+                acc += tl.load(X + start + tl.arange(0, BLOCK))
+    tl.store(Y + tl.arange(0, BLOCK), acc)
+
+
+@triton.jit
 def _reuse_after_kernel(X, Z, Y, BX: tl.constexpr, BZ: tl.constexpr):
     """Program p: reads its x block, then its own z block, then its x block again."""
     p = tl.program_id(0)
@@ -62,6 +75,16 @@ def test_second_sweep_hits_iff_the_buffer_fits(lines_x, expect_second_sweep_hits
     assert r["dram"] == (reads + 1) * LINE  # + y, written back at the end
     assert r["flush"] == LINE
     assert r["per_launch"][0]["read"] == reads * LINE
+
+
+def test_evict_last_keeps_the_hinted_lines():
+    """x of 80 lines, 64-line cache, the first 48 lines loaded with evict_last: they survive the
+    sweep and hit in the second; the other 32 share 16 lines, LRU, and miss again: 112 reads."""
+    block = LINE // 4
+    x, y = torch.randn(80 * block), torch.empty(block)
+    r = _dram(lambda: _sweep_twice_hinted_kernel[(1,)](x, y, x.numel(), KEEP=48 * block, BLOCK=block),
+              cache_lines=64, resident=1)
+    assert r["per_launch"][0]["read"] == (80 + 32) * LINE and r["dram"] == (80 + 32 + 1) * LINE
 
 
 def test_wave_interleaving_decides_the_hit():

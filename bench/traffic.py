@@ -56,7 +56,8 @@ from sparo_fast.readout import SparoReadout  # noqa: E402
 from sparo_fast_kernels.testing import interpreter_trace as trace  # noqa: E402
 
 BACKENDS = ("triton", "torch", "reference")
-PASSES = ("fwd", "fwd_bwd")
+#: fwd: under no_grad (inference); fwd_train: with grad, as in training, no backward; fwd_bwd: both
+PASSES = ("fwd", "fwd_train", "fwd_bwd")
 FIT_BATCHES = (2, 4)
 CHECK_BATCH = 6
 DTYPE = torch.float16
@@ -201,8 +202,9 @@ def _count(trace, shape: sb.Shape, backend: str, pass_: str, batch: int, seed: i
     # EOS positions would make the counts data-dependent and not linear in the batch
     eos = torch.full((batch,), shape.N - 1) if shape.eos else None
     events: list = []
-    if pass_ == "fwd":
-        with torch.no_grad(), extra(), trace.listening(_KernelEvents(trace, events)), \
+    if pass_ in ("fwd", "fwd_train"):
+        x.requires_grad_(pass_ == "fwd_train")
+        with torch.set_grad_enabled(pass_ == "fwd_train"), extra(), trace.listening(_KernelEvents(trace, events)), \
                 TorchOpCounter(trace, events, space):
             m(x, eos)
         return events
@@ -293,7 +295,7 @@ def run_case(shape: sb.Shape, backend: str, pass_: str, batches=FIT_BATCHES, che
         e["h100_pred_us"] = predict_s(e) * 1e6
     row = {"shape": shape.name, "backend": backend, "pass": pass_, "batch": target, "fit_points": points,
            "eval_point": list(at), "fit_vars": ["B", "P"][:len(at)],
-           **summarize(launches, sb.floor_bytes(shape, target, DTYPE, pass_)), "launch_detail": launches}
+           **summarize(launches, sb.floor_bytes(shape, target, DTYPE, "fwd" if pass_ == "fwd_train" else pass_)), "launch_detail": launches}
     if check_pt is not None:
         measured = _run(shape, backend, pass_, check_pt)
         predicted = evaluate(fits, check_pt)

@@ -3,7 +3,7 @@
 :class:`StreamRecorder` (an ``interpreter_trace`` listener and program sampler) records, for each
 Triton launch, the accesses of each program in issue order: one access per ``tl.load`` /
 ``tl.store`` / atomic, as the byte intervals of its unmasked lanes (a fully masked access is an
-empty step). With ``sample=True`` it runs only a few programs of each launch and derives every
+empty step), with its eviction hint. With ``sample=True`` it runs only a few programs of each launch and derives every
 other program's stream by translation:
 
 * along each grid axis (the other coordinates at 0) the programs split into *segments* inside
@@ -34,6 +34,8 @@ import numpy as np
 from . import interpreter_trace as trace
 
 KIND = {"load": 0, "store": 1, "atomic": 2}
+#: eviction hints, or-ed into the kind (as ``bench/l2_cache.py`` reads them)
+HINT = {None: 0, "evict_first": 4, "evict_last": 8}
 Pid = Tuple[int, int, int]
 
 
@@ -79,10 +81,10 @@ class _Building:
         self.starts: List[np.ndarray] = []
         self.ends: List[np.ndarray] = []
 
-    def add(self, kind: str, addrs: np.ndarray, itemsize: int) -> None:
+    def add(self, kind: str, addrs: np.ndarray, itemsize: int, hint: Optional[str]) -> None:
         a = np.unique(addrs)
         brk = np.flatnonzero(a[1:] != a[:-1] + itemsize) + 1
-        self.kinds.append(KIND[kind])
+        self.kinds.append(KIND[kind] | HINT[hint])
         self.starts.append(a[np.r_[0, brk]] if a.size else a)
         self.ends.append(a[np.r_[brk - 1, a.size - 1]] + itemsize if a.size else a)
 
@@ -141,6 +143,7 @@ class StreamRecorder(trace._Listener):
     """Records each launch's per-program streams (and, with ``sample``, picks the programs to run)."""
 
     wants_empty = True
+    wants_hints = True
 
     def __init__(self, space: AddressSpace, sample: bool = False, full_below: int = 8) -> None:
         self.space, self.sample, self.full_below = space, sample, full_below
@@ -158,9 +161,9 @@ class StreamRecorder(trace._Listener):
                 self.space.add(a.storage)
         self._rec, self._ran, self._building, self._plan = {}, set(), {}, None
 
-    def access(self, launch, kind, addrs, itemsize):
+    def access(self, launch, kind, addrs, itemsize, hint=None):
         addrs = self.space.map(addrs.astype(np.int64))
-        self._building.setdefault(tuple(launch.grid_idx), _Building()).add(kind, addrs, itemsize)
+        self._building.setdefault(tuple(launch.grid_idx), _Building()).add(kind, addrs, itemsize, hint)
 
     def launch_end(self, launch):
         self._flush()

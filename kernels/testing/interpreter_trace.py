@@ -158,7 +158,7 @@ def _install() -> None:
                 _current.grid = (x, y, z)
             return orig_dim(self, x, y, z)
 
-        def _notify(kind, ptrs, mask):
+        def _notify(kind, ptrs, mask, policy=None):
             if _current is None:
                 return
             addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
@@ -167,16 +167,19 @@ def _install() -> None:
             for lst in list(_listeners):
                 # a fully masked access moves nothing; stream recorders still see it as a step
                 if addrs.size or getattr(lst, "wants_empty", False):
-                    lst.access(_current, kind, addrs, itemsize)
+                    if getattr(lst, "wants_hints", False):
+                        lst.access(_current, kind, addrs, itemsize, hint=_hint(policy))
+                    else:
+                        lst.access(_current, kind, addrs, itemsize)
 
         def create_masked_load(self, ptrs, mask, other, *a, **k):
             if _listeners:
-                _notify("load", ptrs, mask)
+                _notify("load", ptrs, mask, k.get("eviction_policy", a[1] if len(a) > 1 else None))
             return orig_load(self, ptrs, mask, other, *a, **k)
 
         def create_masked_store(self, ptrs, value, mask, *a, **k):
             if _listeners:
-                _notify("store", ptrs, mask)
+                _notify("store", ptrs, mask, k.get("eviction_policy", a[1] if len(a) > 1 else None))
             return orig_store(self, ptrs, value, mask, *a, **k)
 
         def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
@@ -202,6 +205,12 @@ def _install() -> None:
         ib.create_masked_load, ib.create_masked_store = create_masked_load, create_masked_store
         ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot = create_atomic_rmw, create_atomic_cas, create_dot
         _installed = True
+
+
+def _hint(policy) -> Optional[str]:
+    """``"evict_first"`` / ``"evict_last"`` from an access's eviction policy, else None."""
+    name = str(getattr(policy, "name", policy) or "").lower()
+    return next((h for h in ("evict_first", "evict_last") if h in name), None)
 
 
 @contextlib.contextmanager

@@ -310,10 +310,11 @@ def run_case(shape: sb.Shape, backend: str, pass_: str, batches=FIT_BATCHES, che
 
 
 def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Optional[int], sizes: Dict[str, int],
-            resident: int = H100["sms"], ways: Optional[int] = None, sample: bool = True) -> dict:
+            resident: int = H100["sms"], ways: Optional[int] = None, sample: bool = True,
+            full_kernels: tuple = ()) -> dict:
     """DRAM bytes of one call at ``batch`` under the L2 model, per size (see ``bench/l2_stream.py``)."""
     space = l2_stream.st.AddressSpace()
-    rec = l2_stream.st.StreamRecorder(space, sample=sample)
+    rec = l2_stream.st.StreamRecorder(space, sample=sample, full_kernels=full_kernels)
     events = count(shape, backend, pass_, batch, programs=programs, space=space,
                    extra=lambda: l2_stream.recording(rec))
     streams = l2_stream.pass_streams(events, rec, resident)
@@ -326,11 +327,13 @@ def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Opt
     return out
 
 
-def add_l2(row: dict, shape: sb.Shape, sizes: Dict[str, int], resident: int, ways: Optional[int]) -> None:
+def add_l2(row: dict, shape: sb.Shape, sizes: Dict[str, int], resident: int, ways: Optional[int],
+           full_kernels: tuple = ()) -> None:
     """The L2-model columns of a row: ``l2`` (per size: DRAM bytes, ratio to the floor) and
     ``l2_<size>`` per launch of ``launch_detail``."""
     at = row["eval_point"]
-    res = l2_case(shape, row["backend"], row["pass"], at[0], at[1] if len(at) > 1 else None, sizes, resident, ways)
+    res = l2_case(shape, row["backend"], row["pass"], at[0], at[1] if len(at) > 1 else None, sizes, resident, ways,
+                  full_kernels=full_kernels)
     names = [e["name"] for e in row["launch_detail"]]
     for label, r in res["sizes"].items():
         r["dram_x"] = r["dram"] / row["floor_bytes"]
@@ -355,6 +358,8 @@ def main(argv=None) -> None:
     ap.add_argument("--l2-resident", type=int, default=H100["sms"], help="programs running at once (default: SMs)")
     ap.add_argument("--l2-ways", type=int, default=None, help="set-associative L2 with this many ways "
                     "(default: fully associative)")
+    ap.add_argument("--l2-full", default="", help="kernels to interpret with every program (e.g. ones whose "
+                    "programs wait for each other); the others run a few programs, translated to the rest")
     args = ap.parse_args(argv)
     try:
         sizes = {t.strip(): l2_cache.parse_size(t) for t in args.l2.split(",") if t.strip()}
@@ -366,7 +371,8 @@ def main(argv=None) -> None:
             for pass_ in args.passes.split(","):
                 row = run_case(sb.SHAPES[name], backend, pass_, check=None if args.no_check else CHECK_BATCH)
                 if sizes:
-                    add_l2(row, sb.SHAPES[name], sizes, args.l2_resident, args.l2_ways)
+                    add_l2(row, sb.SHAPES[name], sizes, args.l2_resident, args.l2_ways,
+                           tuple(k for k in args.l2_full.split(",") if k))
                 rows.append(row)
                 print(f"{name:8s} {backend:9s} {pass_:8s} requested {row['requested_x']:6.2f}x  "
                       f"DRAM {row['dram_x']:5.2f}x  launches {row['launches']:3d}  "

@@ -52,9 +52,19 @@ column is a **prediction** of a simple model fed with those counts.
 * **DRAM-level**: the distinct bytes each Triton launch touches (union of the byte ranges of
   its loads and stores) plus the same PyTorch-op bytes: what HBM must serve if each launch reads
   its data once and nothing stays in L2 between launches.
+* **DRAM L2 <size>** (where a count has it: `--l2 50MB,40MB`): the DRAM bytes of the whole pass
+  under an L2 model, counted at the benchmark batch itself: every launch's per-program access
+  streams (a few programs interpreted, the rest translated from them, checked), 132 programs
+  resident at once interleaved access by access, the PyTorch ops' inputs and outputs between
+  them, through one cold fully associative LRU cache of that size with 128-byte lines,
+  write-allocate without fetch; bytes = lines read on a miss + dirty lines evicted + dirty lines
+  left at the end. In the per-launch tables a launch's L2 bytes are the misses it causes and the
+  dirty lines (possibly of earlier launches) it evicts. 50 MB: an H100's L2; 40 MB: the same
+  stream through an A100-sized L2. What the model ignores: `bench/NOTES.md`, "The L2-aware count".
 * Ratios are to the floor bytes of `sparo_readout_bench.floor_bytes` (docs/DESIGN.md, "The floor and how bench/ counts against it": forward
   reads x and the weights once and writes y; the backward adds x, dy, the weights, dx and the
-  weight gradients).
+  weight gradients). Passes: `fwd` under `no_grad`, `fwd_train` the forward with grad (what a
+  training step's forward moves, nothing after it; forward floor), `fwd_bwd` both.
 * **launches**: Triton launches + PyTorch ops that move bytes (each one GPU kernel in eager);
   **ops** counts the latter, **ops MB** their bytes.
 * **H100 model (prediction)**: per launch `max(DRAM-level / 3.0 TB/s, requested / 7 TB/s,
@@ -232,7 +242,9 @@ def _with_latency(doc: dict) -> dict:
 
 
 def section(results_dir: Path = HERE / "results") -> List[str]:
-    docs = [json.loads(f.read_text()) for f in sorted(results_dir.glob("traffic-*.json"))]
+    # oldest count first (the comparison is of the two latest)
+    docs = sorted((json.loads(f.read_text()) for f in results_dir.glob("traffic-*.json")),
+                  key=lambda d: (d.get("date", ""), d["label"]))
     if not docs:
         return []
     docs[-1] = _with_latency(docs[-1])

@@ -16,7 +16,10 @@ other program's stream by translation:
   recorded and must match that prediction exactly, else the whole block is recorded.
 
 This assumes addresses do not depend on the data (the kernels' masks depend on shapes and EOS
-positions only); ``bench/test_l2.py`` checks that a sampled recording reproduces a full one.
+positions only) and that no program waits for one that is not run (sampled programs run in
+grid order; a kernel whose programs spin on flags set by others must not spin under the
+interpreter, or be named in ``full_kernels``); ``bench/test_l2.py`` checks that a sampled
+recording reproduces a full one.
 
 :func:`interleave` turns a launch into the line stream an L2 sees: ``resident`` programs run
 at once (the SMs; a program takes the next free slot when one finishes, in grid order with
@@ -145,8 +148,10 @@ class StreamRecorder(trace._Listener):
     wants_empty = True
     wants_hints = True
 
-    def __init__(self, space: AddressSpace, sample: bool = False, full_below: int = 8) -> None:
+    def __init__(self, space: AddressSpace, sample: bool = False, full_below: int = 8,
+                 full_kernels: Tuple[str, ...] = ()) -> None:
         self.space, self.sample, self.full_below = space, sample, full_below
+        self.full_kernels = set(full_kernels)  # kernels run with every program, in grid order
         self.launches: List[LaunchStream] = []
         self._rec: Dict[Pid, Program] = {}
         self._ran: set = set()
@@ -187,14 +192,15 @@ class StreamRecorder(trace._Listener):
     # -- sampler
     def next_programs(self, kernel: str, grid: Pid) -> List[Pid]:
         if self._plan is None:
-            small = not self.sample or int(np.prod(grid)) <= self.full_below
+            small = not self.sample or int(np.prod(grid)) <= self.full_below or kernel in self.full_kernels
             self._plan = self._all(grid) if small else self._sampled(kernel, grid)
         while True:
             self._flush()
             nxt = next(self._plan, None)
             if nxt is None:
                 return []
-            todo = [p for p in dict.fromkeys(nxt) if p not in self._ran]
+            # in GPU order: a program that waits for an earlier one finds it done
+            todo = sorted((p for p in dict.fromkeys(nxt) if p not in self._ran), key=lambda p: (p[2], p[1], p[0]))
             if todo:
                 self._ran.update(todo)
                 return todo

@@ -68,6 +68,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .sparo_readout_common import LOG2E, _wide, _dot, _n_valid, _score_sweep, _xp_rows
+from .sparo_readout_fwd import _first_ticket, _next_ticket
 
 
 @triton.jit
@@ -263,7 +264,8 @@ def _bwd_fused_kernel(
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
     SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BDF: tl.constexpr, BH: tl.constexpr,
     BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr,
-    BMS: tl.constexpr, BDS: tl.constexpr, BVDS: tl.constexpr, BVS: tl.constexpr, UPCAST: tl.constexpr = False,
+    BMS: tl.constexpr, BDS: tl.constexpr, BVDS: tl.constexpr, BVS: tl.constexpr, TICKETS: tl.constexpr = True,
+    UPCAST: tl.constexpr = False,
 ):
     """The whole backward in one persistent launch (grid ``(P,)``): the slot, token and finish
     stages of the three kernels above, so that gxp, dW_V and the dqt partials are read back by
@@ -276,15 +278,17 @@ def _bwd_fused_kernel(
     resident; under the CPU interpreter (programs one after another, the first takes every
     ticket in order) no wait spins. An item's arithmetic does not depend on which program runs
     it: bitwise the results of the three kernels. Tickets come in order, so the stages are three
-    loops (one loop kept every stage's invariants live in registers: ptxas spilled)."""
+    loops (one loop kept every stage's invariants live in registers: ptxas spilled). Without
+    ``TICKETS`` (the interpreter's default) one program per item, program t running item t."""
     NSLOT = H * STILES
-    t = tl.atomic_add(SYNC, 1)
+    END = NSLOT + NPROG + H * TILES
+    t = _first_ticket(SYNC, TICKETS)
     while t < NSLOT:
         _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (t // STILES).to(tl.int64), t % STILES,
                    B, S, L, D, VD, V, BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST)
         tl.debug_barrier()  # every thread's stores precede the release below
         tl.atomic_add(SYNC + 2, 1, sem="release")
-        t = tl.atomic_add(SYNC, 1)
+        t = _next_ticket(SYNC, END, TICKETS)
     while t < NSLOT + NPROG:
         _wait_count(SYNC + 2, NSLOT)
         _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, t - NSLOT, scale, B, N, D, L, S, NPROG,
@@ -292,13 +296,13 @@ def _bwd_fused_kernel(
                      HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
         tl.debug_barrier()
         tl.atomic_add(SYNC + 1, 1, sem="release")
-        t = tl.atomic_add(SYNC, 1)
+        t = _next_ticket(SYNC, END, TICKETS)
     while t < NSLOT + NPROG + H * TILES:
         _wait_count(SYNC + 1, NPROG)
         f = t - NSLOT - NPROG
         _finish_tile(DQT, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, (f // TILES).to(tl.int64), f % TILES,
                      f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR)
-        t = tl.atomic_add(SYNC, 1)
+        t = _next_ticket(SYNC, END, TICKETS)
 
 
 @triton.jit

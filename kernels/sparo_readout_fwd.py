@@ -275,6 +275,25 @@ def _wait_samples(SYNC, pid_m, M, S, BM: tl.constexpr):
 
 
 @triton.jit
+def _first_ticket(SYNC, TICKETS: tl.constexpr):
+    """A persistent program's first work item (``TICKETS``: from the counter ``SYNC[0]``), or,
+    with one program per item, the program's own."""
+    if TICKETS:
+        return tl.atomic_add(SYNC, 1)
+    else:
+        return tl.program_id(0)
+
+
+@triton.jit
+def _next_ticket(SYNC, end, TICKETS: tl.constexpr):
+    """The next work item (``end``, which ends every loop, for a program with one item)."""
+    if TICKETS:
+        return tl.atomic_add(SYNC, 1)
+    else:
+        return end + 0 * tl.program_id(0)
+
+
+@triton.jit
 def _pooled(r, B, M, S, BM: tl.constexpr):
     """Samples with rows in the row tiles before tile ``r``."""
     return tl.minimum(B, tl.cdiv(tl.minimum(M, r * BM), S))
@@ -299,7 +318,8 @@ def _fwd_fused_kernel(
     stride_xb, stride_xn, stride_xd,
     HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BDP: tl.constexpr,
-    BVD: tl.constexpr, BVO: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr = False,
+    BVD: tl.constexpr, BVO: tl.constexpr, DOT_PREC: tl.constexpr, TICKETS: tl.constexpr = True,
+    UPCAST: tl.constexpr = False,
 ):
     """Pooling and projections in one persistent launch (grid ``(P,)``), so that each chunk of
     pooled rows is projected while it is still in L2. Work items come from one ticket counter
@@ -308,10 +328,13 @@ def _fwd_fused_kernel(
     The order lists every sample before the row tiles that read it, so a projection waits only
     for samples whose tickets are already taken by running programs: no deadlock however many
     programs are resident, and under the CPU interpreter (programs run one after another, the
-    first one takes every ticket in order) no wait ever spins."""
+    first one takes every ticket in order) no wait ever spins. Without ``TICKETS`` (the
+    interpreter's default, ``sparo_readout_op.INTERPRETER_TICKETS``) the grid has one program per
+    item, program t running item t: the same order, and the programs an L2 model interleaves as
+    a GPU runs them."""
     M = B * S
     NT = B + H * tl.cdiv(M, BM)
-    t = tl.atomic_add(SYNC, 1)
+    t = _first_ticket(SYNC, TICKETS)
     while t < NT:
         item = _fused_item(t, B, M, S, H, BM)
         if item >= 0:
@@ -327,7 +350,7 @@ def _fwd_fused_kernel(
             # .cg: the pooled rows were written by other SMs after this launch began; never L1
             _proj_tile(XP, WV, BV, WO, BO, O, OUT, pid_m, (tile % H).to(tl.int64), M, S, L, D, VD, V,
                        BM, BDP, BVD, BVO, DOT_PREC, UPCAST, ".cg")
-        t = tl.atomic_add(SYNC, 1)
+        t = _next_ticket(SYNC, NT, TICKETS)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -147,6 +147,17 @@ def launch_fwd_proj(xp: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: T
     return o, out
 
 
+#: Under the interpreter the persistent kernels run one program per work item (program t runs
+#: the item the t-th ticket would hand out; the same order, and per-program streams as a GPU's
+#: programs would make them, for the L2-aware count); tests set this to run the ticket loop
+#: the GPU runs.
+INTERPRETER_TICKETS: bool = False
+
+
+def _tickets() -> bool:
+    return not INTERPRETED or INTERPRETER_TICKETS
+
+
 def fused_programs(items: int, device: torch.device) -> int:
     """Persistent programs of the fused forward: two per SM on a GPU (a program waiting for its
     rows leaves the SM to the other), at most one per work item; 2 under the interpreter."""
@@ -173,12 +184,12 @@ def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float,
     items = B + H * triton.cdiv(B * S, meta["BM"])
     sync = torch.zeros((1 + B,), device=x.device, dtype=torch.int32)  # ticket counter, per-sample ready flags
     has_eos = eos is not None
-    _launch(_fwd_fused_kernel, (fused_programs(items, x.device),),
+    _launch(_fwd_fused_kernel, (fused_programs(items, x.device) if _tickets() else items,),
             (x, eos.contiguous() if has_eos else lse, qt, scr, attn if need_weights else lse, lse, xp,
              v_weight.contiguous(), v_bias.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(), o, out,
              sync, scale, B, N, D, L, S, H, vd, V, x.stride(0), x.stride(1), x.stride(2)),
             dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
-                 **meta),
+                 TICKETS=_tickets(), **meta),
             at.fused_space(L, N, D, vd, V, x.dtype), ["N", "D", "L"],
             (at.n_bucket(N), D, L, vd, V, x.dtype, has_eos, need_weights))
     return attn, lse, xp, o, out
@@ -293,14 +304,14 @@ def launch_bwd_fused(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_we
     sync = torch.zeros((3,), device=x.device, dtype=torch.int32)  # ticket counter, owners done, slot tiles done
     has_ga, has_eos = ga is not None, eos is not None
     ga = ga if has_ga else lse.view(B, L, 1)
-    _launch(_bwd_fused_kernel, (P,),
+    _launch(_bwd_fused_kernel, (P if _tickets() else H * stiles + P + H * tiles,),
             (g.contiguous(), o, xp, v_weight, proj_weight.contiguous(), gxp, dwv, dbv, dwo_p, dbo_p,
              x, eos.contiguous() if has_eos else lse, lse, ga, qt, scr, dx, part,
              q_emb.contiguous(), k_weight.contiguous(), dq_p, dwk, dwo, dbo, sync,
              scale, B, N, D, L, S, P, H, A, V, vd, triton.cdiv(V, H * tiles), tiles, stiles,
              x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1), ga.stride(2)),
             dict(HAS_EOS=has_eos, HAS_GA=has_ga, SHARED=shared_kv, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
-                 **meta),
+                 TICKETS=_tickets(), **meta),
             at.bwd_fused_space(L, N, D, S, A, H, vd, V, B, x.dtype), ["N", "D", "L"],
             (at.n_bucket(N), at.m_bucket(B * S), D, L, vd, V, x.dtype, has_eos, has_ga, shared_kv))
     # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype

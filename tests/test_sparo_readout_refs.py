@@ -177,14 +177,21 @@ def test_bwd_finish(ops, dtype, shared, H, S):
         _check(name, g_, tr, r, dtype)
 
 
+# the persistent kernels' two ways to hand out work items under the interpreter: the GPU's
+# ticket loop (``INTERPRETER_TICKETS``), and one program per item (the interpreter's default)
+TICKET_MODES = pytest.mark.parametrize("dtype,tickets", [(torch.float32, True), (torch.float16, False)],
+                                       ids=["fp32-tickets", "fp16-per_item"])
+
+
 @pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_fwd_fused(ops, dtype, tiled):
+@TICKET_MODES
+def test_fwd_fused(ops, dtype, tickets, tiled, monkeypatch):
     """The one-launch forward (pooling and projections, work items in ``fused_schedule`` order)
     against the refs, and bitwise equal to the split pool and projection kernels: the same
     arithmetic whichever program takes which item."""
     from sparo_fast_kernels.sparo_readout_fwd import fwd_pool_ref, fwd_proj_ref
 
+    monkeypatch.setattr(ops, "INTERPRETER_TICKETS", tickets)
     ops.TILED_OVERRIDE = 16 if tiled else None
     t = _inputs(dtype)
     B, scale = t["x"].shape[0], t["A"] ** -0.5
@@ -248,8 +255,8 @@ def _fused_items(B, S, H, BM, n):
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["one_tile", "tiled"])
 @pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared_kv"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_bwd_fused(ops, dtype, shared, tiled, monkeypatch):
+@TICKET_MODES
+def test_bwd_fused(ops, dtype, tickets, shared, tiled, monkeypatch):
     """The whole backward in one launch (slot tiles, then token owners waiting for every slot
     tile, then finish tiles waiting for every owner): bitwise equal to the three kernels run one
     after another (each checked against its ref above), and dx and the weight gradients within
@@ -258,6 +265,7 @@ def test_bwd_fused(ops, dtype, shared, tiled, monkeypatch):
     from sparo_fast_kernels.sparo_readout_fwd import from_head_major, fwd_pool_ref
 
     monkeypatch.setattr(bwd, "PROGRAMS_OVERRIDE", 2)  # one owner takes two samples: partial read-back
+    monkeypatch.setattr(ops, "INTERPRETER_TICKETS", tickets)
     ops.TILED_OVERRIDE = 16 if tiled else None
     t = _inputs(dtype, D=70, Vd=6)  # several finish feature tiles, the last one partial; A = Vd
     B, scale = t["x"].shape[0], t["A"] ** -0.5

@@ -289,11 +289,12 @@ def fused_space(L: int, N: int, D: int, VD: int, V: int, dtype: torch.dtype) -> 
     """The pool's space (the heavier phase), less configs whose warps cannot hold the
     projection's o and y tiles in registers or whose shared memory does not fit."""
     m = fused_meta(L, N, D, VD, V, dtype)
-    # mma.sync (sm_8x, sm_12x): the widest feature tile at three stages spilled 16 bytes on sm_80
-    # (vit_b16, fp16, Triton 3.8) once the projection shared the kernel
+    # feature tile x stages <= 128: once the projection shared the kernel, ptxas spilled BD 64 at
+    # 3 stages (16 bytes on sm_80, 92 on sm_100) and BD 128 at 2 (548 on sm_100; vit_b16, fp16,
+    # Triton 3.8)
     out = [c for c in pool_space(L, N, D, dtype)
            if max(m["BVD"], m["BVO"]) * m["BM"] / (32 * c["num_warps"]) <= 64
-           and (_staged_operands() or c["BD"] * c["num_stages"] <= 128)
+           and c["BD"] * c["num_stages"] <= 128
            and _fits(smem_fused(m, c, dtype), c["num_warps"])]
     return out or [dict(BD=16, num_warps=8, num_stages=1)]
 
@@ -405,6 +406,10 @@ def bwd_fused_space(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: 
                     dtype: torch.dtype) -> List[Dict]:
     m = bwd_fused_meta(L, N, D, S, A, H, VD, V, B, dtype)
     out = [c for c in bwd_space(L, N, D, dtype) if _fits(smem_bwd_fused(m, c, dtype), c["num_warps"])]
+    if not m["ONE_TILE"] and any(c["BD"] > 16 for c in out):
+        # the tiled path's 16-wide feature tile: ptxas capped it at 128 registers and spilled 136
+        # bytes on sm_100 (vit_b16, fp16, Triton 3.8); the wider tiles re-read the scratch less anyway
+        out = [c for c in out if c["BD"] > 16]
     return out or [dict(BD=16, num_warps=8, num_stages=1)]
 
 

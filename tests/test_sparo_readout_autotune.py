@@ -181,3 +181,28 @@ def test_launch_uses_the_chosen_config(fresh, monkeypatch):
         at.launch(k, lambda m: (m["BD"], 1), (x, n, 768, 64), dict(ONE_TILE=True), SPACE, ["N", "D", "L"], ("t",))
     assert sorted(timed) == [16, 32, 64]
     assert [(g, kw) for g, _, kw in k.launches] == [((32, 1), dict(ONE_TILE=True, BD=32, num_warps=8, num_stages=2))] * 2
+
+
+def test_timing_runs_rezero_work_counters(fresh, monkeypatch):
+    """A persistent kernel's work counter (``RESET_ARGS``) is zero before every timing run and
+    after the last one: the real launch that follows tuning finds every ticket free."""
+    import triton.testing
+
+    seen = []
+
+    class _Counting(_FakeKernel):
+        arg_names = ["SYNC", "N", "D", "L"]
+        __name__ = "_fwd_fused_kernel"
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                seen.append(int(args[0][0]))
+                args[0][0] += 5  # the launch takes tickets
+            return run
+
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), fn(), 1.0)[-1])
+    sync = torch.zeros(1, dtype=torch.int32)
+    bench = at._bench_fn(_Counting(), (1,), (sync, 197, 768, 64), {})
+    for cfg in SPACE:
+        bench(cfg)
+    assert seen == [0] * (2 * len(SPACE)) and int(sync[0]) == 0

@@ -279,26 +279,31 @@ def _bwd_fused_kernel(
     ticket in order) no wait spins. An item's arithmetic does not depend on which program runs
     it: bitwise the results of the three kernels. Tickets come in order, so the stages are three
     loops (one loop kept every stage's invariants live in registers: ptxas spilled). Without
-    ``TICKETS`` (the interpreter's default) one program per item, program t running item t."""
+    ``TICKETS`` (the interpreter's default) one program per item, program t running item t, and
+    nothing waits: the interpreter runs programs in grid order, the work order."""
     NSLOT = H * STILES
     END = NSLOT + NPROG + H * TILES
     t = _first_ticket(SYNC, TICKETS)
     while t < NSLOT:
         _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (t // STILES).to(tl.int64), t % STILES,
                    B, S, L, D, VD, V, BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST)
-        tl.debug_barrier()  # every thread's stores precede the release below
-        tl.atomic_add(SYNC + 2, 1, sem="release")
+        if TICKETS:
+            tl.debug_barrier()  # every thread's stores precede the release below
+            tl.atomic_add(SYNC + 2, 1, sem="release")
         t = _next_ticket(SYNC, END, TICKETS)
     while t < NSLOT + NPROG:
-        _wait_count(SYNC + 2, NSLOT)
+        if TICKETS:
+            _wait_count(SYNC + 2, NSLOT)
         _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, t - NSLOT, scale, B, N, D, L, S, NPROG,
                      stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
                      HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
-        tl.debug_barrier()
-        tl.atomic_add(SYNC + 1, 1, sem="release")
+        if TICKETS:
+            tl.debug_barrier()
+            tl.atomic_add(SYNC + 1, 1, sem="release")
         t = _next_ticket(SYNC, END, TICKETS)
     while t < NSLOT + NPROG + H * TILES:
-        _wait_count(SYNC + 1, NPROG)
+        if TICKETS:
+            _wait_count(SYNC + 1, NPROG)
         f = t - NSLOT - NPROG
         _finish_tile(DQT, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, (f // TILES).to(tl.int64), f % TILES,
                      f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR)

@@ -330,8 +330,10 @@ def _fwd_fused_kernel(
     programs are resident, and under the CPU interpreter (programs run one after another, the
     first one takes every ticket in order) no wait ever spins. Without ``TICKETS`` (the
     interpreter's default, ``sparo_readout_op.INTERPRETER_TICKETS``) the grid has one program per
-    item, program t running item t: the same order, and the programs an L2 model interleaves as
-    a GPU runs them."""
+    item, program t running item t, and nothing waits: the interpreter runs programs in grid
+    order, which is the work order (and an L2 model that records only some programs never
+    meets a wait for one it skipped); the programs are those an L2 model interleaves as a GPU
+    runs them."""
     M = B * S
     NT = B + H * tl.cdiv(M, BM)
     t = _first_ticket(SYNC, TICKETS)
@@ -341,12 +343,14 @@ def _fwd_fused_kernel(
             b = item.to(tl.int64)
             _pool_sample(X, EOS, QT, SCR, ATTN, LSE, XP, b, scale, B, N, D, L, S, stride_xb, stride_xn, stride_xd,
                          HAS_EOS, NEED_WEIGHTS, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
-            tl.debug_barrier()  # every thread's xp stores precede the release below
-            tl.atomic_add(SYNC + 1 + b, 1, sem="release")
+            if TICKETS:
+                tl.debug_barrier()  # every thread's xp stores precede the release below
+                tl.atomic_add(SYNC + 1 + b, 1, sem="release")
         else:
             tile = -item - 1
             pid_m = tile // H
-            _wait_samples(SYNC, pid_m, M, S, BM)
+            if TICKETS:
+                _wait_samples(SYNC, pid_m, M, S, BM)
             # .cg: the pooled rows were written by other SMs after this launch began; never L1
             _proj_tile(XP, WV, BV, WO, BO, O, OUT, pid_m, (tile % H).to(tl.int64), M, S, L, D, VD, V,
                        BM, BDP, BVD, BVO, DOT_PREC, UPCAST, ".cg")

@@ -148,9 +148,9 @@ def launch_fwd_proj(xp: Tensor, v_weight: Tensor, v_bias: Tensor, proj_weight: T
 
 
 #: Under the interpreter the persistent kernels run one program per work item (program t runs
-#: the item the t-th ticket would hand out; the same order, and per-program streams as a GPU's
-#: programs would make them, for the L2-aware count); tests set this to run the ticket loop
-#: the GPU runs.
+#: the item the t-th ticket would hand out, and nothing waits: the interpreter runs programs in
+#: grid order, which is the work order; per-program streams as a GPU's programs would make
+#: them, for the L2-aware count); tests set this to run the ticket loop the GPU runs.
 INTERPRETER_TICKETS: bool = False
 
 

@@ -125,7 +125,7 @@ def test_sampled_recording_of_the_readout_equals_the_full_one():
     for (a, ka), (b, kb) in zip(full, samp):
         assert np.array_equal(a, b) and np.array_equal(ka, kb)
     assert sum(k.recorded for k in samp_rec.launches) < sum(len(k.programs) for k in samp_rec.launches)
-    token = [k for k in samp_rec.launches if k.kernel == "_bwd_token_kernel"][0]
+    token = [k for k in samp_rec.launches if k.kernel == "_bwd_fused_kernel"][0]
     assert token.blocks >= 2 and token.recorded < len(token.programs)
 
 

@@ -62,7 +62,7 @@ def _check_row(x):
         # "wgmma+mma.sync", and the tiny-slot shape (6 slots: 16-row tiles) is mma.sync.
         if x["shape"] == "few_slots":
             assert x["matrix_ops"] in ("mma.sync", "wgmma+mma.sync", "wgmma"), x
-        elif x["kernel"] == "_bwd_token_kernel" and not x["one_tile"]:
+        elif x["kernel"] in ("_bwd_token_kernel", "_bwd_fused_kernel") and not x["one_tile"]:
             assert x["matrix_ops"] == "wgmma+mma.sync", x
         else:
             assert x["matrix_ops"] == "wgmma", x

@@ -79,13 +79,13 @@ def test_wrong_forward_warns_once_and_falls_back(monkeypatch):
 def test_wrong_backward_is_caught(monkeypatch):
     from sparo_fast_kernels import sparo_readout_op as ops
 
-    real = ops.launch_bwd_token
+    real = ops.launch_bwd_fused
 
     def wrong(*a, **k):
-        dx, part = real(*a, **k)
-        return dx, part * (1 + 1e-3)  # dq_emb and dW_K off by 0.1%
+        dx, dq, dwk, *rest = real(*a, **k)
+        return (dx, dq * (1 + 1e-3), dwk * (1 + 1e-3), *rest)  # dq_emb and dW_K off by 0.1%
 
-    monkeypatch.setattr(ops, "launch_bwd_token", wrong)
+    monkeypatch.setattr(ops, "launch_bwd_fused", wrong)
     m, ref, x, eos = _modules()
     with pytest.warns(RuntimeWarning, match="tensor"):
         got = _grads(m, x, eos)

@@ -107,9 +107,27 @@ def _finish(s: Launch, c: Dict):
     return programs, _cd(s.P, f["BP"]) + _cd(s.V, programs), False
 
 
+def _fwd_fused(s: Launch, c: Dict):
+    """One program per work item (the interpreter's grid; on a GPU persistent programs take the
+    items in the same order): the samples' pooling and the row tiles' projections; the chain is
+    a pooling item's (the longer)."""
+    m = at.fused_meta(s.L, s.N, s.D, s.VD, s.V, torch.float16)
+    programs, trips, _ = _pool(s, c)
+    return programs // _cd(s.L, m["BL"]) + s.H * _cd(s.B * s.S, m["BM"]), trips, True
+
+
+def _bwd_fused(s: Launch, c: Dict):
+    """One program per work item, as ``_fwd_fused``: the slot tiles, the P token owners, the
+    finish tiles; the chain is an owner's (the longest)."""
+    m = at.bwd_fused_meta(s.L, s.N, s.D, s.S, s.A, s.H, s.VD, s.V, s.B, torch.float16)
+    owners, trips, _ = _token(s, c)
+    return s.H * _cd(s.D, m["BDS"]) + owners + s.H * _cd(s.D, m["BDF"]), trips, False
+
+
 #: kernel -> (Launch, config) -> (programs, sequential trips per program, loop pipelined)
 KERNELS: Dict[str, Callable] = {"_fwd_pool_kernel": _pool, "_fwd_proj_kernel": _proj, "_bwd_slot_kernel": _slot,
-                                "_bwd_token_kernel": _token, "_bwd_finish_kernel": _finish}
+                                "_bwd_token_kernel": _token, "_bwd_finish_kernel": _finish,
+                                "_fwd_fused_kernel": _fwd_fused, "_bwd_fused_kernel": _bwd_fused}
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,7 +9,8 @@ reference ``ref``, the way FlashAttention's tests compare their kernels:
     floor    = FLOOR_C * max(eps(dtype), eps(acc) * sqrt(K)) * scale
                                                         K: the longest reduction behind the result,
                                                         acc: the accumulation dtype (float32 for
-                                                        float16/bfloat16), scale: max |ref|
+                                                        float16/bfloat16), scale: max |ref|, or
+                                                        max |terms| (below)
     allowed  = max(pytorch, floor)  (at most ``cap``)
 
 ``pytorch`` is the measure of how hard this particular result is to compute at that precision
@@ -21,6 +22,22 @@ with its probabilities taken from the log-sum-exp as the kernels' backward recom
 numbers) from demanding more than a reduction of length K accumulated at ``acc`` can give, or,
 in half precision, more than a few roundings to the output's own precision. ``cap`` keeps a fixed tolerance that a test
 had before: the allowance never grows past it.
+
+**Cancelling results** (``terms=``). A rounding error is proportional to the size of the terms a
+result is summed from, not to the result: the forward-error bound of a sum of products is
+``|fl(sum a_i b_i) - sum a_i b_i| <= gamma_K * sum |a_i| |b_i|``. Where the terms nearly cancel
+(the query gradient ``sum_n gs_n k_n`` with ``sum_n gs_n = 0`` and keys dominated by their bias;
+the key-bias gradient, zero in exact arithmetic) max|ref| is far below that size, and a floor
+scaled by it demands more than any evaluation order can give: it failed on such query gradients.
+``terms`` passes the magnitude of the terms instead (a tensor shaped like ``ref``, or a number);
+the floor is then scaled by its largest element. :func:`readout_magnitudes` computes it for every
+result of the read-out: the published computation evaluated on absolute values with each operation
+replaced by its first-order error bound (a running error analysis: products and sums of the
+magnitudes, ``p (1 + M_s + sum p M_s)`` through the softmax), which bounds both the size of each
+result and its rounding error in units of eps. It is never below max|ref|, so only cancelling
+results get a larger floor, and only as large as their own terms justify. Where there is no
+independent PyTorch result (float64 against float64, as in the property tests), this floor is the
+whole allowance.
 
 Every check returns a :class:`Check`; a failure's message carries the seed, the measured error,
 the allowance, both terms and which one bound. With ``SPARO_ACCURACY_LOG=path`` set, every check
@@ -41,6 +58,7 @@ from unittest import mock
 import torch
 
 from sparo_fast import functional
+from sparo_fast.params import ReadoutParams
 
 # The floor's constant. A reduction of K products rounded once per addition has an error of
 # about eps * sqrt(K) * (the size of the terms) for random-signed rounding errors; 3 leaves
@@ -79,6 +97,7 @@ class Check:
     scale: float
     K: int
     test: str = ""
+    scale_of: str = "max|ref|"  # what scaled the floor: "max|ref|", "max|terms|" or "given"
 
     @property
     def ratio(self) -> float:
@@ -93,7 +112,7 @@ class Check:
     def message(self) -> str:
         return (f"{self.name}: error {self.err:.3e} > allowed {self.allowed:.3e} ({self.bound} bound; "
                 f"2 x PyTorch's error {self.pytorch:.3e}, floor {self.floor:.3e} = {FLOOR_C:g} x max(eps, "
-                f"eps(acc) x sqrt({self.K})) x max|ref| {self.scale:.3e}; {self.dtype}, seed {self.seed})")
+                f"eps(acc) x sqrt({self.K})) x {self.scale_of} {self.scale:.3e}; {self.dtype}, seed {self.seed})")
 
 
 def _max_abs_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -103,13 +122,15 @@ def _max_abs_diff(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def measure(name: str, got: torch.Tensor, ref: torch.Tensor, pytorch=None, *, dtype: torch.dtype, K: int,
-            seed, scale: float | None = None, cap: float | None = None, log: bool = True) -> Check:
+            seed, scale: float | None = None, cap: float | None = None, terms=None, log: bool = True) -> Check:
     """Measure ``got`` against the float64 ``ref`` (see the module docstring) without asserting.
 
     ``pytorch``: PyTorch's result at ``dtype`` on the same inputs, a tuple of such results (the
     worst counts: e.g. the absorbed and the published formulations), or None (floor only).
-    ``scale`` replaces max|ref| where the reference is zero by cancellation; ``cap`` is an
-    absolute tolerance never to exceed; ``log=False`` keeps a check that is meant to fail (a
+    ``scale`` replaces max|ref| where the reference is zero by cancellation; ``terms``: the
+    magnitude of the terms each element is summed from (see "Cancelling results" above; e.g. an
+    entry of :func:`readout_magnitudes`), whose largest element then scales the floor; ``cap`` is
+    an absolute tolerance never to exceed; ``log=False`` keeps a check that is meant to fail (a
     test of the criterion itself) out of the ``SPARO_ACCURACY_LOG`` record.
     """
     if got.shape != ref.shape:
@@ -117,7 +138,15 @@ def measure(name: str, got: torch.Tensor, ref: torch.Tensor, pytorch=None, *, dt
     if not torch.isfinite(got).all():
         raise AssertionError(f"{name}: non-finite values (seed {seed})")
     ref = ref.detach().double()
-    if scale is None:
+    if scale is not None and terms is not None:
+        raise ValueError(f"{name}: pass scale or terms, not both")
+    scale_of = "given" if scale is not None else "max|terms|" if terms is not None else "max|ref|"
+    if terms is not None:
+        terms = torch.as_tensor(terms, dtype=torch.float64)
+        if terms.dim() and terms.shape != ref.shape:
+            raise ValueError(f"{name}: terms of shape {tuple(terms.shape)} for a result of shape {tuple(ref.shape)}")
+        scale = float(terms.abs().max()) if terms.numel() else 0.0
+    elif scale is None:
         scale = float(ref.abs().max()) if ref.numel() else 0.0
     if pytorch is None:
         pytorch = ()
@@ -129,16 +158,16 @@ def measure(name: str, got: torch.Tensor, ref: torch.Tensor, pytorch=None, *, dt
     if cap is not None and cap < allowed:
         allowed, bound = cap, "cap"
     check = Check(name, str(dtype).replace("torch.", ""), seed, _max_abs_diff(got, ref), torch_term, fl,
-                  allowed, bound, scale, int(K), os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0])
+                  allowed, bound, scale, int(K), os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0], scale_of)
     if log:
         _log(check)
     return check
 
 
 def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, pytorch=None, *, dtype: torch.dtype, K: int,
-                 seed, scale: float | None = None, cap: float | None = None) -> Check:
+                 seed, scale: float | None = None, cap: float | None = None, terms=None) -> Check:
     """:func:`measure`, then fail with the full account if the error exceeds the allowance."""
-    check = measure(name, got, ref, pytorch, dtype=dtype, K=K, seed=seed, scale=scale, cap=cap)
+    check = measure(name, got, ref, pytorch, dtype=dtype, K=K, seed=seed, scale=scale, cap=cap, terms=terms)
     assert check.ok, check.message()
     return check
 
@@ -155,6 +184,59 @@ def readout_lengths(B: int, N: int, D: int, L: int, S: int, A: int, Vd: int, V: 
     return {"out": fwd, "y": fwd, "attn": max(N, D, A), "x": bwd, "q_emb": max(bwd, B * N),
             "k.weight": max(bwd, B * N), "k.bias": max(bwd, B * N), "v.weight": max(bwd, B * S),
             "v.bias": max(bwd, B * S), "proj.weight": max(fwd, B * L), "proj.bias": B * L}
+
+
+def _softmax_magnitude(p: torch.Tensor, m_s: torch.Tensor) -> torch.Tensor:
+    """First-order bound of softmax(s) and its error: an error of M_s in s is a relative error of
+    M_s in exp(s), and the normalisation adds the weighted mean of those (plus one rounding)."""
+    return p * (1 + m_s + (p * m_s).sum(-1, keepdim=True))
+
+
+def _softmax_grad_magnitude(m_p: torch.Tensor, m_gp: torch.Tensor) -> torch.Tensor:
+    """``gs = p (gp - sum p gp)`` with every difference a sum of magnitudes."""
+    return m_p * (m_gp + (m_p * m_gp).sum(-1, keepdim=True))
+
+
+def readout_magnitudes(x, eos_indices, params, g_out, g_attn=None, share_kv=False) -> dict:
+    """The magnitude of the terms behind every result of the read-out (see "Cancelling results"):
+    the published computation and its backward for the loss ``sum(out * g_out) + sum(attn * g_attn)``,
+    evaluated on absolute values with each operation replaced by its first-order error bound.
+    Returns float64 tensors shaped like the results, keyed as :func:`readout_lengths` (``v.*``
+    folded into ``k.*`` when ``share_kv``: one parameter, one gradient)."""
+    q, wk, bk, wv, bv, wo, bo = (t.detach().double() for t in params)
+    x, g_out = x.detach().double(), g_out.detach().double()
+    B, N, _ = x.shape
+    _, H, S, _, A = q.shape
+    c = A ** -0.5
+    aq, ax, awk, awv, awo = q.abs().view(H, S, A), x.abs(), wk.abs(), wv.abs(), wo.abs()
+    m_k = (ax @ awk.t() + bk.abs()).view(B, N, H, A)
+    m_v = (ax @ awv.t() + bv.abs()).view(B, N, H, -1)
+    m_s = c * torch.einsum("hsa,bnha->bhsn", aq, m_k)
+    p = functional.sparo_reference(x, eos_indices, ReadoutParams(q, wk, bk, wv, bv, wo, bo))[1].view(B, H, S, N)
+    if eos_indices is not None:  # masked tokens: p = 0 exactly, no terms
+        m_s = m_s.masked_fill(functional.eos_mask(eos_indices, N, x.device)[:, None, None, :], 0.0)
+    m_p = _softmax_magnitude(p, m_s)
+    m_pool = torch.einsum("bhsn,bnhv->bhsv", m_p, m_v).reshape(B, H * S, -1)
+    out = {"out": m_pool @ awo.t() + bo.abs(), "attn": m_p.reshape(B, H * S, N)}
+    # backward
+    ag = g_out.abs()
+    m_gpool = (ag @ awo).view(B, H, S, -1)
+    m_gp = torch.einsum("bhsv,bnhv->bhsn", m_gpool, m_v)
+    if g_attn is not None:
+        m_gp = m_gp + g_attn.detach().double().abs().view(B, H, S, N)
+    m_gs = _softmax_grad_magnitude(m_p, m_gp)
+    m_dk = c * torch.einsum("bhsn,hsa->bnha", m_gs, aq).reshape(B, N, H * A)
+    m_dv = torch.einsum("bhsn,bhsv->bnhv", m_p, m_gpool).reshape(B, N, -1)
+    out.update({
+        "x": m_dk @ awk + m_dv @ awv, "q_emb": c * torch.einsum("bhsn,bnha->hsa", m_gs, m_k).view(q.shape),
+        "k.weight": m_dk.flatten(0, 1).t() @ ax.flatten(0, 1), "k.bias": m_dk.sum((0, 1)),
+        "v.weight": m_dv.flatten(0, 1).t() @ ax.flatten(0, 1), "v.bias": m_dv.sum((0, 1)),
+        "proj.weight": torch.einsum("blv,bld->vd", ag, m_pool), "proj.bias": ag.sum((0, 1)),
+    })
+    if share_kv:
+        out["k.weight"] = out["k.weight"] + out.pop("v.weight")
+        out["k.bias"] = out["k.bias"] + out.pop("v.bias")
+    return out
 
 
 def _softmax_from_lse(scores, dim=-1, dtype=None):

@@ -36,15 +36,22 @@ def test_low_precision_modules(backend, dtype, tol):
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_autocast_casts_like_linear(backend):
+    """Autocast output dtypes as nn.Linear's; the bf16 output against the float64 module with
+    accuracy.py's criterion (the other backend under the same autocast as PyTorch's error), and
+    within the relative bound the test began with."""
     m = _pair(backend)
     x = torch.randn(2, 7, 16, requires_grad=True)
     lin = torch.nn.Linear(16, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, attn = m(x)
         expected = lin(x).dtype
+        peer_out, _ = _pair({"reference": "torch", "torch": "reference"}[backend])(x)
     assert out.dtype == expected == torch.bfloat16 and attn.dtype == torch.bfloat16
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and m.q_emb.grad.dtype == torch.float32
+    ref64, _ = _pair(backend).double()(x.detach().double())
+    assert_close("out", out, ref64, peer_out, dtype=torch.bfloat16, K=module_lengths(m, x)["out"],
+                 seed="torch.manual_seed(0) (_pair)")
     ref_out, _ = m(x)
     assert ((out.float() - ref_out).norm() / ref_out.norm()) < 3e-2
 

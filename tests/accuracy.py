@@ -186,6 +186,22 @@ def readout_lengths(B: int, N: int, D: int, L: int, S: int, A: int, Vd: int, V: 
             "v.bias": max(bwd, B * S), "proj.weight": max(fwd, B * L), "proj.bias": B * L}
 
 
+def model_lengths(model, *batch_sums: int) -> int:
+    """``K`` for every result of a whole model's step (outputs, loss, gradients): its longest sum,
+    the largest of a linear layer's input or output width (forward, input gradient), a
+    convolution's patch and ``batch_sums`` (the tokens a weight gradient sums over, e.g.
+    batch x sequence length for each tower)."""
+    sizes = list(batch_sums)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            sizes += [mod.in_features, mod.out_features]
+        elif isinstance(mod, torch.nn.Conv2d):
+            sizes.append(mod.in_channels * math.prod(mod.kernel_size))
+        elif isinstance(mod, torch.nn.MultiheadAttention) and mod.in_proj_weight is not None:
+            sizes += list(mod.in_proj_weight.shape)  # the packed q/k/v projection
+    return max(sizes)
+
+
 def _softmax_magnitude(p: torch.Tensor, m_s: torch.Tensor) -> torch.Tensor:
     """First-order bound of softmax(s) and its error: an error of M_s in s is a relative error of
     M_s in exp(s), and the normalisation adds the weighted mean of those (plus one rounding)."""
@@ -197,14 +213,15 @@ def _softmax_grad_magnitude(m_p: torch.Tensor, m_gp: torch.Tensor) -> torch.Tens
     return m_p * (m_gp + (m_p * m_gp).sum(-1, keepdim=True))
 
 
-def readout_magnitudes(x, eos_indices, params, g_out, g_attn=None, share_kv=False) -> dict:
+def readout_magnitudes(x, eos_indices, params, g_out=None, g_attn=None, share_kv=False) -> dict:
     """The magnitude of the terms behind every result of the read-out (see "Cancelling results"):
     the published computation and its backward for the loss ``sum(out * g_out) + sum(attn * g_attn)``,
     evaluated on absolute values with each operation replaced by its first-order error bound.
     Returns float64 tensors shaped like the results, keyed as :func:`readout_lengths` (``v.*``
-    folded into ``k.*`` when ``share_kv``: one parameter, one gradient)."""
+    folded into ``k.*`` when ``share_kv``: one parameter, one gradient); ``out`` and ``attn`` only
+    when ``g_out`` is None."""
     q, wk, bk, wv, bv, wo, bo = (t.detach().double() for t in params)
-    x, g_out = x.detach().double(), g_out.detach().double()
+    x = x.detach().double()
     B, N, _ = x.shape
     _, H, S, _, A = q.shape
     c = A ** -0.5
@@ -218,8 +235,10 @@ def readout_magnitudes(x, eos_indices, params, g_out, g_attn=None, share_kv=Fals
     m_p = _softmax_magnitude(p, m_s)
     m_pool = torch.einsum("bhsn,bnhv->bhsv", m_p, m_v).reshape(B, H * S, -1)
     out = {"out": m_pool @ awo.t() + bo.abs(), "attn": m_p.reshape(B, H * S, N)}
+    if g_out is None:
+        return out
     # backward
-    ag = g_out.abs()
+    ag = g_out.detach().double().abs()
     m_gpool = (ag @ awo).view(B, H, S, -1)
     m_gp = torch.einsum("bhsv,bnhv->bhsn", m_gpool, m_v)
     if g_attn is not None:

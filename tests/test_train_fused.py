@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from accuracy import assert_close, measure
+from accuracy import assert_close, measure, model_lengths
 from sparo_fast import sparo_readout_triton as triton_backend
 
 pytestmark = pytest.mark.skipif(not triton_backend.is_available(torch.device("cpu")) and not torch.cuda.is_available(),
@@ -44,16 +44,10 @@ def err(a, ref):
 
 
 def longest_sum(model) -> int:
-    """K of the accuracy floor: the longest sum in one step of ``model`` (a linear layer's input or
-    output width, the patch, or a batch of tokens, which every weight gradient sums over)."""
+    """K of the accuracy floor: the longest sum in one step of ``model`` (a linear layer's width, the
+    patch, or a batch of image or text tokens, which every weight gradient sums over)."""
     grid = model.visual.grid_size
-    sizes = [BATCH * (grid[0] * grid[1] + 1), BATCH * model.context_length]
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear):
-            sizes += [mod.in_features, mod.out_features]
-        elif isinstance(mod, torch.nn.Conv2d):
-            sizes.append(mod.in_channels * math.prod(mod.kernel_size))
-    return max(sizes)
+    return model_lengths(model, BATCH * (grid[0] * grid[1] + 1), BATCH * model.context_length)
 
 
 def check_step(fused, images, texts, seed, step, check=assert_close):

@@ -88,6 +88,10 @@ def test_non_contiguous_input():
     y = torch.randn(10, 3, 16)  # [N, B, D], as a sequence-first transformer emits it
     out, attn = m(y.permute(1, 0, 2))
     ref = m(y.permute(1, 0, 2).contiguous())
+    exact = _pair("torch").double()(y.permute(1, 0, 2).double())
+    ks = module_lengths(m, y.permute(1, 0, 2))
+    for name, got, contiguous, r in zip(("out", "attn"), (out, attn), ref, exact):
+        assert_close(name, got, r, contiguous, dtype=torch.float32, K=ks[name], seed="torch.manual_seed(0) (_pair)")
     torch.testing.assert_close(out, ref[0])
     torch.testing.assert_close(attn, ref[1])
 

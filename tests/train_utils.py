@@ -45,3 +45,23 @@ def shared_once(tmp_path_factory, name, build):
             build(target)
             (target / ".done").write_text("ok")
     return target
+
+
+def float64_clip_step(model_name, images, tokens):
+    """One step's loss and gradients of ``model_name`` (seed 0 init, as the trainer tests build it) in
+    float64 on the global batch, without the optimizer step, and K of accuracy.py's floor for them.
+    ``loop.train_step`` computes its loss in float32, so the step is written out here."""
+    import torch
+
+    from accuracy import model_lengths
+    from sparo_fast.clip import create_model
+    from sparo_fast_training.loop import make_loss
+
+    torch.manual_seed(0)
+    model = create_model(model_name, fused=False, output_dict=True).double()
+    out = model(images.double(), tokens)
+    loss = make_loss(False, False, 0, 1)(out["image_features"], out["text_features"], out["logit_scale"])
+    loss.backward()
+    n, grid = images.shape[0], model.visual.grid_size
+    K = model_lengths(model, n * (grid[0] * grid[1] + 1), n * tokens.shape[1])
+    return loss.detach(), {k: p.grad for k, p in model.named_parameters() if p.grad is not None}, K

@@ -31,13 +31,16 @@ the key-bias gradient, zero in exact arithmetic) max|ref| is far below that size
 scaled by it demands more than any evaluation order can give: it failed on such query gradients.
 ``terms`` passes the magnitude of the terms instead (a tensor shaped like ``ref``, or a number);
 the floor is then scaled by its largest element. :func:`readout_magnitudes` computes it for every
-result of the read-out: the published computation evaluated on absolute values with each operation
-replaced by its first-order error bound (a running error analysis: products and sums of the
-magnitudes, ``p (1 + M_s + sum p M_s)`` through the softmax), which bounds both the size of each
-result and its rounding error in units of eps. It is never below max|ref|, so only cancelling
-results get a larger floor, and only as large as their own terms justify. Where there is no
-independent PyTorch result (float64 against float64, as in the property tests), this floor is the
-whole allowance.
+result of the read-out: a first-order forward-error bound in units of eps (a running error
+analysis of the published computation and its backward at the float64 values: a sum of products
+whose factors carry errors ``e_a``, ``e_b`` gets ``sum |a||b| + e_a |b| + |a| e_b``; the softmax and
+its gradient carry the errors of the scores and of ``gp - sum p gp``). The magnitude of the terms
+alone at the last sum is not enough: the softmax gradient ``gs = p (gp - sum p gp)`` cancels too
+(exactly zero for a single valid token), and its error reaches every gradient after it. The bound
+is never below max|ref|, so only cancelling results get a larger floor, and only as large as their
+own terms justify; being a worst-case bound it is loose (the float64 property tests measure 1-8% of
+it), but it never fails by luck. Where there is no independent PyTorch result (float64 against
+float64, as in the property tests), this floor is the whole allowance.
 
 Every check returns a :class:`Check`; a failure's message carries the seed, the measured error,
 the allowance, both terms and which one bound. With ``SPARO_ACCURACY_LOG=path`` set, every check
@@ -202,55 +205,77 @@ def model_lengths(model, *batch_sums: int) -> int:
     return max(sizes)
 
 
-def _softmax_magnitude(p: torch.Tensor, m_s: torch.Tensor) -> torch.Tensor:
-    """First-order bound of softmax(s) and its error: an error of M_s in s is a relative error of
-    M_s in exp(s), and the normalisation adds the weighted mean of those (plus one rounding)."""
-    return p * (1 + m_s + (p * m_s).sum(-1, keepdim=True))
+def _product_error(spec: str, a, e_a, b, e_b) -> torch.Tensor:
+    """First-order error (units of eps) of ``einsum(spec, a, b)`` whose factors carry errors e_a, e_b:
+    ``sum |a||b|`` (the sum's own rounding) ``+ e_a |b| + |a| e_b`` (no e_a e_b: second order)."""
+    return torch.einsum(spec, a.abs() + e_a, b.abs()) + torch.einsum(spec, a.abs(), e_b)
 
 
-def _softmax_grad_magnitude(m_p: torch.Tensor, m_gp: torch.Tensor) -> torch.Tensor:
-    """``gs = p (gp - sum p gp)`` with every difference a sum of magnitudes."""
-    return m_p * (m_gp + (m_p * m_gp).sum(-1, keepdim=True))
+def _softmax_error(p: torch.Tensor, e_s: torch.Tensor) -> torch.Tensor:
+    """First-order error of p = softmax(s) (units of eps) from errors e_s of the scores:
+    ``dp_n = p_n ((1 - p_n) ds_n - sum_{m != n} p_m ds_m)`` (a shift common to every score cancels),
+    plus one rounding of p_n itself."""
+    return p * (1 + (1 - p) * e_s + ((p * e_s).sum(-1, keepdim=True) - p * e_s))
+
+
+def _readout_forward_errors(x, eos_indices, params):
+    """Values and first-order error bounds (units of eps) of the forward's intermediates."""
+    q, wk, bk, wv, bv, wo, bo = (t.detach().double() for t in params)
+    B, N, _ = x.shape
+    _, H, S, _, A = q.shape
+    f = dict(c=A ** -0.5, q=q.view(H, S, A), wk=wk, wv=wv, wo=wo, x=x)
+    ax = x.abs()
+    f["k"], f["e_k"] = (x @ wk.t() + bk).view(B, N, H, A), (ax @ wk.abs().t() + bk.abs()).view(B, N, H, A)
+    f["v"], f["e_v"] = (x @ wv.t() + bv).view(B, N, H, -1), (ax @ wv.abs().t() + bv.abs()).view(B, N, H, -1)
+    e_s = f["c"] * torch.einsum("hsa,bnha->bhsn", f["q"].abs(), f["k"].abs() + f["e_k"])
+    p = functional.sparo_reference(x, eos_indices, ReadoutParams(q, wk, bk, wv, bv, wo, bo))[1].view(B, H, S, N)
+    if eos_indices is not None:  # masked tokens: p = 0 exactly
+        e_s = e_s.masked_fill(functional.eos_mask(eos_indices, N, x.device)[:, None, None, :], 0.0)
+    f["p"], f["e_p"] = p, _softmax_error(p, e_s)
+    f["pool"] = torch.einsum("bhsn,bnhv->bhsv", p, f["v"]).reshape(B, H * S, -1)
+    f["e_pool"] = _product_error("bhsn,bnhv->bhsv", p, f["e_p"], f["v"], f["e_v"]).reshape(B, H * S, -1)
+    f["e_out"] = (f["pool"].abs() + f["e_pool"]) @ wo.abs().t() + bo.abs()
+    return f
 
 
 def readout_magnitudes(x, eos_indices, params, g_out=None, g_attn=None, share_kv=False) -> dict:
     """The magnitude of the terms behind every result of the read-out (see "Cancelling results"):
-    the published computation and its backward for the loss ``sum(out * g_out) + sum(attn * g_attn)``,
-    evaluated on absolute values with each operation replaced by its first-order error bound.
+    a first-order forward-error bound in units of eps (a running error analysis of the published
+    computation and its backward for the loss ``sum(out * g_out) + sum(attn * g_attn)``, at the
+    float64 values): a sum of products ``sum a_i b_i`` whose factors carry errors ``e_a``, ``e_b``
+    gets ``sum |a_i| |b_i| + e_a |b_i| + |a_i| e_b``; a softmax, ``_softmax_error``. So
+    ``dq = sum_n gs_n k_n / sqrt(A)`` is held to the size of its terms ``|gs_n| |k_n|``, not to its
+    own value, and errors of the scores (eps x |s|, relative in p) reach every gradient.
     Returns float64 tensors shaped like the results, keyed as :func:`readout_lengths` (``v.*``
     folded into ``k.*`` when ``share_kv``: one parameter, one gradient); ``out`` and ``attn`` only
     when ``g_out`` is None."""
-    q, wk, bk, wv, bv, wo, bo = (t.detach().double() for t in params)
-    x = x.detach().double()
-    B, N, _ = x.shape
-    _, H, S, _, A = q.shape
-    c = A ** -0.5
-    aq, ax, awk, awv, awo = q.abs().view(H, S, A), x.abs(), wk.abs(), wv.abs(), wo.abs()
-    m_k = (ax @ awk.t() + bk.abs()).view(B, N, H, A)
-    m_v = (ax @ awv.t() + bv.abs()).view(B, N, H, -1)
-    m_s = c * torch.einsum("hsa,bnha->bhsn", aq, m_k)
-    p = functional.sparo_reference(x, eos_indices, ReadoutParams(q, wk, bk, wv, bv, wo, bo))[1].view(B, H, S, N)
-    if eos_indices is not None:  # masked tokens: p = 0 exactly, no terms
-        m_s = m_s.masked_fill(functional.eos_mask(eos_indices, N, x.device)[:, None, None, :], 0.0)
-    m_p = _softmax_magnitude(p, m_s)
-    m_pool = torch.einsum("bhsn,bnhv->bhsv", m_p, m_v).reshape(B, H * S, -1)
-    out = {"out": m_pool @ awo.t() + bo.abs(), "attn": m_p.reshape(B, H * S, N)}
+    f = _readout_forward_errors(x.detach().double(), eos_indices, params)
+    c, q, k, v, p, e_p, B, N = f["c"], f["q"], f["k"], f["v"], f["p"], f["e_p"], *f["x"].shape[:2]
+    H, S, A = q.shape
+    out = {"out": f["e_out"], "attn": e_p.reshape(B, H * S, N)}
     if g_out is None:
         return out
-    # backward
-    ag = g_out.detach().double().abs()
-    m_gpool = (ag @ awo).view(B, H, S, -1)
-    m_gp = torch.einsum("bhsv,bnhv->bhsn", m_gpool, m_v)
+    g_out = g_out.detach().double()
+    g_pool, e_gpool = (g_out @ f["wo"]).view(B, H, S, -1), (g_out.abs() @ f["wo"].abs()).view(B, H, S, -1)
+    g_p = torch.einsum("bhsv,bnhv->bhsn", g_pool, v)
+    e_gp = _product_error("bhsv,bnhv->bhsn", g_pool, e_gpool, v, f["e_v"])
     if g_attn is not None:
-        m_gp = m_gp + g_attn.detach().double().abs().view(B, H, S, N)
-    m_gs = _softmax_grad_magnitude(m_p, m_gp)
-    m_dk = c * torch.einsum("bhsn,hsa->bnha", m_gs, aq).reshape(B, N, H * A)
-    m_dv = torch.einsum("bhsn,bhsv->bnhv", m_p, m_gpool).reshape(B, N, -1)
+        g_p, e_gp = g_p + g_attn.detach().double().view(B, H, S, N), e_gp + g_attn.detach().double().abs().view(B, H, S, N)
+    r, e_r = (p * g_p).sum(-1, keepdim=True), ((p + e_p) * g_p.abs() + p * e_gp).sum(-1, keepdim=True)
+    g_s = p * (g_p - r)
+    e_gs = p * (g_p.abs() + r.abs() + e_gp + e_r) + e_p * (g_p - r).abs()
+    m_gs = g_s.abs() + e_gs
+    d_k, e_dk = [(c * torch.einsum("bhsn,hsa->bnha", t, q.abs() if i else q)).reshape(B, N, H * A)
+                 for i, t in enumerate((g_s, m_gs))]
+    d_v = torch.einsum("bhsn,bhsv->bnhv", p, g_pool).reshape(B, N, -1)
+    e_dv = _product_error("bhsn,bhsv->bnhv", p, e_p, g_pool, e_gpool).reshape(B, N, -1)
+    m_dk, m_dv, ax, ag = (d_k.abs() + e_dk).flatten(0, 1), (d_v.abs() + e_dv).flatten(0, 1), f["x"].abs(), g_out.abs()
     out.update({
-        "x": m_dk @ awk + m_dv @ awv, "q_emb": c * torch.einsum("bhsn,bnha->hsa", m_gs, m_k).view(q.shape),
-        "k.weight": m_dk.flatten(0, 1).t() @ ax.flatten(0, 1), "k.bias": m_dk.sum((0, 1)),
-        "v.weight": m_dv.flatten(0, 1).t() @ ax.flatten(0, 1), "v.bias": m_dv.sum((0, 1)),
-        "proj.weight": torch.einsum("blv,bld->vd", ag, m_pool), "proj.bias": ag.sum((0, 1)),
+        "x": (m_dk @ f["wk"].abs() + m_dv @ f["wv"].abs()).view(B, N, -1),
+        "q_emb": c * _product_error("bhsn,bnha->hsa", g_s, e_gs, k, f["e_k"]).view(1, H, S, 1, A),
+        "k.weight": m_dk.t() @ ax.flatten(0, 1), "k.bias": m_dk.sum(0),
+        "v.weight": m_dv.t() @ ax.flatten(0, 1), "v.bias": m_dv.sum(0),
+        "proj.weight": torch.einsum("blv,bld->vd", ag, f["pool"].abs() + f["e_pool"]), "proj.bias": ag.sum((0, 1)),
     })
     if share_kv:
         out["k.weight"] = out["k.weight"] + out.pop("v.weight")

@@ -259,12 +259,12 @@ def test_compiled_training_step_has_no_graph_break():
     assert counters["stats"]["unique_graphs"] >= 2  # blocks and read-outs were compiled
     # the compiled step's loss and gradients against float64 with accuracy.py's criterion (the eager
     # step as PyTorch's error); then the tolerances the test began with, on the loss and the weights
-    loss64, grads64, K = float64_clip_step("ViT-Tiny-SPARO", images, tokens)
+    loss64, grads64, K, terms = float64_clip_step("ViT-Tiny-SPARO", images, tokens)
     check = dict(dtype=torch.float32, K=K, seed=f"global_batch seed {seed}")
     assert_close("loss", out[True][0], loss64, out[False][0], **check)
     assert out[True][2].keys() == out[False][2].keys() == grads64.keys()
     for n, g in grads64.items():
-        assert_close(n, out[True][2][n], g, out[False][2][n], **check)
+        assert_close(n, out[True][2][n], g, out[False][2][n], terms=terms.get(n), **check)
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
     for n, p in out[False][1].items():
         torch.testing.assert_close(out[True][1][n], p, rtol=1e-4, atol=1e-5, msg=n)

@@ -85,6 +85,101 @@ def in_launch() -> bool:
     return _launch_depth > 0
 
 
+def _wrap_launches(gx, ib) -> None:
+    """Wrap the launch methods: each launch's tensor arguments and grid go to the listeners."""
+    orig_init, orig_call = gx._init_args_hst, gx.__call__
+    orig_idx, orig_dim = ib.set_grid_idx, ib.set_grid_dim
+
+    def _init_args_hst(self, args_dev, kwargs):
+        args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
+        if _listeners:
+            global _current
+            found: List[_Arg] = []
+            for name, a in zip(self.arg_names, args_hst):
+                _collect(name, a, found)
+            for name, a in kwargs_hst.items():
+                _collect(name, a, found)
+            _current = _Launch(self.fn.__name__, found)
+            for lst in list(_listeners):
+                lst.launch_begin(_current)
+        return args_hst, kwargs_hst
+
+    def __call__(self, *args, **kwargs):
+        global _current, _launch_depth
+        _launch_depth += 1
+        try:
+            return orig_call(self, *args, **kwargs)
+        finally:
+            _launch_depth -= 1
+            if _current is not None:
+                launch, _current = _current, None
+                for lst in list(_listeners):
+                    lst.launch_end(launch)
+
+    def set_grid_idx(self, x, y, z):
+        if _current is not None:
+            _current.grid_idx = (x, y, z)
+        return orig_idx(self, x, y, z)
+
+    def set_grid_dim(self, x, y, z):
+        if _current is not None:
+            _current.grid = (x, y, z)
+        return orig_dim(self, x, y, z)
+
+    gx._init_args_hst, gx.__call__ = _init_args_hst, __call__
+    ib.set_grid_idx, ib.set_grid_dim = set_grid_idx, set_grid_dim
+
+
+def _notify(interpreter, kind, ptrs, mask) -> None:
+    """Hand the unmasked addresses of one access to the listeners."""
+    if _current is None:
+        return
+    addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+    if addrs.size == 0:
+        return
+    itemsize = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+    addrs = np.asarray(addrs, dtype=np.uint64).ravel()
+    for lst in list(_listeners):
+        lst.access(_current, kind, addrs, itemsize)
+
+
+def _wrap_memory(ib, interpreter) -> None:
+    """Wrap the memory methods (loads, stores, atomics) and ``tl.dot`` (its FLOPs)."""
+    orig_load, orig_store = ib.create_masked_load, ib.create_masked_store
+    orig_rmw, orig_cas, orig_dot = ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot
+
+    def create_masked_load(self, ptrs, mask, other, *a, **k):
+        if _listeners:
+            _notify(interpreter, "load", ptrs, mask)
+        return orig_load(self, ptrs, mask, other, *a, **k)
+
+    def create_masked_store(self, ptrs, value, mask, *a, **k):
+        if _listeners:
+            _notify(interpreter, "store", ptrs, mask)
+        return orig_store(self, ptrs, value, mask, *a, **k)
+
+    def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
+        if _listeners:
+            _notify(interpreter, "atomic", ptr, mask)
+        return orig_rmw(self, op, ptr, val, mask, *a, **k)
+
+    def create_atomic_cas(self, ptr, cmp, val, *a, **k):
+        if _listeners:
+            _notify(interpreter, "atomic", ptr, None)
+        return orig_cas(self, ptr, cmp, val, *a, **k)
+
+    def create_dot(self, a, b, d, *rest, **k):
+        if _listeners and _current is not None:
+            sa, sb = a.data.shape, b.data.shape
+            flops = 2 * int(np.prod(sa)) * sb[-1]  # [.., M, K] x [.., K, N]
+            for lst in list(_listeners):
+                lst.dot(_current, flops)
+        return orig_dot(self, a, b, d, *rest, **k)
+
+    ib.create_masked_load, ib.create_masked_store = create_masked_load, create_masked_store
+    ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot = create_atomic_rmw, create_atomic_cas, create_dot
+
+
 def _install() -> None:
     """Wrap the interpreter's launch and memory methods (idempotent)."""
     global _installed
@@ -93,91 +188,8 @@ def _install() -> None:
             return
         from triton.runtime import interpreter as I
 
-        gx, ib = I.GridExecutor, I.InterpreterBuilder
-        orig_init, orig_call = gx._init_args_hst, gx.__call__
-        orig_load, orig_store = ib.create_masked_load, ib.create_masked_store
-        orig_rmw, orig_cas, orig_dot = ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot
-        orig_idx, orig_dim = ib.set_grid_idx, ib.set_grid_dim
-
-        def _init_args_hst(self, args_dev, kwargs):
-            args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
-            if _listeners:
-                global _current
-                found: List[_Arg] = []
-                for name, a in zip(self.arg_names, args_hst):
-                    _collect(name, a, found)
-                for name, a in kwargs_hst.items():
-                    _collect(name, a, found)
-                _current = _Launch(self.fn.__name__, found)
-                for lst in list(_listeners):
-                    lst.launch_begin(_current)
-            return args_hst, kwargs_hst
-
-        def __call__(self, *args, **kwargs):
-            global _current, _launch_depth
-            _launch_depth += 1
-            try:
-                return orig_call(self, *args, **kwargs)
-            finally:
-                _launch_depth -= 1
-                if _current is not None:
-                    launch, _current = _current, None
-                    for lst in list(_listeners):
-                        lst.launch_end(launch)
-
-        def set_grid_idx(self, x, y, z):
-            if _current is not None:
-                _current.grid_idx = (x, y, z)
-            return orig_idx(self, x, y, z)
-
-        def set_grid_dim(self, x, y, z):
-            if _current is not None:
-                _current.grid = (x, y, z)
-            return orig_dim(self, x, y, z)
-
-        def _notify(kind, ptrs, mask):
-            if _current is None:
-                return
-            addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
-            if addrs.size == 0:
-                return
-            itemsize = np.dtype(I._get_np_dtype(ptrs.get_element_ty())).itemsize
-            addrs = np.asarray(addrs, dtype=np.uint64).ravel()
-            for lst in list(_listeners):
-                lst.access(_current, kind, addrs, itemsize)
-
-        def create_masked_load(self, ptrs, mask, other, *a, **k):
-            if _listeners:
-                _notify("load", ptrs, mask)
-            return orig_load(self, ptrs, mask, other, *a, **k)
-
-        def create_masked_store(self, ptrs, value, mask, *a, **k):
-            if _listeners:
-                _notify("store", ptrs, mask)
-            return orig_store(self, ptrs, value, mask, *a, **k)
-
-        def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
-            if _listeners:
-                _notify("atomic", ptr, mask)
-            return orig_rmw(self, op, ptr, val, mask, *a, **k)
-
-        def create_atomic_cas(self, ptr, cmp, val, *a, **k):
-            if _listeners:
-                _notify("atomic", ptr, None)
-            return orig_cas(self, ptr, cmp, val, *a, **k)
-
-        def create_dot(self, a, b, d, *rest, **k):
-            if _listeners and _current is not None:
-                sa, sb = a.data.shape, b.data.shape
-                flops = 2 * int(np.prod(sa)) * sb[-1]  # [.., M, K] x [.., K, N]
-                for lst in list(_listeners):
-                    lst.dot(_current, flops)
-            return orig_dot(self, a, b, d, *rest, **k)
-
-        gx._init_args_hst, gx.__call__ = _init_args_hst, __call__
-        ib.set_grid_idx, ib.set_grid_dim = set_grid_idx, set_grid_dim
-        ib.create_masked_load, ib.create_masked_store = create_masked_load, create_masked_store
-        ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot = create_atomic_rmw, create_atomic_cas, create_dot
+        _wrap_launches(I.GridExecutor, I.InterpreterBuilder)
+        _wrap_memory(I.InterpreterBuilder, I)
         _installed = True
 
 

@@ -191,7 +191,10 @@ def _count(trace, shape: sb.Shape, backend: str, pass_: str, batch: int, seed: i
     # EOS positions would make the counts data-dependent and not linear in the batch
     eos = torch.full((batch,), shape.N - 1) if shape.eos else None
     events: list = []
-    if pass_ == "fwd":
+    if pass_ in ("fwd", "infer"):  # infer: the module in eval() mode (its inference path)
+        m.train(pass_ == "fwd")
+        with torch.no_grad():
+            m(x[:1], None if eos is None else eos[:1])  # warm caches (the absorbed query), uncounted
         with torch.no_grad(), trace.listening(_KernelEvents(trace, events)), TorchOpCounter(trace, events):
             m(x, eos)
         return events

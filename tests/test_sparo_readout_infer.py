@@ -1,0 +1,250 @@
+"""The inference path: ``SparoReadout`` in ``eval()`` where autograd records nothing.
+
+* the fused inference kernel (``sparo_readout_infer``) against the float64 reference, outputs and
+  attention maps, fp16 and fp32, with ``tests/accuracy.py``'s criterion, on one ring chunk and on
+  a small ring that is reused several times (``META_OVERRIDE``); the op against its ``*_ref``;
+* the absorbed-query cache: reused while the weights are unchanged, recomputed after an
+  optimizer step, ``load_state_dict``, an in-place edit, ``.to()``; never consulted where
+  gradients are needed; ``train()``/``eval()`` switching; gradient-accumulation micro-steps with
+  an evaluation between them.
+
+Without a GPU the kernels run under the Triton interpreter (``conftest.py``), on tiny shapes.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from accuracy import absorbed_from_lse, assert_close, module_lengths, readout_lengths
+from sparo_fast import SparoReadout, sparo_absorbed, sparo_reference
+from sparo_fast import sparo_readout_triton as triton_backend
+from sparo_fast.params import ReadoutParams
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not triton_backend.is_available(DEV), reason="needs Triton (GPU or interpreter)")
+infer = pytest.importorskip("sparo_fast_kernels.sparo_readout_infer")
+trace = pytest.importorskip("sparo_fast_kernels.testing.interpreter_trace")
+INTERPRETED = infer.INTERPRETED
+
+SEED = 20241
+D, L, V, A, H = 40, 4, 6, 8, 2  # two heads of two slots: the head-major ring layout matters
+
+
+def _module(dtype, seed=SEED, share_kv=True) -> SparoReadout:
+    print(f"seed {seed}")
+    torch.manual_seed(seed)
+    m = SparoReadout(D, L, V, A, num_heads=H, share_kv=share_kv, backend="triton", need_weights=True)
+    with torch.no_grad():
+        m.proj.bias.normal_()  # non-zero biases: a wrong bias row would show
+        m.v.bias.normal_()
+    return m.to(DEV, dtype)
+
+
+def _inputs(dtype, B, N, eos: bool, seed=SEED):
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, N, D, generator=gen).to(DEV, dtype)
+    e = torch.randint(0, N, (B,), generator=gen).to(DEV) if eos else None
+    return x, e
+
+
+def _kernels(fn):
+    """(result of fn(), names of the Triton launches it made): interpreter only."""
+    rec = trace.Recorder()
+    with trace.listening(rec):
+        out = fn()
+    return out, [r.kernel for r in rec.launches]
+
+
+@pytest.fixture
+def small_ring():
+    """Two samples per chunk, two ring chunks: a batch of 7 reuses each ring chunk twice."""
+    infer.META_OVERRIDE.update(G=2, LOOK=1)
+    yield
+    infer.META_OVERRIDE.clear()
+
+
+# ----------------------------------------------------------------------------- accuracy
+@pytest.mark.parametrize("ring", ["one_chunk", "small_ring"])
+@pytest.mark.parametrize("eos", [False, True], ids=["no_eos", "eos"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_infer_vs_float64(dtype, eos, ring, request):
+    if ring == "small_ring":
+        request.getfixturevalue("small_ring")
+    m = _module(dtype).eval()
+    x, e = _inputs(dtype, 7, 13, eos)
+    with torch.no_grad():
+        (out, attn), names = _kernels(lambda: m(x, e))
+    if INTERPRETED:
+        assert names == ["_infer_kernel"], names  # the fused kernel, not the training forward
+    ps = m.params()
+    wide = ReadoutParams(*(p.double() for p in ps))
+    truth = sparo_reference(x.double(), e, wide)
+    with torch.no_grad():
+        own = [fn(x, e, ps) for fn in (sparo_reference, sparo_absorbed, absorbed_from_lse)]
+    ks = module_lengths(m, x)
+    assert out.dtype == attn.dtype == dtype
+    assert_close("out", out, truth[0], tuple(o[0] for o in own), dtype=dtype, K=ks["out"], seed=SEED)
+    assert_close("attn", attn, truth[1], tuple(o[1] for o in own), dtype=dtype, K=ks["attn"], seed=SEED)
+    with torch.no_grad():
+        out2, none = m(x, e, need_weights=False)
+    assert none is None and torch.equal(out2, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_op_vs_ref(dtype, small_ring):
+    """``readout_infer`` against ``readout_infer_ref`` (float64 truth; the ref at the kernel's
+    precision is PyTorch's own error), separate k/v weights, three slots per head."""
+    print(f"seed {SEED}")
+    gen = torch.Generator().manual_seed(SEED)
+    B, N, Dx, Hh, S, Vd, Vo = 5, 11, 24, 2, 3, 7, 5
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEV, dtype)
+
+    args = [r(B, N, Dx), torch.tensor([10, 0, 4, 7, 2], device=DEV), r(Hh * S, Dx, scale=0.5),
+            r(Hh * Vd, Dx, scale=Dx ** -0.5), r(Hh * Vd), r(Vo, Vd, scale=Vd ** -0.5), r(Vo), Hh, 0.4, True]
+    got = torch.ops.sparo_fast.readout_infer(*args)
+    lo = infer.readout_infer_ref(*args)
+    truth = infer.readout_infer_ref(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a
+                                      for a in args])
+    ks = readout_lengths(B, N, Dx, Hh * S, S, 8, Vd, Vo)
+    for name, g, t, own in zip(("out", "attn"), got, truth, lo):
+        assert_close(name, g, t, own, dtype=dtype, K=ks[name], seed=SEED)
+
+
+def test_op_schema_and_fake():
+    """The registered schema and the fake implementation (shapes without running the kernel)."""
+    x = torch.randn(3, 5, D, device=DEV)
+    args = (x, None, torch.randn(L, D, device=DEV), torch.randn(H * A, D, device=DEV), torch.randn(H * A, device=DEV),
+            torch.randn(V, A, device=DEV), torch.randn(V, device=DEV), H, A ** -0.5, True)
+    torch.library.opcheck(torch.ops.sparo_fast.readout_infer.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------- the cache
+def _uncached(m, x, e):
+    """The same call with the cache off: the absorbed query recomputed from the weights."""
+    m.cache_absorbed_query = False
+    try:
+        with torch.no_grad():
+            return m(x, e)
+    finally:
+        m.cache_absorbed_query = True
+
+
+def test_cache_reused_while_weights_unchanged():
+    m = _module(torch.float32).eval()
+    x, e = _inputs(torch.float32, 3, 9, True)
+    with torch.no_grad():
+        first = m(x, e)
+        qt = m.absorbed_cache._value
+        (second, names) = _kernels(lambda: m(x, e))
+    assert m.absorbed_cache.computed == 1 and m.absorbed_cache._value is qt
+    if INTERPRETED:
+        assert names == ["_infer_kernel"]
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    with torch.inference_mode():
+        third = m(x, e)
+    assert m.absorbed_cache.computed == 1 and torch.equal(third[0], first[0])
+
+
+@pytest.mark.parametrize("change", ["optimizer_step", "load_state_dict", "in_place_edit", "detached_edit", "to"])
+def test_cache_invalidated(change):
+    m = _module(torch.float32).eval()
+    x, e = _inputs(torch.float32, 3, 9, False)
+    with torch.no_grad():
+        before = m(x, e)[0]
+    if change == "optimizer_step":
+        opt = torch.optim.AdamW(m.parameters(), lr=0.1)
+        m.train()
+        m(x, e)[0].square().sum().backward()
+        opt.step()
+        m.eval()
+    elif change == "load_state_dict":
+        m.load_state_dict(_module(torch.float32, seed=SEED + 7).state_dict())
+    elif change == "in_place_edit":
+        with torch.no_grad():
+            m.q_emb.mul_(-1.5)
+    elif change == "detached_edit":  # .detach() shares the version counter (p.data does not: see the docs)
+        m.k.weight.detach().mul_(2.0)
+    else:
+        m.to(torch.float16)
+        x = x.half()
+    with torch.no_grad():
+        after = m(x, e)[0]
+    assert m.absorbed_cache.computed == 2
+    want = _uncached(m, x, e)[0]
+    assert torch.equal(after, want), f"stale absorbed query after {change}"
+    if change != "to":
+        assert not torch.allclose(after, before, atol=1e-3), "the change should move the output"
+
+
+def test_cache_cleared_by_hand_after_data_write():
+    """``p.data`` writes bypass the version counter: ``absorbed_cache.clear()`` is the remedy."""
+    m = _module(torch.float32).eval()
+    x, e = _inputs(torch.float32, 2, 9, False)
+    with torch.no_grad():
+        m(x, e)
+    m.q_emb.data.mul_(-1.0)
+    m.absorbed_cache.clear()
+    with torch.no_grad():
+        assert torch.equal(m(x, e)[0], _uncached(m, x, e)[0])
+
+
+def _grads(m, x, e):
+    xx = x.detach().requires_grad_(True)
+    out, attn = m(xx, e)
+    (out.square().sum() + attn.sum(-1).square().sum()).backward()
+    return out
+
+
+def test_grad_needed_never_uses_the_inference_path():
+    """eval() with gradients (and train() under no_grad) run the training op; gradients reach the
+    query-side parameters and match the torch backend's."""
+    m = _module(torch.float32).eval()
+    ref = _module(torch.float32).eval()
+    ref.backend = "torch"
+    x, e = _inputs(torch.float32, 3, 9, True)
+    out, names = _kernels(lambda: _grads(m, x, e))
+    _grads(ref, x, e)
+    if INTERPRETED:
+        assert names and "_infer_kernel" not in names, names  # the training kernels
+    assert m.absorbed_cache.computed == 0
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    m.train()
+    with torch.no_grad():
+        _, names = _kernels(lambda: m(x, e))
+    if INTERPRETED:
+        assert names and "_infer_kernel" not in names, names
+    assert m.absorbed_cache.computed == 0
+
+
+def test_train_eval_switching_and_micro_steps():
+    """Two gradient-accumulation micro-steps with an evaluation between them: the evaluation reuses
+    the cache (weights unchanged during accumulation), the accumulated gradients equal the torch
+    backend's, and after the optimizer step the next evaluation recomputes."""
+    m, ref = _module(torch.float32), _module(torch.float32)
+    ref.backend = "torch"
+    xs = [_inputs(torch.float32, 3, 9, True, seed=SEED + i) for i in range(3)]
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    outs = []
+    for i, (x, e) in enumerate(xs[:2]):
+        m.train(), ref.train()
+        _grads(m, x, e)
+        _grads(ref, x, e)
+        m.eval()
+        with torch.no_grad():
+            outs.append(m(*xs[2]))
+        assert m.absorbed_cache.computed == 1, f"micro-step {i}: the weights did not change"
+    assert torch.equal(outs[0][0], outs[1][0])
+    for (name, p), q in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    opt.step()
+    with torch.no_grad():
+        after = m(*xs[2])[0]
+    assert m.absorbed_cache.computed == 2
+    assert torch.equal(after, _uncached(m, *xs[2])[0])
+    assert not math.isclose(float(after.sum()), float(outs[0][0].sum()))

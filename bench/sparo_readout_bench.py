@@ -53,7 +53,7 @@ SHAPES = {s.name: s for s in (
 )}
 
 IMPLS = ("reference", "reference+compile", "torch", "torch+compile", "sdpa", "xformers", "triton")
-PASSES = ("fwd", "fwd_bwd")
+PASSES = ("fwd", "fwd_bwd", "infer")  # infer: eval() mode under no_grad (the inference path)
 
 
 # ----------------------------------------------------------------------------- the floor

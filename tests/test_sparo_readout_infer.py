@@ -248,3 +248,31 @@ def test_train_eval_switching_and_micro_steps():
     assert m.absorbed_cache.computed == 2
     assert torch.equal(after, _uncached(m, *xs[2])[0])
     assert not math.isclose(float(after.sum()), float(outs[0][0].sum()))
+
+
+def test_torch_compile_eval():
+    """torch.compile(fullgraph=True) of a module in eval() under no_grad: the absorbed query is
+    computed in the graph (no cache while compiling) and the inference op is called without a
+    graph break (opaque under the interpreter); same outputs as eager."""
+    torch._dynamo.reset()
+    m = _module(torch.float32).eval()
+    x, e = _inputs(torch.float32, 3, 9, True)
+    with torch.no_grad():
+        want = m(x, e)
+        got, names = _kernels(lambda: torch.compile(m, fullgraph=True, backend="aot_eager")(x, e))
+    if INTERPRETED:
+        assert names == ["_infer_kernel"], names
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+
+
+def test_autocast_eval_keys_on_master_weights():
+    """Under autocast the fp32 master weights are cast each call; the cache keys on the masters and
+    the compute dtype, so repeated calls reuse one float16 absorbed query."""
+    m = _module(torch.float32).eval()
+    x, _ = _inputs(torch.float32, 2, 9, False)
+    with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.float16):
+        a = m(x)[0]
+        b = m(x)[0]
+    assert a.dtype == torch.float16 and m.absorbed_cache.computed == 1 and torch.equal(a, b)
+    assert m.absorbed_cache._value.dtype == torch.float16

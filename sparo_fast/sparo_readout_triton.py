@@ -247,6 +247,14 @@ def infer_reason(x: Tensor, params: ReadoutParams) -> Optional[str]:
     return None
 
 
+def _fused_infer(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams, need_weights: bool, qt: Tensor):
+    """The inference kernel (no autograd formula: only where nothing needs gradients)."""
+    _, _, _, v_weight, v_bias, proj_weight, proj_bias = params
+    out, attn = torch.ops.sparo_fast.readout_infer(x, eos_indices, qt, v_weight, v_bias, proj_weight, proj_bias,
+                                                   params.num_heads, params.attn_dim ** -0.5, bool(need_weights))
+    return out, (attn if need_weights else None)
+
+
 def sparo_triton_infer(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams, need_weights: bool,
                        qt: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
     """The no-grad path: ``torch.ops.sparo_fast.readout_infer`` with a precomputed (cached)
@@ -262,10 +270,7 @@ def sparo_triton_infer(x: Tensor, eos_indices: Optional[Tensor], params: Readout
     _ops()
     if not torch.compiler.is_compiling() and _checked.get(_bucket(x, eos_indices, params, "infer")) is False:
         return sparo_absorbed(x, eos_indices, params, need_weights=need_weights)
-    _, _, _, v_weight, v_bias, proj_weight, proj_bias = params
-    out, attn = torch.ops.sparo_fast.readout_infer(x, eos_indices, qt, v_weight, v_bias, proj_weight, proj_bias,
-                                                   params.num_heads, params.attn_dim ** -0.5, bool(need_weights))
-    attn = attn if need_weights else None
+    out, attn = _fused_infer(x, eos_indices, params, need_weights, qt)
     if not _checked_bucket(x, eos_indices, params, need_weights, out, attn, "infer"):
         return sparo_absorbed(x, eos_indices, params, need_weights=need_weights)
     return out, attn

@@ -276,3 +276,24 @@ def test_autocast_eval_keys_on_master_weights():
         b = m(x)[0]
     assert a.dtype == torch.float16 and m.absorbed_cache.computed == 1 and torch.equal(a, b)
     assert m.absorbed_cache._value.dtype == torch.float16
+
+
+def test_selfcheck_catches_a_wrong_inference_kernel(monkeypatch):
+    """The first call of an "infer" bucket is self-checked like the training kernels': a result
+    made wrong on purpose warns once and the torch backend serves that bucket from then on."""
+    monkeypatch.setenv("SPARO_FAST_SELFCHECK", "1")
+    monkeypatch.setattr(triton_backend, "_checked", {})
+    real = triton_backend._fused_infer
+    monkeypatch.setattr(triton_backend, "_fused_infer", lambda *a: (real(*a)[0] * 1.01, real(*a)[1]))
+    m = _module(torch.float32).eval()
+    ref = _module(torch.float32).eval()
+    ref.backend = "torch"
+    x, e = _inputs(torch.float32, 3, 9, True)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="disagree"):
+            got = m(x, e)
+        again = m(x, e)
+        want = ref(x, e)
+    assert list(triton_backend._checked.values()) == [False]
+    for g in (got, again):
+        torch.testing.assert_close(g[0], want[0], rtol=1e-5, atol=1e-6)

@@ -297,3 +297,35 @@ def test_selfcheck_catches_a_wrong_inference_kernel(monkeypatch):
     assert list(triton_backend._checked.values()) == [False]
     for g in (got, again):
         torch.testing.assert_close(g[0], want[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp2_eval_after_optimizer_steps(tmp_path):
+    """FSDP2 (one gloo rank; the all-gather refills the unsharded parameters every forward, with
+    fp16 compute): evaluations between optimizer steps give what an uncached module gives, and
+    an evaluation with unchanged weights reuses nothing stale."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if torch.cuda.is_available() or dist.is_initialized():
+        pytest.skip("runs as a single-rank gloo group on the CPU")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        m = _module(torch.float32)
+        fully_shard(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32))
+        opt = torch.optim.AdamW(m.parameters(), lr=0.05)
+        x, e = _inputs(torch.float16, 3, 9, True)
+        evals = []
+        for step in range(2):
+            m.eval()
+            with torch.no_grad():
+                evals.append(m(x, e)[0])
+                assert torch.equal(m(x, e)[0], evals[-1])
+                assert m.absorbed_cache.computed == step + 1  # reused within an evaluation
+                assert torch.equal(_uncached(m, x, e)[0], evals[-1]), f"stale absorbed query at step {step}"
+            m.train()
+            m(x, e)[0].float().square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert not torch.equal(evals[0], evals[1])
+    finally:
+        dist.destroy_process_group()

@@ -258,3 +258,17 @@ def test_readout(benchmark, bench_env, shape_name, impl, pass_):
     }
     benchmark.extra_info.update({k: row[k] for k in ("median_ms", "floor_ms", "peak_mem_mb")})
     env.rows.append(row)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the traffic counter runs the kernels in the Triton CPU interpreter")
+def test_infer_pass_is_two_launches():
+    """``traffic.py``'s infer pass (eval() under no_grad, caches warm): the memset of the counters
+    and the fused kernel, nothing else (no absorbed-query product), counts linear in the batch."""
+    import traffic
+
+    shape = sb.Shape("tiny", 8, 9, 32, True)
+    infer = traffic.run_case(shape, "triton", "infer", batches=(2, 4), check=3)
+    assert [e["name"] for e in infer["launch_detail"]] == ["aten.zeros", "_infer_kernel"]
+    assert infer["check_max_rel_err"] < 1e-9
+    assert infer["floor_bytes"] == sb.floor_bytes(shape, shape.B, traffic.DTYPE, "fwd")

@@ -157,6 +157,31 @@ def _proj_item(RING, WV, BV, WO, BO, OUT, c, h, ring_row0, B, S, L, D, VD, V,
 
 
 @triton.jit
+def _item(t, G, H, LOOK):
+    """Ticket t -> (is_proj, chunk, head or sample in the chunk). The list: the G pools of each of
+    chunks 0 .. LOOK-1, then per chunk c its H projections and the G pools of chunk c + LOOK
+    (items of chunks past the batch are no-ops); LOOK * G + C * (H + G) items in all."""
+    head = LOOK * G
+    u = tl.maximum(t - head, 0)
+    is_proj = (t >= head) & (u % (H + G) < H)
+    c = tl.where(t < head, t // G, tl.where(is_proj, u // (H + G), u // (H + G) + LOOK))
+    k = tl.where(t < head, t % G, tl.where(is_proj, u % (H + G), u % (H + G) - H))
+    return is_proj, c, k
+
+
+@triton.jit
+def _deps(is_proj, c, B, C, G, H, LOOK):
+    """Synchronisation of an item, as indices into the counters ``ready[C] | done[C]``: (the counter
+    it waits on, -1 for none; the count it needs; the counter it adds one to; its ring chunk). A
+    projection waits for its chunk's pools; a pool of chunk c > LOOK waits for the projections of
+    chunk c - LOOK - 1, the previous user of its ring chunk."""
+    wait = tl.where(is_proj, c, tl.where(c > LOOK, C + c - LOOK - 1, -1))
+    need = tl.where(is_proj, tl.minimum(G, B - c * G), H)
+    sig = tl.where(is_proj, C + c, c)
+    return wait, need, sig, c % (LOOK + 1)
+
+
+@triton.jit
 def _infer_kernel(
     X, EOS, QT, WV, BV, WO, BO, ATTN, OUT, RING, SYNC,
     scale, B, N, D, L, S, H, VD, V, C,
@@ -167,31 +192,24 @@ def _infer_kernel(
 ):
     """Persistent: take tickets until the item list (see the module docstring) is exhausted."""
     qk = scale * 1.4426950408889634  # scores in the log2 domain
-    READY = SYNC + 2
-    DONE = SYNC + 2 + C
+    FLAGS = SYNC + 2  # ready[C], then done[C]
     chunk_rows = H * G * S  # ring rows of one chunk
-    head = LOOK * G  # the pools of the first LOOK chunks
-    block = H + G  # then per chunk c: its H projections, the G pools of chunk c + LOOK
-    total = head + C * block
     t = tl.atomic_add(SYNC, 1)
-    while t < total:
-        u = tl.maximum(t - head, 0)
-        is_proj = (t >= head) & (u % block < H)
-        c = tl.where(t < head, t // G, tl.where(is_proj, u // block, u // block + LOOK))
-        k = tl.where(t < head, t % G, u % block - H)  # the sample in the chunk (pools)
-        ring_row0 = (c % (LOOK + 1)) * chunk_rows
+    while t < LOOK * G + C * (H + G):
+        is_proj, c, k = _item(t, G, H, LOOK)
+        wait, need, sig, ring = _deps(is_proj, c, B, C, G, H, LOOK)
         if is_proj:
-            _wait(READY + c, tl.minimum(G, B - c * G), SYNC + 1, INTERPRETED)
-            _proj_item(RING, WV, BV, WO, BO, OUT, c, u % block, ring_row0, B, S, L, D, VD, V,
+            _wait(FLAGS + wait, need, SYNC + 1, INTERPRETED)
+            _proj_item(RING, WV, BV, WO, BO, OUT, c, k, ring * chunk_rows, B, S, L, D, VD, V,
                        G, ROWS, BD, BVD, BVO, DOT_PREC, UPCAST)
-            _signal(DONE + c)
+            _signal(FLAGS + sig)
         elif (c < C) & (c * G + k < B):
-            if c > LOOK:
-                _wait(DONE + c - LOOK - 1, H, SYNC + 1, INTERPRETED)
+            if wait >= 0:
+                _wait(FLAGS + wait, need, SYNC + 1, INTERPRETED)
             b = (c * G + k).to(tl.int64)
-            _pool_item(X, EOS, QT, ATTN, RING, b, ring_row0, k, N, D, L, S, qk, stride_xb, stride_xn, stride_xd,
-                       HAS_EOS, NEED_WEIGHTS, G, BL, BN, BD, DOT_PREC, UPCAST)
-            _signal(READY + c)
+            _pool_item(X, EOS, QT, ATTN, RING, b, ring * chunk_rows, k, N, D, L, S, qk, stride_xb, stride_xn,
+                       stride_xd, HAS_EOS, NEED_WEIGHTS, G, BL, BN, BD, DOT_PREC, UPCAST)
+            _signal(FLAGS + sig)
         t = tl.atomic_add(SYNC, 1)
 
 

@@ -105,7 +105,8 @@ def test_op_vs_ref(dtype, small_ring):
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen) * scale).to(DEV, dtype)
 
-    args = [r(B, N, Dx), torch.tensor([10, 0, 4, 7, 2], device=DEV), r(Hh * S, Dx, scale=0.5),
+    x = r(N, B, Dx).permute(1, 0, 2)  # sequence-first storage: strided x
+    args = [x, torch.tensor([10, 0, 4, 7, 2], device=DEV), r(Hh * S, Dx, scale=0.5),
             r(Hh * Vd, Dx, scale=Dx ** -0.5), r(Hh * Vd), r(Vo, Vd, scale=Vd ** -0.5), r(Vo), Hh, 0.4, True]
     got = torch.ops.sparo_fast.readout_infer(*args)
     lo = infer.readout_infer_ref(*args)
@@ -114,6 +115,24 @@ def test_op_vs_ref(dtype, small_ring):
     ks = readout_lengths(B, N, Dx, Hh * S, S, 8, Vd, Vo)
     for name, g, t, own in zip(("out", "attn"), got, truth, lo):
         assert_close(name, g, t, own, dtype=dtype, K=ks[name], seed=SEED)
+
+
+def test_sample_without_valid_tokens_is_nan_alone(small_ring):
+    """``eos < 0`` with input checks off: that sample's rows are NaN (as torch.softmax gives the
+    torch backend), and the NaN stays in its own rows of the shared ring chunk and projection."""
+    m = _module(torch.float32).eval()
+    m.check_inputs = False
+    ref = _module(torch.float32).eval()
+    ref.backend, ref.check_inputs = "torch", False
+    x, _ = _inputs(torch.float32, 5, 9, False)
+    e = torch.tensor([8, -1, 3, 8, 0], device=DEV)
+    with torch.no_grad():
+        out, attn = m(x, e)
+        want = ref(x, e)
+    assert torch.isnan(out[1]).all() and torch.isnan(attn[1]).all()
+    keep = [0, 2, 3, 4]
+    torch.testing.assert_close(out[keep], want[0][keep], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn[keep], want[1][keep], rtol=1e-5, atol=1e-6)
 
 
 def test_op_schema_and_fake():

@@ -196,8 +196,9 @@ def _count(trace, shape: sb.Shape, backend: str, pass_: str, batch: int, seed: i
     events: list = []
     if pass_ in ("fwd", "infer"):  # infer: the module in eval() mode (its inference path)
         m.train(pass_ == "fwd")
-        with torch.no_grad():
-            m(x[:1], None if eos is None else eos[:1])  # warm caches (the absorbed query), uncounted
+        if pass_ == "infer":
+            with torch.no_grad():
+                m(x[:1], None if eos is None else eos[:1])  # warm the absorbed-query cache, uncounted
         with torch.no_grad(), trace.listening(_KernelEvents(trace, events)), TorchOpCounter(trace, events):
             m(x, eos)
         return events

@@ -153,6 +153,7 @@ class SparoReadout(nn.Module):
         new.k = module.k
         new.v = module.v
         new.proj = module.proj
+        new.training = module.training  # an eval() model stays in eval() (and on the inference path)
         return new
 
 

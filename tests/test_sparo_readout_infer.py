@@ -459,3 +459,15 @@ def test_item_order_is_safe_under_any_interleaving(G, H, LOOK):
         for P in (1, 2, 5, 64):
             for _ in range(3):
                 _simulate(B, G, H, LOOK, P, rng)
+
+
+def test_convert_keeps_eval_mode():
+    """``convert`` of a published-style module in eval() gives a read-out in eval() (the inference
+    path), sharing the parameters."""
+    from helpers import PublishedLayoutSparo
+    from sparo_fast import convert
+
+    pub = PublishedLayoutSparo(D, L, V, A, num_heads=H).eval()
+    new = convert(pub, backend="triton")
+    assert not new.training and new.q_emb is pub.q_emb
+    assert convert(PublishedLayoutSparo(D, L, V, A).train()).training

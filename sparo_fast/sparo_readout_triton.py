@@ -265,7 +265,7 @@ def sparo_triton_infer(x: Tensor, eos_indices: Optional[Tensor], params: Readout
     kernels (``"infer"`` buckets)."""
     if grad_needed(x, params):
         raise RuntimeError("sparo_triton_infer: gradients are needed for this call; use sparo_triton")
-    if infer_reason(x, params) is not None or not is_available(x.device):
+    if not is_available(x.device) or infer_reason(x, params) is not None:  # sparo_triton says why
         return sparo_triton(x, eos_indices, params, need_weights=need_weights)
     _ops()
     if not torch.compiler.is_compiling() and _checked.get(_bucket(x, eos_indices, params, "infer")) is False:

@@ -3,7 +3,10 @@
     python bench/traffic.py --label v1 [--backends triton,torch,reference] [--shapes vit_b16,...]
 
 For each benchmark shape (docs/DESIGN.md, "Benchmark shapes"), backend and pass (``fwd`` under ``no_grad``; ``fwd_bwd``: the
-forward plus ``autograd.grad`` of y, random dy, with respect to x and every parameter), the
+forward plus ``autograd.grad`` of y, random dy, with respect to x and every parameter; ``infer``, only on request with
+``--passes infer``: ``fwd`` with the module in ``eval()``, its caches warmed by an uncounted call; the triton
+kernel's ring of pooled rows stops growing at 96 samples, so fit it past that: ``run_case(..., batches=(128, 160),
+check=192)``), the
 read-out (float16, L = 64, A = Vd = V = 64, shared k/v, ``need_weights=False``, input checks
 off, as in ``bench/RESULTS.md``) runs under ``TRITON_INTERPRET=1`` with two recorders:
 
@@ -191,7 +194,11 @@ def _count(trace, shape: sb.Shape, backend: str, pass_: str, batch: int, seed: i
     # EOS positions would make the counts data-dependent and not linear in the batch
     eos = torch.full((batch,), shape.N - 1) if shape.eos else None
     events: list = []
-    if pass_ == "fwd":
+    if pass_ in ("fwd", "infer"):  # infer: the module in eval() mode (its inference path)
+        m.train(pass_ == "fwd")
+        if pass_ == "infer":
+            with torch.no_grad():
+                m(x[:1], None if eos is None else eos[:1])  # warm the absorbed-query cache, uncounted
         with torch.no_grad(), trace.listening(_KernelEvents(trace, events)), TorchOpCounter(trace, events):
             m(x, eos)
         return events

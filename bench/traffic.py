@@ -321,7 +321,9 @@ def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Opt
     out = {"resident": resident, "ways": ways, "sampled": sample,
            "programs_run": sum(k.recorded for k in rec.launches),
            "programs": sum(len(k.programs) for k in rec.launches),
-           "blocks_recorded_whole": sum(k.full_blocks for k in rec.launches), "sizes": {}}
+           "blocks_recorded_whole": sum(k.full_blocks for k in rec.launches),
+           "per_kernel": [{"kernel": k.kernel, "grid": list(k.grid), "programs_run": k.recorded, "blocks": k.blocks,
+                           "blocks_recorded_whole": k.full_blocks} for k in rec.launches], "sizes": {}}
     for label, size in sizes.items():
         out["sizes"][label] = {"bytes": size, **l2_stream.simulate(streams, size, ways)}
     return out
@@ -380,17 +382,24 @@ def main(argv=None) -> None:
                       f"fit check {row.get('check_max_rel_err', float('nan')):.1e}"
                       + "".join(f"  L2 {k} DRAM {v['dram_x']:5.2f}x" for k, v in row.get("l2", {}).get("sizes", {}).items()),
                       flush=True)
+                _write(args, rows)
+    print(f"wrote {_write(args, rows)}")
+
+
+def _write(args, rows: List[dict]) -> Path:
+    """Write the label's JSON (after every case: a long run keeps what it counted so far)."""
     doc = {"label": args.label, "note": args.note, "dtype": str(DTYPE).replace("torch.", ""),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "torch": torch.__version__, "triton": sb.triton_version(), "h100_model": H100, "rows": rows}
+           "torch": torch.__version__, "triton": sb.triton_version(), "h100_model": H100, "rows": list(rows)}
     out = sb.RESULTS_DIR / f"traffic-{args.label}.json"
     if out.exists():  # keep the cases of an earlier run of the same label that were not re-run
         done = {(r["shape"], r["backend"], r["pass"]) for r in rows}
         old = [r for r in json.loads(out.read_text())["rows"] if (r["shape"], r["backend"], r["pass"]) not in done]
-        rows[:0] = old
-        doc["rows"] = rows
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}")
+        doc["rows"] = old + doc["rows"]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out)
+    return out
 
 
 if __name__ == "__main__":

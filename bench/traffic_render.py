@@ -160,8 +160,8 @@ def _detail(doc: dict) -> List[str]:
                        + "".join(f"{_mb(e[f'l2_{x}']) if f'l2_{x}' in e else 'n/a'} | " for x in l2)
                        + f"{e['flops'] / 1e9:.2f} | {e['h100_pred_us']:.1f} |" + "".join(f" {v} |" for v in g))
         if l2:
-            flush = "; ".join(f"{x}: {_mb(r['l2']['sizes'][x]['flush'])} MB" for x in l2)
-            out.append(f"| | dirty lines written back at the end (L2 model) | | | {flush} | | |" + " |" * len(keys))
+            flush = "".join(f" {_mb(r['l2']['sizes'][x]['flush'])} |" for x in l2)
+            out.append(f"| | dirty lines left at the end, written back (L2 model) | | |{flush} | |" + " |" * len(keys))
         out.append("")
     return out
 
@@ -231,12 +231,8 @@ computed from the shape (the counts' `programs` field is fitted linearly in B an
 ceil-divided grid; new counts record the grid); resident programs per SM from the first fitting
 sm_90 config of `bench/results/compile-matrix.json` (Triton 3.8.0, fp16), a stand-in for the
 autotuned one; trips: the sequential loop trips of one program at ~1 us each (one dependent DRAM
-round trip), divided by num_stages for a software-pipelined loop. Computed from the committed
-counts, not a fresh count: the finish kernel's bytes are those of its earlier `(Hh,)` grid and
-the current code's extra PyTorch sum of its dq partials is not in them. A fresh count of the
-current code (`python bench/traffic.py --backends triton --shapes vit_b16 --passes fwd_bwd
---no-check`, not committed) has 7 launches and predicts vit_b16 forward + backward at 169 us
-(1.99x floor time) by the H100 model and 199 us (2.34x) latency-aware. It ignores L2 hits,
+round trip), divided by num_stages for a software-pipelined loop. Computed from the latest
+count's bytes (its bandwidth side is the DRAM-level column, not the L2 model's). It ignores L2 hits,
 tail effects within a wave, clocks, overlap of launches and waves, and latency the warps hide.
 """
 

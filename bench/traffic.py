@@ -1,6 +1,6 @@
 """Traffic accounting of the SPARO read-out on the CPU: counted, not timed.
 
-    python bench/traffic.py --label v1 [--backends triton,torch,reference] [--shapes vit_b16,...]
+    python bench/traffic.py --label v1 [--backends triton,torch,reference] [--shapes vit_b16,...] [--l2 50MB,40MB]
 
 For each benchmark shape (docs/DESIGN.md, "Benchmark shapes"), backend and pass (``fwd`` under ``no_grad``; ``fwd_bwd``: the
 forward plus ``autograd.grad`` of y, random dy, with respect to x and every parameter), the
@@ -24,6 +24,12 @@ renders them into ``bench/RESULTS.md`` (the section built by ``bench/traffic_ren
 **DRAM-level** bytes = distinct bytes of each launch + the PyTorch ops' bytes: what HBM serves
 if each launch reads its data once and nothing stays in L2 between launches. **Requested**
 bytes = every kernel load and store + the PyTorch ops' bytes: what the kernels ask of L2.
+
+**DRAM under an L2 model** (``--l2 50MB,40MB``; ``bench/l2_stream.py``): the pass once more at
+the benchmark batch itself, its launches' per-program access streams (a few programs
+interpreted, the rest translated) interleaved as resident waves, through a cold LRU cache of
+each size; ``python bench/traffic.py --label v3 --backends triton --l2 50MB,40MB`` counts a
+checkout. Passes: ``fwd`` (no_grad), ``fwd_train`` (with grad, no backward), ``fwd_bwd``.
 
 The H100 model is a *prediction*, not a timing: per launch
 ``max(DRAM-level / 3.0 TB/s, requested / 7 TB/s, FLOPs / 600 TFLOP/s) + 2 us`` (launches are
@@ -367,6 +373,11 @@ def main(argv=None) -> None:
         sizes = {t.strip(): l2_cache.parse_size(t) for t in args.l2.split(",") if t.strip()}
     except ValueError as err:
         ap.error(str(err))
+    for what, given, known in (("shape", args.shapes, sb.SHAPES), ("backend", args.backends, BACKENDS),
+                               ("pass", args.passes, PASSES)):
+        bad = [v for v in given.split(",") if v not in known]
+        if bad:
+            ap.error(f"unknown {what} {bad[0]!r}: one of {', '.join(known)}")
     rows = []
     for name in args.shapes.split(","):
         for backend in args.backends.split(","):

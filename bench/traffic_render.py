@@ -181,7 +181,7 @@ def _fmt(v) -> str:
 
 
 def _compare(docs: List[dict]) -> List[str]:
-    """The two latest counts side by side (triton rows), every column; cells worse in the later named."""
+    """The last two of ``docs`` side by side (triton rows), every column; cells worse in the later named."""
     a, b = docs[-2], docs[-1]
     rows_b = {(r["shape"], r["backend"], r["pass"]): r for r in b["rows"]}
     la, lb = a["label"], b["label"]
@@ -248,8 +248,18 @@ def _with_latency(doc: dict) -> dict:
     return doc
 
 
+#: the count every later one is compared with (when it is not itself the latest)
+BASELINE = "v2"
+
+
+def compared(docs: List[dict]) -> List[dict]:
+    """The pair to compare (docs oldest first): the baseline and the latest count, else the two latest."""
+    base = [d for d in docs[:-1] if d["label"] == BASELINE]
+    return [base[-1], docs[-1]] if base else docs[-2:]
+
+
 def section(results_dir: Path = HERE / "results") -> List[str]:
-    # oldest count first (the comparison is of the two latest)
+    # oldest count first
     docs = sorted((json.loads(f.read_text()) for f in results_dir.glob("traffic-*.json")),
                   key=lambda d: (d.get("date", ""), d["label"]))
     if not docs:
@@ -257,7 +267,7 @@ def section(results_dir: Path = HERE / "results") -> List[str]:
     docs[-1] = _with_latency(docs[-1])
     lines = [INTRO, LATENCY]
     if len(docs) > 1:
-        lines += _compare(docs)
+        lines += _compare(compared(docs))
     for doc in docs:
         facts = [f"file `bench/results/traffic-{doc['label']}.json`", f"{doc['dtype']}", f"torch {doc['torch']}",
                  f"triton {doc['triton']}", f"date {doc['date']}"]

@@ -72,6 +72,9 @@ column is a **prediction** of a simple model fed with those counts.
   left at the end. In the per-launch tables a launch's L2 bytes are the misses it causes and the
   dirty lines (possibly of earlier launches) it evicts. 50 MB: an H100's L2; 40 MB: the same
   stream through an A100-sized L2. What the model ignores: `bench/NOTES.md`, "The L2-aware count".
+* **Comparison** (first table below): the triton rows of the v2 count against the latest count
+  (by date; the two latest when v2 is the latest), both values in every column; a cell higher
+  in the latest count is bold and named under the table, then the v3 targets.
 * Ratios are to the floor bytes of `sparo_readout_bench.floor_bytes` (docs/DESIGN.md, "The floor and how bench/ counts against it": forward
   reads x and the weights once and writes y; the backward adds x, dy, the weights, dx and the
   weight gradients). Passes: `fwd` under `no_grad`, `fwd_train` the forward with grad (what a

@@ -124,3 +124,32 @@ def test_smoke_count_of_the_real_readout_at_a_tiny_shape(pass_):
     assert row["requested"] >= row["dram"] > 0
     assert row["dram"] >= row["floor_bytes"] * 0.5
     assert row["h100_pred_us"] >= row["launches"] * traffic.H100["launch_s"] * 1e6
+
+
+def _doc(label, date, requested, l2):
+    row = {"shape": "vit_b16", "backend": "triton", "pass": "fwd_bwd", "batch": 256, "requested_x": requested,
+           "dram_x": 1.8, "launches": 7, "h100_pred_x": 2.0,
+           "l2": {"sizes": {"50MB": {"dram_x": l2, "flush": 0}}}}
+    return {"label": label, "date": date, "rows": [row]}
+
+
+def test_the_comparison_shows_both_counts_in_every_column_and_names_worse_cells():
+    import traffic_render as tr
+    lines = tr._compare([_doc("v2", "2026-01-01 00:00 UTC", 3.14, 2.32), _doc("v3", "2026-01-02 00:00 UTC", 3.5, 1.3)])
+    header = lines[2]
+    for col in ("requested / floor v2 | v3", "DRAM-level / floor v2 | v3", "DRAM L2 50MB / floor v2 | v3",
+                "launches v2 | v3", "H100 model x floor (prediction) v2 | v3"):
+        assert col in header
+    row = lines[4]
+    assert "3.14x | **3.50x**" in row and "2.32x | 1.30x" in row and "7 | 7" in row
+    worse = [ln for ln in lines if ln.startswith("Worse in v3 than in v2")][0]
+    assert "requested / floor (3.14x -> 3.50x)" in worse and "L2" not in worse
+    target = [ln for ln in lines if ln.startswith("| vit_b16 fwd+bwd DRAM L2 50MB")][0]
+    assert target.endswith("| 1.35x | 2.32x | 1.30x | yes |")
+
+
+def test_the_baseline_is_compared_with_the_latest_count():
+    import traffic_render as tr
+    docs = [_doc(lbl, f"2026-01-0{i} 00:00 UTC", 3.0, 2.0) for i, lbl in enumerate(("v1", "v2", "v3a", "v3b"), 1)]
+    assert [d["label"] for d in tr.compared(docs)] == ["v2", "v3b"]
+    assert [d["label"] for d in tr.compared(docs[:2])] == ["v1", "v2"]

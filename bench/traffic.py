@@ -1,6 +1,6 @@
 """Traffic accounting of the SPARO read-out on the CPU: counted, not timed.
 
-    python bench/traffic.py --label v1 [--backends triton,torch,reference] [--shapes vit_b16,...]
+    python bench/traffic.py --label v1 [--backends triton,torch,reference] [--shapes vit_b16,...] [--l2 50MB,40MB]
 
 For each benchmark shape (docs/DESIGN.md, "Benchmark shapes"), backend and pass (``fwd`` under ``no_grad``; ``fwd_bwd``: the
 forward plus ``autograd.grad`` of y, random dy, with respect to x and every parameter; ``infer``, only on request with
@@ -28,6 +28,12 @@ renders them into ``bench/RESULTS.md`` (the section built by ``bench/traffic_ren
 if each launch reads its data once and nothing stays in L2 between launches. **Requested**
 bytes = every kernel load and store + the PyTorch ops' bytes: what the kernels ask of L2.
 
+**DRAM under an L2 model** (``--l2 50MB,40MB``; ``bench/l2_stream.py``): the pass once more at
+the benchmark batch itself, its launches' per-program access streams (a few programs
+interpreted, the rest translated) interleaved as resident waves, through a cold LRU cache of
+each size; ``python bench/traffic.py --label v3 --backends triton --l2 50MB,40MB`` counts a
+checkout. Passes: ``fwd`` (no_grad), ``fwd_train`` (with grad, no backward), ``fwd_bwd``.
+
 The H100 model is a *prediction*, not a timing: per launch
 ``max(DRAM-level / 3.0 TB/s, requested / 7 TB/s, FLOPs / 600 TFLOP/s) + 2 us`` (launches are
 dependent), against a floor time of floor bytes / 3.0 TB/s.
@@ -35,6 +41,7 @@ dependent), against a floor time of floor bytes / 3.0 TB/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -51,12 +58,15 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
+import l2_cache  # noqa: E402
+import l2_stream  # noqa: E402
 import sparo_readout_bench as sb  # noqa: E402
 from sparo_fast.readout import SparoReadout  # noqa: E402
 from sparo_fast_kernels.testing import interpreter_trace as trace  # noqa: E402
 
 BACKENDS = ("triton", "torch", "reference")
-PASSES = ("fwd", "fwd_bwd")
+#: fwd: under no_grad (inference); fwd_train: with grad, as in training, no backward; fwd_bwd: both
+PASSES = ("fwd", "fwd_train", "fwd_bwd")
 FIT_BATCHES = (2, 4)
 CHECK_BATCH = 6
 DTYPE = torch.float16
@@ -89,10 +99,11 @@ def _matmul_flops(name: str, args, out) -> int:
 class TorchOpCounter(TorchDispatchMode):
     """Counts the PyTorch ops around the kernels (see the module docstring)."""
 
-    def __init__(self, trace, events: list) -> None:
+    def __init__(self, trace, events: list, space=None) -> None:
         super().__init__()
         self.trace = trace
         self.events = events
+        self.space = space  # an access_stream.AddressSpace: also record each op's line stream
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -128,6 +139,8 @@ class TorchOpCounter(TorchDispatchMode):
                             "distinct_load": sum(tensor_bytes(t) for t in ins),
                             "distinct_store": sum(tensor_bytes(t) for t in outs),
                             "flops": _matmul_flops(name, args, out), "programs": 0})
+        if self.space is not None:
+            self.events[-1]["stream"] = l2_stream.op_lines(self.space, ins, outs)
         return out
 
 
@@ -173,20 +186,24 @@ def _programs_knob():
 
 
 def count(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Optional[int] = None,
-          seed: int = 0) -> List[dict]:
-    """The launches (kernels and PyTorch ops, in order) of one call at ``batch`` (and ``programs``)."""
+          seed: int = 0, **stream) -> List[dict]:
+    """The launches (kernels and PyTorch ops, in order) of one call at ``batch`` (and ``programs``);
+    ``stream``: ``space`` and ``extra`` of :func:`_count`."""
     knob = _programs_knob()
     saved = knob.PROGRAMS_OVERRIDE if knob is not None else None
     if knob is not None:
         knob.PROGRAMS_OVERRIDE = programs
     try:
-        return _count(trace, shape, backend, pass_, batch, seed)
+        return _count(trace, shape, backend, pass_, batch, seed, **stream)
     finally:
         if knob is not None:
             knob.PROGRAMS_OVERRIDE = saved
 
 
-def _count(trace, shape: sb.Shape, backend: str, pass_: str, batch: int, seed: int) -> List[dict]:
+def _count(trace, shape: sb.Shape, backend: str, pass_: str, batch: int, seed: int, space=None,
+           extra=contextlib.nullcontext) -> List[dict]:
+    """The pass's launches; with ``space``, the PyTorch ops' line streams too, and ``extra()``
+    (a context manager: the access-stream recorder) around the call."""
     torch.manual_seed(seed)
     m = _module(shape, backend)
     x = torch.randn(batch, shape.N, shape.D, dtype=DTYPE)
@@ -194,18 +211,20 @@ def _count(trace, shape: sb.Shape, backend: str, pass_: str, batch: int, seed: i
     # EOS positions would make the counts data-dependent and not linear in the batch
     eos = torch.full((batch,), shape.N - 1) if shape.eos else None
     events: list = []
-    if pass_ in ("fwd", "infer"):  # infer: the module in eval() mode (its inference path)
-        m.train(pass_ == "fwd")
+    if pass_ in ("fwd", "fwd_train", "infer"):  # infer: the module in eval() mode (its inference path)
+        m.train(pass_ != "infer")
         if pass_ == "infer":
             with torch.no_grad():
                 m(x[:1], None if eos is None else eos[:1])  # warm the absorbed-query cache, uncounted
-        with torch.no_grad(), trace.listening(_KernelEvents(trace, events)), TorchOpCounter(trace, events):
+        x.requires_grad_(pass_ == "fwd_train")
+        with torch.set_grad_enabled(pass_ == "fwd_train"), extra(), trace.listening(_KernelEvents(trace, events)), \
+                TorchOpCounter(trace, events, space):
             m(x, eos)
         return events
     x.requires_grad_(True)
     params = [x] + list(m.parameters())
     dy = torch.randn(batch, sb.L_SLOTS, sb.OUT_DIM, dtype=DTYPE)
-    with trace.listening(_KernelEvents(trace, events)), TorchOpCounter(trace, events):
+    with extra(), trace.listening(_KernelEvents(trace, events)), TorchOpCounter(trace, events, space):
         y, _ = m(x, eos)
         torch.autograd.grad(y, params, dy)
     return events
@@ -289,7 +308,7 @@ def run_case(shape: sb.Shape, backend: str, pass_: str, batches=FIT_BATCHES, che
         e["h100_pred_us"] = predict_s(e) * 1e6
     row = {"shape": shape.name, "backend": backend, "pass": pass_, "batch": target, "fit_points": points,
            "eval_point": list(at), "fit_vars": ["B", "P"][:len(at)],
-           **summarize(launches, sb.floor_bytes(shape, target, DTYPE, pass_)), "launch_detail": launches}
+           **summarize(launches, sb.floor_bytes(shape, target, DTYPE, "fwd" if pass_ == "fwd_train" else pass_)), "launch_detail": launches}
     if check_pt is not None:
         measured = _run(shape, backend, pass_, check_pt)
         predicted = evaluate(fits, check_pt)
@@ -303,6 +322,44 @@ def run_case(shape: sb.Shape, backend: str, pass_: str, batches=FIT_BATCHES, che
     return row
 
 
+def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Optional[int], sizes: Dict[str, int],
+            resident: int = H100["sms"], ways: Optional[int] = None, sample: bool = True,
+            full_kernels: tuple = ()) -> dict:
+    """DRAM bytes of one call at ``batch`` under the L2 model, per size (see ``bench/l2_stream.py``)."""
+    space = l2_stream.st.AddressSpace()
+    rec = l2_stream.st.StreamRecorder(space, sample=sample, full_kernels=full_kernels)
+    events = count(shape, backend, pass_, batch, programs=programs, space=space,
+                   extra=lambda: l2_stream.recording(rec))
+    streams = l2_stream.pass_streams(events, rec, resident)
+    out = {"resident": resident, "ways": ways, "sampled": sample,
+           "programs_run": sum(k.recorded for k in rec.launches),
+           "programs": sum(len(k.programs) for k in rec.launches),
+           "blocks_recorded_whole": sum(k.full_blocks for k in rec.launches),
+           "per_kernel": [{"kernel": k.kernel, "grid": list(k.grid), "programs_run": k.recorded, "blocks": k.blocks,
+                           "blocks_recorded_whole": k.full_blocks} for k in rec.launches], "sizes": {}}
+    for label, size in sizes.items():
+        out["sizes"][label] = {"bytes": size, **l2_stream.simulate(streams, size, ways)}
+    return out
+
+
+def add_l2(row: dict, shape: sb.Shape, sizes: Dict[str, int], resident: int, ways: Optional[int],
+           full_kernels: tuple = ()) -> None:
+    """The L2-model columns of a row: ``l2`` (per size: DRAM bytes, ratio to the floor) and
+    ``l2_<size>`` per launch of ``launch_detail``."""
+    at = row["eval_point"]
+    res = l2_case(shape, row["backend"], row["pass"], at[0], at[1] if len(at) > 1 else None, sizes, resident, ways,
+                  full_kernels=full_kernels)
+    names = [e["name"] for e in row["launch_detail"]]
+    for label, r in res["sizes"].items():
+        r["dram_x"] = r["dram"] / row["floor_bytes"]
+        per = r.pop("per_launch")
+        if len(per) != len(names):
+            raise RuntimeError(f"{len(per)} launches in the L2 run, {len(names)} in the count")
+        for e, p in zip(row["launch_detail"], per):
+            e[f"l2_{label}"] = p["read"] + p["writeback"]
+    row["l2"] = res
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--label", required=True, help="writes bench/results/traffic-<label>.json")
@@ -311,28 +368,56 @@ def main(argv=None) -> None:
     ap.add_argument("--passes", default=",".join(PASSES))
     ap.add_argument("--no-check", action="store_true", help="skip the third-batch check of the fit")
     ap.add_argument("--note", default="", help="a line for the rendered section (e.g. the commit)")
+    ap.add_argument("--l2", default="", help="L2 sizes to model, e.g. 50MB,40MB (H100, A100): DRAM bytes "
+                    "under an LRU L2 at the benchmark batch beside the other columns")
+    ap.add_argument("--l2-resident", type=int, default=H100["sms"], help="programs running at once (default: SMs)")
+    ap.add_argument("--l2-ways", type=int, default=None, help="set-associative L2 with this many ways "
+                    "(default: fully associative)")
+    ap.add_argument("--l2-full", default="", help="kernels to interpret with every program (e.g. ones whose "
+                    "programs wait for each other); the others run a few programs, translated to the rest")
     args = ap.parse_args(argv)
+    try:
+        sizes = {t.strip(): l2_cache.parse_size(t) for t in args.l2.split(",") if t.strip()}
+    except ValueError as err:
+        ap.error(str(err))
+    for what, given, known in (("shape", args.shapes, sb.SHAPES), ("backend", args.backends, BACKENDS),
+                               ("pass", args.passes, PASSES)):
+        bad = [v for v in given.split(",") if v not in known]
+        if bad:
+            ap.error(f"unknown {what} {bad[0]!r}: one of {', '.join(known)}")
     rows = []
     for name in args.shapes.split(","):
         for backend in args.backends.split(","):
             for pass_ in args.passes.split(","):
                 row = run_case(sb.SHAPES[name], backend, pass_, check=None if args.no_check else CHECK_BATCH)
+                if sizes:
+                    add_l2(row, sb.SHAPES[name], sizes, args.l2_resident, args.l2_ways,
+                           tuple(k for k in args.l2_full.split(",") if k))
                 rows.append(row)
                 print(f"{name:8s} {backend:9s} {pass_:8s} requested {row['requested_x']:6.2f}x  "
                       f"DRAM {row['dram_x']:5.2f}x  launches {row['launches']:3d}  "
                       f"H100 model {row['h100_pred_x']:5.2f}x floor  "
-                      f"fit check {row.get('check_max_rel_err', float('nan')):.1e}", flush=True)
+                      f"fit check {row.get('check_max_rel_err', float('nan')):.1e}"
+                      + "".join(f"  L2 {k} DRAM {v['dram_x']:5.2f}x" for k, v in row.get("l2", {}).get("sizes", {}).items()),
+                      flush=True)
+                _write(args, rows)
+    print(f"wrote {_write(args, rows)}")
+
+
+def _write(args, rows: List[dict]) -> Path:
+    """Write the label's JSON (after every case: a long run keeps what it counted so far)."""
     doc = {"label": args.label, "note": args.note, "dtype": str(DTYPE).replace("torch.", ""),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "torch": torch.__version__, "triton": sb.triton_version(), "h100_model": H100, "rows": rows}
+           "torch": torch.__version__, "triton": sb.triton_version(), "h100_model": H100, "rows": list(rows)}
     out = sb.RESULTS_DIR / f"traffic-{args.label}.json"
     if out.exists():  # keep the cases of an earlier run of the same label that were not re-run
         done = {(r["shape"], r["backend"], r["pass"]) for r in rows}
         old = [r for r in json.loads(out.read_text())["rows"] if (r["shape"], r["backend"], r["pass"]) not in done]
-        rows[:0] = old
-        doc["rows"] = rows
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}")
+        doc["rows"] = old + doc["rows"]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out)
+    return out
 
 
 if __name__ == "__main__":

@@ -14,14 +14,32 @@ from typing import List
 HERE = Path(__file__).resolve().parent
 SHAPE_ORDER = ("vit_b32", "vit_b16", "text_b", "vit_l14")
 BACKEND_ORDER = ("triton", "torch", "reference")
-PASS_NAME = {"fwd": "forward", "fwd_bwd": "forward + backward"}
+PASS_NAME = {"fwd": "forward (no_grad)", "fwd_train": "forward with grad (training, no backward)",
+             "fwd_bwd": "forward + backward"}
 DETAIL_SHAPE = "vit_b16"
-#: the v2 kernels' targets (vit_b16, triton): (field, pass, bound, label)
-TARGETS = (("requested_x", "fwd", 3.0, "forward requested / floor"), ("dram_x", "fwd", 1.5, "forward DRAM-level / floor"),
-           ("launches", "fwd", 3, "forward launches"), ("requested_x", "fwd_bwd", 3.0, "fwd+bwd requested / floor"),
-           ("dram_x", "fwd_bwd", 1.7, "fwd+bwd DRAM-level / floor"), ("launches", "fwd_bwd", 10, "fwd+bwd launches"),
-           ("h100_pred_x", "fwd", 2.0, "forward H100 model x floor time (prediction)"),
-           ("h100_pred_x", "fwd_bwd", 3.0, "fwd+bwd H100 model x floor time (prediction)"))
+def _l2x(size: str):
+    return lambda r: r.get("l2", {}).get("sizes", {}).get(size, {}).get("dram_x")
+
+
+def _vs_floor_2xp(r: dict):
+    """L2 50MB DRAM bytes / (floor + 2 x xp): xp = B x L x D in fp16 written and read once, the
+    least the training pass moves where pooling expands the data (N < L)."""
+    import sparo_readout_bench as sb
+    v = r.get("l2", {}).get("sizes", {}).get("50MB")
+    xp = r["batch"] * sb.L_SLOTS * sb.SHAPES[r["shape"]].D * 2
+    return None if v is None else v["dram"] / (r["floor_bytes"] + 2 * xp)
+
+
+#: the v3 kernels' targets, triton: (value of a row, shape, pass, bound, label); the DRAM ones
+#: under the 50 MB L2 model
+TARGETS = ((_l2x("50MB"), "vit_b16", "fwd_bwd", 1.35, "vit_b16 fwd+bwd DRAM L2 50MB / floor"),
+           (lambda r: r["requested_x"], "vit_b16", "fwd_bwd", 2.6, "vit_b16 fwd+bwd requested / floor"),
+           (_l2x("50MB"), "vit_b16", "fwd_train", 1.45, "vit_b16 forward with grad (training) DRAM L2 50MB / floor"),
+           (_l2x("50MB"), "vit_b16", "fwd", 1.15, "vit_b16 forward (no_grad: inference) DRAM L2 50MB / floor"),
+           (lambda r: r["launches"], "vit_b16", "fwd", 2, "vit_b16 forward (no_grad: inference) launches"),
+           (_l2x("50MB"), "vit_l14", "fwd_bwd", 1.45, "vit_l14 fwd+bwd DRAM L2 50MB / floor"),
+           (_vs_floor_2xp, "vit_b32", "fwd_bwd", 1.2, "vit_b32 fwd+bwd DRAM L2 50MB / (floor + 2 xp)"),
+           (_vs_floor_2xp, "text_b", "fwd_bwd", 1.2, "text_b fwd+bwd DRAM L2 50MB / (floor + 2 xp)"))
 
 INTRO = """\
 ## Traffic: counted on the CPU; not timed
@@ -45,9 +63,22 @@ column is a **prediction** of a simple model fed with those counts.
 * **DRAM-level**: the distinct bytes each Triton launch touches (union of the byte ranges of
   its loads and stores) plus the same PyTorch-op bytes: what HBM must serve if each launch reads
   its data once and nothing stays in L2 between launches.
+* **DRAM L2 <size>** (where a count has it: `--l2 50MB,40MB`): the DRAM bytes of the whole pass
+  under an L2 model, counted at the benchmark batch itself: every launch's per-program access
+  streams (a few programs interpreted, the rest translated from them, checked), 132 programs
+  resident at once interleaved access by access, the PyTorch ops' inputs and outputs between
+  them, through one cold fully associative LRU cache of that size with 128-byte lines,
+  write-allocate without fetch; bytes = lines read on a miss + dirty lines evicted + dirty lines
+  left at the end. In the per-launch tables a launch's L2 bytes are the misses it causes and the
+  dirty lines (possibly of earlier launches) it evicts. 50 MB: an H100's L2; 40 MB: the same
+  stream through an A100-sized L2. What the model ignores: `bench/NOTES.md`, "The L2-aware count".
+* **Comparison** (first table below): the triton rows of the v2 count against the latest count
+  (by date; the two latest when v2 is the latest), both values in every column; a cell higher
+  in the latest count is bold and named under the table, then the v3 targets.
 * Ratios are to the floor bytes of `sparo_readout_bench.floor_bytes` (docs/DESIGN.md, "The floor and how bench/ counts against it": forward
   reads x and the weights once and writes y; the backward adds x, dy, the weights, dx and the
-  weight gradients).
+  weight gradients). Passes: `fwd` under `no_grad`, `fwd_train` the forward with grad (what a
+  training step's forward moves, nothing after it; forward floor), `fwd_bwd` both.
 * **launches**: Triton launches + PyTorch ops that move bytes (each one GPU kernel in eager);
   **ops** counts the latter, **ops MB** their bytes.
 * **H100 model (prediction)**: per launch `max(DRAM-level / 3.0 TB/s, requested / 7 TB/s,
@@ -78,17 +109,33 @@ def _key(r: dict):
             BACKEND_ORDER.index(r["backend"]) if r["backend"] in BACKEND_ORDER else 99)
 
 
+def l2_labels(doc: dict) -> List[str]:
+    """The L2 sizes a count modelled (e.g. ["50MB", "40MB"]), in the order of its first such row."""
+    for r in doc["rows"]:
+        if "l2" in r:
+            return list(r["l2"]["sizes"])
+    return []
+
+
+def _l2_cell(r: dict, label: str) -> str:
+    v = r.get("l2", {}).get("sizes", {}).get(label)
+    return "n/a" if v is None else f"{v['dram_x']:.2f}x"
+
+
 def _table(doc: dict, pass_: str) -> List[str]:
     lat = any("latency_pred_us" in r for r in doc["rows"])
+    l2 = l2_labels(doc)
     out = [f"#### {PASS_NAME[pass_]}", "",
-           "| shape | B | backend | requested / floor | DRAM-level / floor | launches | kernels | ops | "
+           "| shape | B | backend | requested / floor | DRAM-level / floor | "
+           + "".join(f"DRAM L2 {x} / floor | " for x in l2) + "launches | kernels | ops | "
            "ops MB | floor MB | H100 model us (prediction) | model x floor time | "
            + ("latency-aware us (prediction) | latency-aware x floor | " if lat else "") + "fit err |",
-           "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
+           "| --- | ---: | --- | ---: | ---: | " + "---: | " * len(l2) + "---: | ---: | ---: | ---: | ---: | ---: | ---: | "
            + ("---: | ---: | " if lat else "") + "---: |"]
     for r in sorted((r for r in doc["rows"] if r["pass"] == pass_), key=_key):
         err = r.get("check_max_rel_err")
         out.append(f"| {r['shape']} | {r['batch']} | {r['backend']} | {r['requested_x']:.2f}x | {r['dram_x']:.2f}x | "
+                   + "".join(f"{_l2_cell(r, x)} | " for x in l2) +
                    f"{r['launches']} | {r['kernel_launches']} | {r['torch_ops']} | {_mb(r['torch_bytes'])} | "
                    f"{_mb(r['floor_bytes'])} | {r['h100_pred_us']:.0f} | {r['h100_pred_x']:.2f}x | "
                    + ((f"{r['latency_pred_us']:.0f} | {r['latency_pred_x']:.2f}x | " if "latency_pred_us" in r
@@ -99,62 +146,83 @@ def _table(doc: dict, pass_: str) -> List[str]:
 
 def _detail(doc: dict) -> List[str]:
     out = []
-    for r in sorted(doc["rows"], key=lambda r: r["pass"]):
+    for r in sorted(doc["rows"], key=lambda r: list(PASS_NAME).index(r["pass"])):
         if r["shape"] != DETAIL_SHAPE or r["backend"] != "triton":
             continue
         lat = "latency_pred_us" in r
         keys = ("grid_programs", "per_sm", "waves", "trips", "chain_us", "latency_pred_us") if lat else ()
+        l2 = list(r.get("l2", {}).get("sizes", {}))
         out += [f"#### {DETAIL_SHAPE} triton, {PASS_NAME[r['pass']]}: every launch (B = {r['batch']})", "",
-                "| # | launch | requested MB | DRAM-level MB | GFLOP | H100 model us (prediction) |"
+                "| # | launch | requested MB | DRAM-level MB | " + "".join(f"DRAM L2 {x} MB | " for x in l2)
+                + "GFLOP | H100 model us (prediction) |"
                 + (" programs | per SM | waves | trips | chain us | latency-aware us (prediction) |" if lat else ""),
-                "| ---: | --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(keys)]
+                "| ---: | --- | ---: | ---: | " + "---: | " * len(l2) + "---: | ---: |" + " ---: |" * len(keys)]
         for i, e in enumerate(r["launch_detail"], 1):
             g = [f"{e[k]:.1f}" if isinstance(e.get(k), float) else str(e.get(k, "n/a")) for k in keys]
             out.append(f"| {i} | `{e['name']}` | {_mb(e['requested'])} | {_mb(e['dram'])} | "
-                       f"{e['flops'] / 1e9:.2f} | {e['h100_pred_us']:.1f} |" + "".join(f" {v} |" for v in g))
+                       + "".join(f"{_mb(e[f'l2_{x}']) if f'l2_{x}' in e else 'n/a'} | " for x in l2)
+                       + f"{e['flops'] / 1e9:.2f} | {e['h100_pred_us']:.1f} |" + "".join(f" {v} |" for v in g))
+        if l2:
+            flush = "".join(f" {_mb(r['l2']['sizes'][x]['flush'])} |" for x in l2)
+            out.append(f"| | dirty lines left at the end, written back (L2 model) | | |{flush} | |" + " |" * len(keys))
         out.append("")
     return out
 
 
+#: the columns compared between two counts: (label, value of a row; lower is better)
+def _columns(a: dict, b: dict) -> List[tuple]:
+    cols = [("requested / floor", lambda r: r["requested_x"]), ("DRAM-level / floor", lambda r: r["dram_x"])]
+    for x in l2_labels(b):
+        if x in l2_labels(a):
+            cols.append((f"DRAM L2 {x} / floor", lambda r, x=x: r.get("l2", {}).get("sizes", {}).get(x, {}).get("dram_x")))
+    cols += [("launches", lambda r: r["launches"]), ("H100 model x floor (prediction)", lambda r: r["h100_pred_x"])]
+    return cols
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else (str(v) if isinstance(v, int) else f"{v:.2f}x")
+
+
 def _compare(docs: List[dict]) -> List[str]:
-    a, b = docs[0], docs[-1]
+    """The last two of ``docs`` side by side (triton rows), every column; cells worse in the later named."""
+    a, b = docs[-2], docs[-1]
     rows_b = {(r["shape"], r["backend"], r["pass"]): r for r in b["rows"]}
     la, lb = a["label"], b["label"]
+    cols = _columns(a, b)
     out = [f"### triton: {la} vs {lb}", "",
-           f"| shape | pass | requested / floor {la} | {lb} | DRAM-level / floor {la} | {lb} | launches {la} | {lb} | "
-           f"H100 model x floor {la} (prediction) | {lb} |",
-           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in sorted(a["rows"], key=lambda r: (_key(r), r["pass"])):
+           "| shape | pass | " + " | ".join(f"{name} {la} | {lb}" for name, _ in cols) + " |",
+           "| --- | --- | " + " | ".join("---: | ---:" for _ in cols) + " |"]
+    worse = []
+    for r in sorted(a["rows"], key=lambda r: (_key(r), list(PASS_NAME).index(r["pass"]))):
         s = rows_b.get((r["shape"], r["backend"], r["pass"]))
         if r["backend"] != "triton" or s is None:
             continue
-        out.append(f"| {r['shape']} | {r['pass']} | {r['requested_x']:.2f}x | {s['requested_x']:.2f}x | "
-                   f"{r['dram_x']:.2f}x | {s['dram_x']:.2f}x | {r['launches']} | {s['launches']} | "
-                   f"{r['h100_pred_x']:.2f}x | {s['h100_pred_x']:.2f}x |")
-    worse = [f"{r['shape']} {r['pass']} {k.replace('_x', '')} ({r[k]:.2f}x -> {rows_b[(r['shape'], 'triton', r['pass'])][k]:.2f}x)"
-             for r in sorted(a["rows"], key=lambda r: (_key(r), r["pass"])) if r["backend"] == "triton"
-             and (r["shape"], "triton", r["pass"]) in rows_b
-             for k in ("requested_x", "dram_x", "h100_pred_x") if rows_b[(r["shape"], "triton", r["pass"])][k] > r[k]]
-    out += [f"Higher in {lb} than in {la}: " + ("; ".join(worse) if worse else "nothing") + ".", ""]
+        cells = []
+        for name, get in cols:
+            va, vb = get(r), get(s)
+            bad = va is not None and vb is not None and vb > va * (1 + 1e-9)
+            cells.append(f"{_fmt(va)} | {'**' + _fmt(vb) + '**' if bad else _fmt(vb)}")
+            if bad:
+                worse.append(f"{r['shape']} {r['pass']} {name} ({_fmt(va)} -> {_fmt(vb)})")
+        out.append(f"| {r['shape']} | {r['pass']} | " + " | ".join(cells) + " |")
+    out += ["", f"Worse in {lb} than in {la} (bold above): " + ("; ".join(worse) if worse else "nothing") + ".", ""]
     return out + _targets(a, b)
 
 
 def _targets(a: dict, b: dict) -> List[str]:
-    def get(doc, field, pass_):
+    def get(doc, value, shape, pass_):
         for r in doc["rows"]:
-            if (r["shape"], r["backend"], r["pass"]) == (DETAIL_SHAPE, "triton", pass_):
-                return r[field]
+            if (r["shape"], r["backend"], r["pass"]) == (shape, "triton", pass_):
+                return value(r)
         return None
 
-    out = [f"Targets of the v2 kernels ({DETAIL_SHAPE}, triton, B = 256):", "",
+    out = ["Targets of the v3 kernels (triton, B as above; counted, not timed):", "",
            f"| target | bound | {a['label']} | {b['label']} | met by {b['label']} |", "| --- | ---: | ---: | ---: | --- |"]
-    for field, pass_, bound, label in TARGETS:
-        va, vb = get(a, field, pass_), get(b, field, pass_)
+    for value, shape, pass_, bound, label in TARGETS:
+        va, vb = get(a, value, shape, pass_), get(b, value, shape, pass_)
         if vb is None:
             continue
-        fmt = (lambda v: "n/a" if v is None else f"{v}") if field == "launches" else \
-            (lambda v: "n/a" if v is None else f"{v:.2f}x")
-        out.append(f"| {label} | {fmt(bound)} | {fmt(va)} | {fmt(vb)} | {'yes' if vb <= bound else 'no'} |")
+        out.append(f"| {label} | {_fmt(bound)} | {_fmt(va)} | {_fmt(vb)} | {'yes' if vb <= bound else 'no'} |")
     return out + [""]
 
 
@@ -166,12 +234,8 @@ computed from the shape (the counts' `programs` field is fitted linearly in B an
 ceil-divided grid; new counts record the grid); resident programs per SM from the first fitting
 sm_90 config of `bench/results/compile-matrix.json` (Triton 3.8.0, fp16), a stand-in for the
 autotuned one; trips: the sequential loop trips of one program at ~1 us each (one dependent DRAM
-round trip), divided by num_stages for a software-pipelined loop. Computed from the committed
-counts, not a fresh count: the finish kernel's bytes are those of its earlier `(Hh,)` grid and
-the current code's extra PyTorch sum of its dq partials is not in them. A fresh count of the
-current code (`python bench/traffic.py --backends triton --shapes vit_b16 --passes fwd_bwd
---no-check`, not committed) has 7 launches and predicts vit_b16 forward + backward at 169 us
-(1.99x floor time) by the H100 model and 199 us (2.34x) latency-aware. It ignores L2 hits,
+round trip), divided by num_stages for a software-pipelined loop. Computed from the latest
+count's bytes (its bandwidth side is the DRAM-level column, not the L2 model's). It ignores L2 hits,
 tail effects within a wave, clocks, overlap of launches and waves, and latency the warps hide.
 """
 
@@ -187,17 +251,30 @@ def _with_latency(doc: dict) -> dict:
     return doc
 
 
+#: the count every later one is compared with (when it is not itself the latest)
+BASELINE = "v2"
+
+
+def compared(docs: List[dict]) -> List[dict]:
+    """The pair to compare (docs oldest first): the baseline and the latest count, else the two latest."""
+    base = [d for d in docs[:-1] if d["label"] == BASELINE]
+    return [base[-1], docs[-1]] if base else docs[-2:]
+
+
 def section(results_dir: Path = HERE / "results") -> List[str]:
-    docs = [json.loads(f.read_text()) for f in sorted(results_dir.glob("traffic-*.json"))]
+    # oldest count first
+    docs = sorted((json.loads(f.read_text()) for f in results_dir.glob("traffic-*.json")),
+                  key=lambda d: (d.get("date", ""), d["label"]))
     if not docs:
         return []
     docs[-1] = _with_latency(docs[-1])
     lines = [INTRO, LATENCY]
     if len(docs) > 1:
-        lines += _compare(docs)
+        lines += _compare(compared(docs))
     for doc in docs:
         facts = [f"file `bench/results/traffic-{doc['label']}.json`", f"{doc['dtype']}", f"torch {doc['torch']}",
                  f"triton {doc['triton']}", f"date {doc['date']}"]
         lines += [f"### {doc['label']}", "", ("; ".join(facts) + (f". {doc['note']}" if doc.get("note") else ".")), ""]
-        lines += _table(doc, "fwd") + _table(doc, "fwd_bwd") + _detail(doc)
+        passes = [p for p in PASS_NAME if any(r["pass"] == p for r in doc["rows"])]
+        lines += [ln for p in passes for ln in _table(doc, p)] + _detail(doc)
     return lines

@@ -12,6 +12,8 @@ addresses to the active listeners:
   kernel, the nearest argument, the offset and the program id.
 * :class:`Recorder` collects per launch: requested bytes (every unmasked access), distinct
   bytes (the union of the byte ranges touched), ``tl.dot`` FLOPs and the launch grid; ``bench/traffic.py`` uses it.
+* :func:`sampling` runs a chosen subset of a launch's programs (``access_stream`` records the
+  per-program access streams of a few programs and translates them to the rest).
 
 With no listener active the wrappers cost one list test per access. The check is "inside some
 argument", not "inside the argument the pointer came from": the interpreter does not track a
@@ -43,6 +45,7 @@ class _Arg:
     hi: int      # one past its last byte
     base: int    # data_ptr(), from which offsets are reported
     itemsize: int
+    storage: object = None  # the tensor's untyped storage (access streams map addresses through it)
 
 
 def _span(t) -> Tuple[int, int]:
@@ -65,7 +68,7 @@ def _collect(name: str, arg, out: List[_Arg]) -> None:
     elif hasattr(arg, "data_ptr"):
         t = arg.base if type(arg).__name__ == "TensorWrapper" else arg  # a dtype-reinterpreting wrapper
         lo, hi = _span(t)
-        out.append(_Arg(name, lo, hi, t.data_ptr(), t.element_size()))
+        out.append(_Arg(name, lo, hi, t.data_ptr(), t.element_size(), t.untyped_storage()))
 
 
 @dataclass
@@ -78,6 +81,9 @@ class _Launch:
 
 _current: Optional[_Launch] = None
 _launch_depth = 0
+#: program samplers (see :func:`sampling`) and the running sub-grid: (full grid, chosen programs)
+_samplers: list = []
+_selection: Optional[tuple] = None
 
 
 def in_launch() -> bool:
@@ -86,14 +92,15 @@ def in_launch() -> bool:
 
 
 def _wrap_launches(gx, ib) -> None:
-    """Wrap the launch methods: each launch's tensor arguments and grid go to the listeners."""
+    """Wrap the launch methods: each launch's tensor arguments and grid go to the listeners; a
+    sampler (``sampling``) chooses which programs of a launch run."""
     orig_init, orig_call = gx._init_args_hst, gx.__call__
     orig_idx, orig_dim = ib.set_grid_idx, ib.set_grid_dim
 
     def _init_args_hst(self, args_dev, kwargs):
+        global _current
         args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
-        if _listeners:
-            global _current
+        if _listeners and _current is None:  # a sampled launch runs the interpreter more than once
             found: List[_Arg] = []
             for name, a in zip(self.arg_names, args_hst):
                 _collect(name, a, found)
@@ -108,7 +115,9 @@ def _wrap_launches(gx, ib) -> None:
         global _current, _launch_depth
         _launch_depth += 1
         try:
-            return orig_call(self, *args, **kwargs)
+            if not _samplers or callable(self.grid):
+                return orig_call(self, *args, **kwargs)
+            return _run_sampled(self, orig_call, args, kwargs)
         finally:
             _launch_depth -= 1
             if _current is not None:
@@ -117,11 +126,15 @@ def _wrap_launches(gx, ib) -> None:
                     lst.launch_end(launch)
 
     def set_grid_idx(self, x, y, z):
+        if _selection is not None:
+            x, y, z = _selection[1][x]
         if _current is not None:
             _current.grid_idx = (x, y, z)
         return orig_idx(self, x, y, z)
 
     def set_grid_dim(self, x, y, z):
+        if _selection is not None:
+            x, y, z = _selection[0]
         if _current is not None:
             _current.grid = (x, y, z)
         return orig_dim(self, x, y, z)
@@ -130,17 +143,42 @@ def _wrap_launches(gx, ib) -> None:
     ib.set_grid_idx, ib.set_grid_dim = set_grid_idx, set_grid_dim
 
 
-def _notify(interpreter, kind, ptrs, mask) -> None:
-    """Hand the unmasked addresses of one access to the listeners."""
+def _run_sampled(executor, orig_call, args, kwargs):
+    """A sampled launch: run the programs the sampler asks for, a batch at a time, as a grid of
+    that many programs whose indices ``set_grid_idx`` maps back to the real ones."""
+    global _selection
+    full, real = tuple(executor.grid) + (1,) * (3 - len(executor.grid)), executor.grid
+    try:
+        while True:
+            chosen = _samplers[-1].next_programs(executor.fn.__name__, full)
+            if not chosen:
+                return None
+            _selection, executor.grid = (full, list(chosen)), (len(chosen),)
+            orig_call(executor, *args, **kwargs)
+    finally:
+        _selection, executor.grid = None, real
+
+
+def _notify(interpreter, kind, ptrs, mask, policy=None) -> None:
+    """Hand the unmasked addresses of one access to the listeners (with its eviction hint to
+    those that want hints; a fully masked access moves nothing, but stream recorders still see
+    it as a step)."""
     if _current is None:
         return
     addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
-    if addrs.size == 0:
-        return
     itemsize = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
     addrs = np.asarray(addrs, dtype=np.uint64).ravel()
     for lst in list(_listeners):
-        lst.access(_current, kind, addrs, itemsize)
+        if addrs.size or getattr(lst, "wants_empty", False):
+            if getattr(lst, "wants_hints", False):
+                lst.access(_current, kind, addrs, itemsize, hint=_hint(policy))
+            else:
+                lst.access(_current, kind, addrs, itemsize)
+
+
+def _policy(a, k):
+    """The eviction policy argument of a masked load/store call."""
+    return k.get("eviction_policy", a[1] if len(a) > 1 else None)
 
 
 def _wrap_memory(ib, interpreter) -> None:
@@ -150,12 +188,12 @@ def _wrap_memory(ib, interpreter) -> None:
 
     def create_masked_load(self, ptrs, mask, other, *a, **k):
         if _listeners:
-            _notify(interpreter, "load", ptrs, mask)
+            _notify(interpreter, "load", ptrs, mask, _policy(a, k))
         return orig_load(self, ptrs, mask, other, *a, **k)
 
     def create_masked_store(self, ptrs, value, mask, *a, **k):
         if _listeners:
-            _notify(interpreter, "store", ptrs, mask)
+            _notify(interpreter, "store", ptrs, mask, _policy(a, k))
         return orig_store(self, ptrs, value, mask, *a, **k)
 
     def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
@@ -193,6 +231,12 @@ def _install() -> None:
         _installed = True
 
 
+def _hint(policy) -> Optional[str]:
+    """``"evict_first"`` / ``"evict_last"`` from an access's eviction policy, else None."""
+    name = str(getattr(policy, "name", policy) or "").lower()
+    return next((h for h in ("evict_first", "evict_last") if h in name), None)
+
+
 @contextlib.contextmanager
 def listening(listener) -> Iterator:
     """Route interpreter launches and accesses to ``listener`` inside the block."""
@@ -202,6 +246,24 @@ def listening(listener) -> Iterator:
         yield listener
     finally:
         _listeners.remove(listener)
+
+
+@contextlib.contextmanager
+def sampling(sampler) -> Iterator:
+    """Run only the programs ``sampler`` picks of each launch with a tuple grid, inside the block.
+
+    Per launch the interpreter calls ``sampler.next_programs(kernel, grid)`` (grid padded to 3
+    dimensions) until it returns an empty list; each call's programs run in the order given, with
+    ``tl.program_id`` and ``tl.num_programs`` those of the full grid. Listeners see one launch.
+    Programs not run leave their outputs unwritten: only for recording access streams that do
+    not depend on the data.
+    """
+    _install()
+    _samplers.append(sampler)
+    try:
+        yield sampler
+    finally:
+        _samplers.remove(sampler)
 
 
 class _Listener:

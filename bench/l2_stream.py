@@ -1,0 +1,105 @@
+"""The L2-aware count: a pass's line stream (Triton launches and the PyTorch ops between them)
+through the LRU model of ``bench/l2_cache.py``. Counted, not timed.
+
+``bench/traffic.py --l2 50MB,40MB`` runs each case once more at the benchmark batch with an
+``access_stream.StreamRecorder`` that records a few programs of every launch and translates
+them to the rest (``kernels/testing/access_stream.py``), and a ``TorchOpCounter`` that gives
+every PyTorch op a line stream: its inputs read (in argument order), then its outputs written.
+The launches' programs are interleaved as resident waves (``--l2-resident``, default the
+H100's 132 SMs, one program each) and the whole pass, in launch order, goes through one cold
+cache per size. DRAM bytes = 128 x (lines read on a miss + dirty lines evicted + dirty lines
+left at the end of the pass).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+import l2_cache
+from sparo_fast_kernels.testing import access_stream as st
+from sparo_fast_kernels.testing import interpreter_trace as trace
+
+#: op tensors with more elements than this and a layout with gaps count their whole span
+ENUMERATE_LIMIT = 1 << 24
+
+
+def tensor_intervals(t: torch.Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    """Byte intervals [start, end) (real addresses) of a view's distinct elements."""
+    if t.numel() == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    item, ptr = t.element_size(), t.data_ptr()
+    dims = sorted(((abs(st_), n) for n, st_ in zip(t.shape, t.stride()) if st_ != 0 and n > 1))
+    lo = ptr + item * sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)
+    dense, expect = True, 1
+    for stride, n in dims:
+        dense &= stride == expect
+        expect = stride * n
+    count = int(np.prod([n for _, n in dims])) if dims else 1
+    if dense or count > ENUMERATE_LIMIT:  # dense, or too many to list: the span
+        hi = lo + item * (sum((n - 1) * s for s, n in dims) + 1)
+        return np.array([lo]), np.array([hi])
+    off = np.zeros(1, np.int64)
+    for stride, n in dims:
+        off = (off[None, :] + stride * np.arange(n)[:, None]).ravel()
+    starts = np.unique(lo + item * off)
+    return starts, starts + item
+
+
+def _lines(space: st.AddressSpace, tensors: Sequence[torch.Tensor]) -> np.ndarray:
+    out = []
+    for t in tensors:
+        space.add(t.untyped_storage())
+        s, e = tensor_intervals(t)
+        if s.size:
+            first, last = space.map(s) // l2_cache.LINE, (space.map(e - 1)) // l2_cache.LINE
+            n = last - first + 1
+            lines = np.repeat(first - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+            out.append(lines[np.r_[True, lines[1:] != lines[:-1]]])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def op_lines(space: st.AddressSpace, ins: List[torch.Tensor], outs: List[torch.Tensor]) -> Tuple[np.ndarray, np.ndarray]:
+    """A PyTorch op's stream: its inputs' lines read, then its outputs' lines written."""
+    a, b = _lines(space, ins), _lines(space, outs)
+    return np.concatenate([a, b]), np.r_[np.full(a.size, l2_cache.LOAD, np.uint8), np.full(b.size, l2_cache.STORE, np.uint8)]
+
+
+@contextlib.contextmanager
+def recording(recorder: st.StreamRecorder):
+    """Record the access streams inside the block; sampled launches leave programs unrun, so later
+    launches compute on unwritten memory: numpy's overflow warnings are silenced."""
+    with trace.listening(recorder), (trace.sampling(recorder) if recorder.sample else contextlib.nullcontext()), \
+            np.errstate(all="ignore"):
+        yield recorder
+
+
+def pass_streams(events: List[dict], recorder: st.StreamRecorder, resident: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Each launch's line stream, in launch order (kernels from the recorder, ops from their events)."""
+    kernels = iter(recorder.launches)
+    out = []
+    for e in events:
+        if e["kind"] == "kernel":
+            k = next(kernels)
+            if k.kernel != e["name"]:
+                raise RuntimeError(f"stream of {k.kernel} where the count has {e['name']}")
+            out.append(st.interleave(k, resident, l2_cache.LINE))
+        else:
+            out.append(e["stream"])
+    return out
+
+
+def simulate(streams: List[Tuple[np.ndarray, np.ndarray]], size: int, ways=None) -> Dict:
+    """DRAM bytes of a pass through one cold cache: per launch (misses + dirty evictions) and the
+    dirty lines left at the end (``flush``)."""
+    cache = l2_cache.L2(size, ways)
+    per = []
+    for lines, kinds in streams:
+        miss, wb = cache.access(lines, kinds)
+        per.append({"read": int(miss.sum()) * cache.line, "writeback": int(wb.sum()) * cache.line})
+    flush = cache.dirty_lines() * cache.line
+    total = sum(p["read"] + p["writeback"] for p in per) + flush
+    return {"dram": total, "flush": flush, "per_launch": per,
+            "lines": int(sum(s[0].size for s in streams))}

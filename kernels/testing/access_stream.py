@@ -1,0 +1,319 @@
+"""Per-program access streams of interpreter launches, sampled and interleaved as a GPU runs them.
+
+:class:`StreamRecorder` (an ``interpreter_trace`` listener and program sampler) records, for each
+Triton launch, the accesses of each program in issue order: one access per ``tl.load`` /
+``tl.store`` / atomic, as the byte intervals of its unmasked lanes (a fully masked access is an
+empty step), with its eviction hint. With ``sample=True`` it runs only a few programs of each launch and derives every
+other program's stream by translation:
+
+* along each grid axis (the other coordinates at 0) the programs split into *segments* inside
+  which program ``s + k`` is program ``s`` with every access shifted by ``k`` times a per-access
+  byte offset (sample ``b`` of a per-sample kernel, head ``h``, feature tile ``t``); segment ends
+  are found by bisection on recorded programs (a persistent kernel's programs with one sample
+  fewer, a masked last tile start a new segment);
+* a block of the grid (a product of one segment per axis) is its corner program plus the
+  per-axis offsets measured at the corner; the far corner and the middle of every block are
+  recorded and must match that prediction exactly, else the whole block is recorded.
+
+This assumes addresses do not depend on the data (the kernels' masks depend on shapes and EOS
+positions only) and that no program waits for one that is not run (sampled programs run in
+grid order; a kernel whose programs spin on flags set by others must not spin under the
+interpreter, or be named in ``full_kernels``); ``bench/test_l2.py`` checks that a sampled
+recording reproduces a full one.
+
+:func:`interleave` turns a launch into the line stream an L2 sees: ``resident`` programs run
+at once (the SMs; a program takes the next free slot when one finishes, in grid order with
+``program_id(0)`` fastest), and at each step every resident program issues its next access.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from . import interpreter_trace as trace
+
+KIND = {"load": 0, "store": 1, "atomic": 2}
+#: eviction hints, or-ed into the kind (as ``bench/l2_cache.py`` reads them)
+HINT = {None: 0, "evict_first": 4, "evict_last": 8}
+Pid = Tuple[int, int, int]
+
+
+@dataclass
+class Program:
+    """One program's accesses: kind per access; byte intervals [start, end) with their access."""
+    kinds: np.ndarray
+    acc: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+    @property
+    def first(self) -> np.ndarray:
+        """Index of each access's first interval (-1: an empty access)."""
+        f = np.full(self.kinds.size, -1, np.int64)
+        idx = np.flatnonzero(np.r_[True, self.acc[1:] != self.acc[:-1]]) if self.acc.size else np.zeros(0, int)
+        f[self.acc[idx]] = idx
+        return f
+
+    def shifted(self, offsets: np.ndarray) -> "Program":
+        o = offsets[self.acc]
+        return Program(self.kinds, self.acc, self.start + o, self.end + o)
+
+
+def offsets(a: Program, b: Program) -> Optional[np.ndarray]:
+    """Per-access byte offsets with ``b == a.shifted(offsets)``, or None when b is not a translation of a."""
+    if a.kinds.size != b.kinds.size or a.acc.size != b.acc.size or not np.array_equal(a.kinds, b.kinds) \
+            or not np.array_equal(a.acc, b.acc):
+        return None
+    f = a.first
+    d = np.zeros(a.kinds.size, np.int64)
+    d[f >= 0] = b.start[f[f >= 0]] - a.start[f[f >= 0]]
+    return d if same(a.shifted(d), b) else None
+
+
+def same(a: Program, b: Program) -> bool:
+    return all(np.array_equal(x, y) for x, y in ((a.kinds, b.kinds), (a.acc, b.acc), (a.start, b.start), (a.end, b.end)))
+
+
+class _Building:
+    def __init__(self) -> None:
+        self.kinds: List[int] = []
+        self.starts: List[np.ndarray] = []
+        self.ends: List[np.ndarray] = []
+
+    def add(self, kind: str, addrs: np.ndarray, itemsize: int, hint: Optional[str]) -> None:
+        a = np.unique(addrs)
+        brk = np.flatnonzero(a[1:] != a[:-1] + itemsize) + 1
+        self.kinds.append(KIND[kind] | HINT[hint])
+        self.starts.append(a[np.r_[0, brk]] if a.size else a)
+        self.ends.append(a[np.r_[brk - 1, a.size - 1]] + itemsize if a.size else a)
+
+    def done(self) -> Program:
+        n = np.array([s.size for s in self.starts], np.int64)
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))
+        return Program(np.array(self.kinds, np.uint8), np.repeat(np.arange(n.size), n), cat(self.starts), cat(self.ends))
+
+
+@dataclass
+class LaunchStream:
+    """A launch's grid and every program's stream (``programs`` in GPU order, x fastest)."""
+    kernel: str
+    grid: Pid
+    programs: List[Program]
+    recorded: int  # programs the interpreter ran
+    blocks: int = 1
+    full_blocks: int = 0  # blocks whose check failed and were recorded program by program
+
+
+class AddressSpace:
+    """Storages laid out one after another, each at a 512-byte aligned address (as a GPU caching
+    allocator hands out blocks), in the order first seen: the streams of two runs that make the
+    same allocations in the same order have the same addresses. Keeps every storage alive, so
+    no address is reused within a run."""
+
+    ALIGN = 512
+
+    def __init__(self) -> None:
+        self._keep: Dict[int, tuple] = {}  # data_ptr -> (storage, virtual base)
+        self._next = 0
+        self._arrays: Optional[tuple] = None
+
+    def add(self, storage) -> None:
+        ptr, n = storage.data_ptr(), storage.nbytes()
+        if n == 0 or (ptr in self._keep and self._keep[ptr][0].nbytes() >= n):
+            return
+        self._keep[ptr] = (storage, self._next)
+        self._next = -(-(self._next + n) // self.ALIGN) * self.ALIGN
+        self._arrays = None
+
+    def map(self, addrs: np.ndarray) -> np.ndarray:
+        """Real (CPU) byte addresses -> addresses in this space."""
+        if self._arrays is None:
+            ptrs = np.array(sorted(self._keep), np.int64)
+            self._arrays = (ptrs, np.array([self._keep[p][0].nbytes() for p in ptrs.tolist()], np.int64),
+                            np.array([self._keep[p][1] for p in ptrs.tolist()], np.int64))
+        ptrs, sizes, vbase = self._arrays
+        i = np.searchsorted(ptrs, addrs, side="right") - 1
+        if addrs.size and ((i < 0).any() or (addrs >= ptrs[i] + sizes[i]).any()):
+            raise ValueError("an access outside every storage registered with the address space")
+        return addrs - ptrs[i] + vbase[i]
+
+
+class StreamRecorder(trace._Listener):
+    """Records each launch's per-program streams (and, with ``sample``, picks the programs to run)."""
+
+    wants_empty = True
+    wants_hints = True
+
+    def __init__(self, space: AddressSpace, sample: bool = False, full_below: int = 8,
+                 full_kernels: Tuple[str, ...] = ()) -> None:
+        self.space, self.sample, self.full_below = space, sample, full_below
+        self.full_kernels = set(full_kernels)  # kernels run with every program, in grid order
+        self.launches: List[LaunchStream] = []
+        self._rec: Dict[Pid, Program] = {}
+        self._ran: set = set()
+        self._building: Dict[Pid, _Building] = {}
+        self._plan: Optional[Iterator[List[Pid]]] = None
+        self._result: Optional[LaunchStream] = None
+
+    # -- interpreter listener
+    def launch_begin(self, launch):
+        for a in launch.args:
+            if a.storage is not None:
+                self.space.add(a.storage)
+        self._rec, self._ran, self._building, self._plan = {}, set(), {}, None
+
+    def access(self, launch, kind, addrs, itemsize, hint=None):
+        addrs = self.space.map(addrs.astype(np.int64))
+        self._building.setdefault(tuple(launch.grid_idx), _Building()).add(kind, addrs, itemsize, hint)
+
+    def launch_end(self, launch):
+        self._flush()
+        if self._result is None:  # not sampled (a callable grid, or sampling off): every program ran
+            self._ran.update(gpu_order(tuple(launch.grid)))  # a program that never touched memory: empty
+            progs = [self._get(p) for p in gpu_order(tuple(launch.grid))]
+            self._result = LaunchStream(launch.kernel, tuple(launch.grid), progs, len(progs))
+        self.launches.append(self._result)
+        self._rec, self._plan, self._result = {}, None, None
+
+    def _flush(self) -> None:
+        for pid, b in self._building.items():
+            self._rec[pid] = b.done()
+        self._building = {}
+
+    def _get(self, pid: Pid) -> Program:
+        """A program's stream (one that ran without touching memory: empty)."""
+        if pid not in self._rec and pid not in self._ran:
+            raise KeyError(f"program {pid} was not run")
+        return self._rec.get(pid) or Program(np.zeros(0, np.uint8), *(np.zeros(0, np.int64),) * 3)
+
+    # -- sampler
+    def next_programs(self, kernel: str, grid: Pid) -> List[Pid]:
+        if self._plan is None:
+            small = not self.sample or int(np.prod(grid)) <= self.full_below or kernel in self.full_kernels
+            self._plan = self._all(grid) if small else self._sampled(kernel, grid)
+        while True:
+            self._flush()
+            nxt = next(self._plan, None)
+            if nxt is None:
+                return []
+            # in GPU order: a program that waits for an earlier one finds it done
+            todo = sorted((p for p in dict.fromkeys(nxt) if p not in self._ran), key=lambda p: (p[2], p[1], p[0]))
+            if todo:
+                self._ran.update(todo)
+                return todo
+
+    def _all(self, grid: Pid) -> Iterator[List[Pid]]:
+        yield list(gpu_order(grid))
+
+    def _sampled(self, kernel: str, grid: Pid) -> Iterator[List[Pid]]:
+        segs = []
+        for axis in range(3):
+            starts = yield from self._segments(grid, axis)
+            segs.append(starts)
+        progs: Dict[Pid, Program] = {}
+        blocks = full = 0
+        for corner in itertools.product(*segs):
+            ends = [_seg_end(segs[a], corner[a], grid[a]) for a in range(3)]
+            far = tuple(ends)
+            mid = tuple((c + e) // 2 for c, e in zip(corner, ends))
+            yield [corner] + [_step(corner, a) for a in range(3) if ends[a] > corner[a]] + [far, mid]
+            blocks += 1
+            base = self._get(corner)
+            ds = [offsets(base, self._get(_step(corner, a))) if ends[a] > corner[a] else None for a in range(3)]
+            ok = all(ends[a] == corner[a] or ds[a] is not None for a in range(3)) and all(
+                same(_predict(base, ds, corner, p), self._get(p)) for p in (far, mid))
+            members = list(itertools.product(*(range(corner[a], ends[a] + 1) for a in range(3))))
+            if not ok:
+                full += 1
+                yield members
+            for p in members:
+                progs[p] = self._get(p) if p in self._ran else _predict(base, ds, corner, p)
+        self._result = LaunchStream(kernel, grid, [progs[p] for p in gpu_order(grid)], len(self._ran), blocks, full)
+
+    def _segments(self, grid: Pid, axis: int):
+        """Segment starts along ``axis`` (other coordinates 0), found by bisection."""
+        n, starts, s = grid[axis], [], 0
+        at = (lambda i: tuple(i if a == axis else 0 for a in range(3)))
+        while s < n:
+            starts.append(s)
+            if s + 1 >= n:
+                break
+            yield [at(s), at(s + 1), at(n - 1), at((s + n - 1) // 2)]
+            d = offsets(self._get(at(s)), self._get(at(s + 1)))
+            if d is None:
+                s += 1
+                continue
+            good = (lambda i: same(self._get(at(s)).shifted(d * (i - s)), self._get(at(i))))
+            if good(n - 1) and good((s + n - 1) // 2):
+                break
+            lo, hi = s + 1, n - 1  # good(lo); the first bad index is in (lo, hi]
+            if not good(hi):
+                while hi - lo > 1:
+                    m = (lo + hi) // 2
+                    yield [at(m)]
+                    lo, hi = (m, hi) if good(m) else (lo, m)
+            else:  # the end is good but the middle is not: bisect on the middle
+                hi = (s + n - 1) // 2
+                while hi - lo > 1:
+                    m = (lo + hi) // 2
+                    yield [at(m)]
+                    lo, hi = (m, hi) if good(m) else (lo, m)
+            s = hi
+        return starts
+
+
+def _step(p: Pid, axis: int) -> Pid:
+    return tuple(c + (a == axis) for a, c in enumerate(p))
+
+
+def _seg_end(starts: List[int], s: int, n: int) -> int:
+    i = starts.index(s)
+    return (starts[i + 1] - 1) if i + 1 < len(starts) else n - 1
+
+
+def _predict(base: Program, ds, corner: Pid, p: Pid) -> Program:
+    off = np.zeros(base.kinds.size, np.int64)
+    for a in range(3):
+        if p[a] != corner[a]:
+            off = off + ds[a] * (p[a] - corner[a])
+    return base.shifted(off)
+
+
+def gpu_order(grid: Pid) -> Iterator[Pid]:
+    """Program ids in the order a GPU hands them out: x fastest, then y, then z."""
+    for z in range(grid[2]):
+        for y in range(grid[1]):
+            for x in range(grid[0]):
+                yield (x, y, z)
+
+
+def interleave(launch: LaunchStream, resident: int, line: int = 128) -> Tuple[np.ndarray, np.ndarray]:
+    """The launch's line stream (line numbers, kinds) with ``resident`` programs running at once."""
+    progs = launch.programs
+    free = [(0, s) for s in range(min(resident, len(progs)))]
+    heapq.heapify(free)
+    tick0, slot = np.zeros(len(progs), np.int64), np.zeros(len(progs), np.int64)
+    for i, p in enumerate(progs):  # each program takes the slot that frees first
+        t, s = heapq.heappop(free)
+        tick0[i], slot[i] = t, s
+        heapq.heappush(free, (t + max(1, p.kinds.size), s))
+    if not progs:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    first = np.concatenate([p.start for p in progs]) // line
+    last = (np.concatenate([p.end for p in progs]) - 1) // line
+    tick = np.concatenate([p.acc + t for p, t in zip(progs, tick0)])
+    sl = np.concatenate([np.full(p.acc.size, s, np.int64) for p, s in zip(progs, slot)])
+    kind = np.concatenate([p.kinds[p.acc] for p in progs])
+    key = tick * max(1, resident) + sl
+    order = np.argsort(key, kind="stable")
+    first, last, key, kind = first[order], last[order], key[order], kind[order]
+    n = last - first + 1
+    lines = np.repeat(first - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+    key, kind = np.repeat(key, n), np.repeat(kind, n)
+    keep = np.r_[True, (lines[1:] != lines[:-1]) | (key[1:] != key[:-1])]  # a line once per access
+    return lines[keep], kind[keep]
+

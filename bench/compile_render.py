@@ -13,7 +13,11 @@ from typing import Dict, List
 
 MATRIX = Path(__file__).parent / "results" / "compile-matrix.json"
 SHORT = {"_fwd_pool_kernel": "pool", "_fwd_proj_kernel": "proj", "_bwd_token_kernel": "token",
-         "_bwd_slot_kernel": "slot", "_bwd_finish_kernel": "finish"}
+         "_bwd_slot_kernel": "slot", "_bwd_finish_kernel": "finish", "_fwd_fused_kernel": "fwd",
+         "_bwd_fused_kernel": "bwd"}
+#: the largest kernel of a matrix (registers and shared memory): the persistent backward, or in
+#: matrices of the split kernels their token stage
+BIGGEST = ("_bwd_fused_kernel", "_bwd_token_kernel")
 
 
 def _short(kernel: str) -> str:
@@ -42,13 +46,14 @@ def cells(rows: List[Dict]) -> Dict:
 
 
 def _cell(kernels: Dict) -> str:
-    """Fitting spill-free configs / configs over all kernels, the backward token kernel's first
-    such config (the largest kernel: registers and shared memory), and any kernel with none."""
+    """Fitting spill-free configs / configs over all kernels, the backward kernel's first such
+    config (the largest kernel: registers and shared memory), and any kernel with none."""
     rows = [r for rs in kernels.values() for r in rs]
     text = f"{sum(map(good, rows))}/{len(rows)}"
-    tok = next((r for r in kernels.get("_bwd_token_kernel", []) if good(r)), None)
+    big = next((k for k in BIGGEST if k in kernels), None)
+    tok = next((r for r in kernels.get(big, []) if good(r)), None)
     if tok is not None:
-        text += f" · token {tok['regs']} regs {round(tok['shared'] / 1024)} kB"
+        text += f" · {_short(big)} {tok['regs']} regs {round(tok['shared'] / 1024)} kB"
     none = sorted(_short(k) for k, rs in kernels.items() if not any(map(good, rs)))
     return text + (f" · **none: {', '.join(none)}**" if none else "")
 
@@ -80,8 +85,10 @@ def render(data: Dict) -> str:
     lines = ["### Compile matrix (compiled with Triton's `triton.compile` and `ptxas -v`, not run)", "",
              "Per Triton version, architecture, shape and dtype: configs (all kernels, every config of every "
              "space as pruned for the architecture) that compile, fit its shared memory per block and spill "
-             "nothing, out of all; the backward token kernel's first such config; kernels with none. Text "
-             "shapes have EOS indices; the attention weights get no gradient. Regenerate with "
+             "nothing, out of all; the backward kernel's first such config; kernels with none. Text "
+             "shapes have EOS indices; the attention weights get no gradient. A config that spills on one "
+             "architecture stays in its space there: autotuning on that GPU reads each compiled config's "
+             "spills and picks the fastest spill-free one. Regenerate with "
              "`python -m sparo_fast_kernels.testing.compile_matrix --versions ...` then `python bench/render.py`.",
              ""]
     fails = []

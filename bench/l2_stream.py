@@ -69,7 +69,10 @@ def op_lines(space: st.AddressSpace, ins: List[torch.Tensor], outs: List[torch.T
 
 @contextlib.contextmanager
 def recording(recorder: st.StreamRecorder):
-    with trace.listening(recorder), (trace.sampling(recorder) if recorder.sample else contextlib.nullcontext()):
+    """Record the access streams inside the block; sampled launches leave programs unrun, so later
+    launches compute on unwritten memory: numpy's overflow warnings are silenced."""
+    with trace.listening(recorder), (trace.sampling(recorder) if recorder.sample else contextlib.nullcontext()), \
+            np.errstate(all="ignore"):
         yield recorder
 
 

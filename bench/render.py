@@ -27,8 +27,11 @@ by `pytest bench/` (see the README's benchmark section). Do not edit by hand.
 
 Every case is the SPARO read-out at the benchmark shapes of docs/DESIGN.md (L = 64 slots, one key/value head per slot,
 A = Vd = V = 64, shared key/value projection) with `need_weights=False` (the training path)
-and input checks off. `fwd` runs under `torch.no_grad()`; `fwd_bwd` is the forward plus
-`torch.autograd.grad` of y (random dy) with respect to x and every parameter.
+and input checks off. `fwd` runs under `torch.no_grad()` in `train()` mode (the training
+forward's kernels); `fwd_bwd` is the forward plus `torch.autograd.grad` of y (random dy) with
+respect to x and every parameter; `infer` is the forward of a module in `eval()` mode under
+`torch.no_grad()` (the inference path: for triton one fused kernel and a cached absorbed query;
+the reference and torch backends compute as in `fwd`).
 
 * **median ms**: median over timed rounds after warm-up (compilation happens in the
   warm-up); inputs are fresh random data rotated among buffers that together overflow the
@@ -90,7 +93,8 @@ def render_file(doc: dict, name: str) -> list[str]:
     for note in doc.get("notes", []):
         if note.startswith("CPU"):
             out += ["", f"Note: {note}."]
-    for pass_, title in (("fwd", "Forward"), ("fwd_bwd", "Forward + backward")):
+    for pass_, title in (("fwd", "Forward"), ("fwd_bwd", "Forward + backward"),
+                         ("infer", "Inference (eval() under no_grad)")):
         sel = sorted((r for r in rows if r["pass"] == pass_), key=_sort_key)
         if not sel:
             continue

@@ -53,7 +53,7 @@ SHAPES = {s.name: s for s in (
 )}
 
 IMPLS = ("reference", "reference+compile", "torch", "torch+compile", "sdpa", "xformers", "triton")
-PASSES = ("fwd", "fwd_bwd")
+PASSES = ("fwd", "fwd_bwd", "infer")  # infer: eval() mode under no_grad (the inference path)
 
 
 # ----------------------------------------------------------------------------- the floor
@@ -68,7 +68,8 @@ def param_numel(D: int) -> int:
 def floor_bytes(shape: Shape, batch: int, dtype: torch.dtype, pass_: str) -> int:
     """Bytes that must move (docs/DESIGN.md, "The floor and how bench/ counts against it").
 
-    Forward: read x and the weights once, write y. Backward: read x, dy and the weights
+    Forward (``fwd``, and ``infer``: the forward in eval() mode under no_grad): read x and the
+    weights once, write y. Backward: read x, dy and the weights
     again, write dx and the weight gradients (about 2x the forward). ``fwd_bwd`` is both.
     """
     es = torch.empty((), dtype=dtype).element_size()
@@ -77,7 +78,7 @@ def floor_bytes(shape: Shape, batch: int, dtype: torch.dtype, pass_: str) -> int
     w = param_numel(shape.D) * es
     eos = batch * 8 if shape.eos else 0
     fwd = x + w + y + eos
-    if pass_ == "fwd":
+    if pass_ in ("fwd", "infer"):
         return fwd
     bwd = x + y + w + x + w + eos
     return fwd + bwd

@@ -160,3 +160,16 @@ def test_sizes_parse_and_reject_bad_input():
     assert l2_cache.parse_size("50MB") == 50_000_000 and l2_cache.parse_size("40MiB") == 40 * 2**20
     with pytest.raises(ValueError, match="L2 size"):
         l2_cache.parse_size("fifty")
+
+
+def test_op_streams_read_each_line_of_a_view_once():
+    """A PyTorch op's stream: the lines of its inputs' distinct elements (a dense transpose: the
+    whole span; a column slice: only the rows' first halves; a broadcast: the row once), then its
+    outputs' lines as stores."""
+    a = torch.randn(64, 64)  # 256-byte rows: 2 lines each (the address space aligns storages)
+    space = st.AddressSpace()
+    lines, kinds = l2_stream.op_lines(space, [a.t(), a[:, :32], a[0].expand(5, 64)], [torch.empty(64, 32)])
+    n_in = 128 + 64 + 2
+    assert lines.size == n_in + 64 and (kinds[:n_in] == l2_cache.LOAD).all() and (kinds[n_in:] == l2_cache.STORE).all()
+    assert np.unique(lines[128:192]).size == 64 and np.all(np.diff(lines[128:192]) == 2)  # every other line
+    assert set(lines[192:194].tolist()) <= set(lines[:128].tolist())  # the same storage, the same lines

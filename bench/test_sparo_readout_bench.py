@@ -96,12 +96,14 @@ def get_case(env, shape: sb.Shape, batch: int, n_tokens: int) -> Case:
     return _CASE[key]
 
 
-def make_impl(impl: str, case: Case):
-    """A callable (x, eos) -> y [B, L, V] sharing the case's parameters."""
+def make_impl(impl: str, case: Case, pass_: str = "fwd"):
+    """A callable (x, eos) -> y [B, L, V] sharing the case's parameters (``infer``: the module
+    in eval() mode, the inference path)."""
     base, _, compiled = impl.partition("+")
     if base in ("reference", "torch", "triton"):
         m = SparoReadout.from_published(case.master, backend=base, need_weights=False)
         m.check_inputs = False  # no host sync on eos_indices: the peers do not check either
+        m.train(pass_ != "infer")
         if compiled:
             torch._dynamo.reset()  # a fresh cache per case: no recompile limit across cases
             m = torch.compile(m, dynamic=False)
@@ -111,9 +113,15 @@ def make_impl(impl: str, case: Case):
     return lambda x, eos: fn(x, eos, params)
 
 
-def skip_reason(env, shape: sb.Shape, impl: str) -> str | None:
+def skip_reason(env, shape: sb.Shape, impl: str, pass_: str = "fwd") -> str | None:
     cpu_smoke_other_shape = (env.smoke and env.device.type == "cpu"
                              and shape.name not in CPU_SMOKE_SLOW_SHAPES)
+    if pass_ == "infer" and impl in ("sdpa", "xformers"):
+        return "infer: these peers have no eval() mode; their fwd rows are the same computation"
+    if pass_ == "infer" and env.smoke and env.device.type == "cpu" and (
+            impl.endswith("+compile") or shape.name not in CPU_SMOKE_SLOW_SHAPES):
+        return ("smoke mode: the infer rows are checked on text_b without torch.compile (the reference and torch "
+                "backends compute as in their fwd rows); a timed run runs them all")
     if impl.endswith("+compile") and cpu_smoke_other_shape:
         return ("smoke mode on CPU: torch.compile is checked on text_b only (seconds per "
                 "compile on 2 cores); a timed run compiles every shape")
@@ -143,7 +151,7 @@ def check(case: Case, f, pass_: str) -> None:
     """Output (and gradients) against the float64 reference with ``tests/accuracy.py``'s criterion."""
     want = case.reference()
     x, eos, g = case.xs[0], case.eos[0], case.gs[0]
-    if pass_ == "fwd":
+    if pass_ in ("fwd", "infer"):
         with torch.no_grad():
             y = f(x, eos)
         got = {"y": y}
@@ -162,7 +170,7 @@ def check(case: Case, f, pass_: str) -> None:
 
 def make_step(case: Case, f, pass_: str):
     order = itertools.cycle(range(len(case.xs)))
-    if pass_ == "fwd":
+    if pass_ in ("fwd", "infer"):
         def step():
             i = next(order)
             with torch.no_grad():
@@ -214,7 +222,7 @@ def test_readout(benchmark, bench_env, shape_name, impl, pass_):
                             "reason": reason})
         pytest.skip(reason)
 
-    reason = skip_reason(env, shape, impl)
+    reason = skip_reason(env, shape, impl, pass_)
     if reason:
         skip(reason)
     batch, n_tokens = env.batch(shape), shape.N
@@ -226,7 +234,7 @@ def test_readout(benchmark, bench_env, shape_name, impl, pass_):
             case.xs[0], case.master.q_emb, case.master.v.weight)
         if why:
             skip(f"the triton backend would fall back to the torch backend: {why}")
-    f = make_impl(impl, case)
+    f = make_impl(impl, case, pass_)
     check(case, f, pass_)  # outputs and gradients agree with the reference, in both modes
     step = make_step(case, f, pass_)
     benchmark.group = f"{shape.name} {pass_}"
@@ -250,3 +258,17 @@ def test_readout(benchmark, bench_env, shape_name, impl, pass_):
     }
     benchmark.extra_info.update({k: row[k] for k in ("median_ms", "floor_ms", "peak_mem_mb")})
     env.rows.append(row)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the traffic counter runs the kernels in the Triton CPU interpreter")
+def test_infer_pass_is_two_launches():
+    """``traffic.py``'s infer pass (eval() under no_grad, caches warm): the memset of the counters
+    and the fused kernel, nothing else (no absorbed-query product), counts linear in the batch."""
+    import traffic
+
+    shape = sb.Shape("tiny", 8, 9, 32, True)
+    infer = traffic.run_case(shape, "triton", "infer", batches=(2, 4), check=3)
+    assert [e["name"] for e in infer["launch_detail"]] == ["aten.zeros", "_infer_kernel"]
+    assert infer["check_max_rel_err"] < 1e-9
+    assert infer["floor_bytes"] == sb.floor_bytes(shape, shape.B, traffic.DTYPE, "fwd")

@@ -146,3 +146,10 @@ def test_the_comparison_shows_both_counts_in_every_column_and_names_worse_cells(
     assert "requested / floor (3.14x -> 3.50x)" in worse and "L2" not in worse
     target = [ln for ln in lines if ln.startswith("| vit_b16 fwd+bwd DRAM L2 50MB")][0]
     assert target.endswith("| 1.35x | 2.32x | 1.30x | yes |")
+
+
+def test_the_baseline_is_compared_with_the_latest_count():
+    import traffic_render as tr
+    docs = [_doc(lbl, f"2026-01-0{i} 00:00 UTC", 3.0, 2.0) for i, lbl in enumerate(("v1", "v2", "v3a", "v3b"), 1)]
+    assert [d["label"] for d in tr.compared(docs)] == ["v2", "v3b"]
+    assert [d["label"] for d in tr.compared(docs[:2])] == ["v1", "v2"]

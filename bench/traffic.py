@@ -1,9 +1,12 @@
 """Traffic accounting of the SPARO read-out on the CPU: counted, not timed.
 
-    python bench/traffic.py --label v1 [--backends triton,torch,reference] [--shapes vit_b16,...]
+    python bench/traffic.py --label v1 [--backends triton,torch,reference] [--shapes vit_b16,...] [--l2 50MB,40MB]
 
 For each benchmark shape (docs/DESIGN.md, "Benchmark shapes"), backend and pass (``fwd`` under ``no_grad``; ``fwd_bwd``: the
-forward plus ``autograd.grad`` of y, random dy, with respect to x and every parameter), the
+forward plus ``autograd.grad`` of y, random dy, with respect to x and every parameter; ``infer``, only on request with
+``--passes infer``: ``fwd`` with the module in ``eval()``, its caches warmed by an uncounted call; the triton
+kernel's ring of pooled rows stops growing at 96 samples, so fit it past that: ``run_case(..., batches=(128, 160),
+check=192)``), the
 read-out (float16, L = 64, A = Vd = V = 64, shared k/v, ``need_weights=False``, input checks
 off, as in ``bench/RESULTS.md``) runs under ``TRITON_INTERPRET=1`` with two recorders:
 
@@ -24,6 +27,12 @@ renders them into ``bench/RESULTS.md`` (the section built by ``bench/traffic_ren
 **DRAM-level** bytes = distinct bytes of each launch + the PyTorch ops' bytes: what HBM serves
 if each launch reads its data once and nothing stays in L2 between launches. **Requested**
 bytes = every kernel load and store + the PyTorch ops' bytes: what the kernels ask of L2.
+
+**DRAM under an L2 model** (``--l2 50MB,40MB``; ``bench/l2_stream.py``): the pass once more at
+the benchmark batch itself, its launches' per-program access streams (a few programs
+interpreted, the rest translated) interleaved as resident waves, through a cold LRU cache of
+each size; ``python bench/traffic.py --label v3 --backends triton --l2 50MB,40MB`` counts a
+checkout. Passes: ``fwd`` (no_grad), ``fwd_train`` (with grad, no backward), ``fwd_bwd``.
 
 The H100 model is a *prediction*, not a timing: per launch
 ``max(DRAM-level / 3.0 TB/s, requested / 7 TB/s, FLOPs / 600 TFLOP/s) + 2 us`` (launches are
@@ -202,7 +211,11 @@ def _count(trace, shape: sb.Shape, backend: str, pass_: str, batch: int, seed: i
     # EOS positions would make the counts data-dependent and not linear in the batch
     eos = torch.full((batch,), shape.N - 1) if shape.eos else None
     events: list = []
-    if pass_ in ("fwd", "fwd_train"):
+    if pass_ in ("fwd", "fwd_train", "infer"):  # infer: the module in eval() mode (its inference path)
+        m.train(pass_ != "infer")
+        if pass_ == "infer":
+            with torch.no_grad():
+                m(x[:1], None if eos is None else eos[:1])  # warm the absorbed-query cache, uncounted
         x.requires_grad_(pass_ == "fwd_train")
         with torch.set_grad_enabled(pass_ == "fwd_train"), extra(), trace.listening(_KernelEvents(trace, events)), \
                 TorchOpCounter(trace, events, space):
@@ -321,7 +334,9 @@ def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Opt
     out = {"resident": resident, "ways": ways, "sampled": sample,
            "programs_run": sum(k.recorded for k in rec.launches),
            "programs": sum(len(k.programs) for k in rec.launches),
-           "blocks_recorded_whole": sum(k.full_blocks for k in rec.launches), "sizes": {}}
+           "blocks_recorded_whole": sum(k.full_blocks for k in rec.launches),
+           "per_kernel": [{"kernel": k.kernel, "grid": list(k.grid), "programs_run": k.recorded, "blocks": k.blocks,
+                           "blocks_recorded_whole": k.full_blocks} for k in rec.launches], "sizes": {}}
     for label, size in sizes.items():
         out["sizes"][label] = {"bytes": size, **l2_stream.simulate(streams, size, ways)}
     return out
@@ -365,6 +380,11 @@ def main(argv=None) -> None:
         sizes = {t.strip(): l2_cache.parse_size(t) for t in args.l2.split(",") if t.strip()}
     except ValueError as err:
         ap.error(str(err))
+    for what, given, known in (("shape", args.shapes, sb.SHAPES), ("backend", args.backends, BACKENDS),
+                               ("pass", args.passes, PASSES)):
+        bad = [v for v in given.split(",") if v not in known]
+        if bad:
+            ap.error(f"unknown {what} {bad[0]!r}: one of {', '.join(known)}")
     rows = []
     for name in args.shapes.split(","):
         for backend in args.backends.split(","):
@@ -380,17 +400,24 @@ def main(argv=None) -> None:
                       f"fit check {row.get('check_max_rel_err', float('nan')):.1e}"
                       + "".join(f"  L2 {k} DRAM {v['dram_x']:5.2f}x" for k, v in row.get("l2", {}).get("sizes", {}).items()),
                       flush=True)
+                _write(args, rows)
+    print(f"wrote {_write(args, rows)}")
+
+
+def _write(args, rows: List[dict]) -> Path:
+    """Write the label's JSON (after every case: a long run keeps what it counted so far)."""
     doc = {"label": args.label, "note": args.note, "dtype": str(DTYPE).replace("torch.", ""),
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-           "torch": torch.__version__, "triton": sb.triton_version(), "h100_model": H100, "rows": rows}
+           "torch": torch.__version__, "triton": sb.triton_version(), "h100_model": H100, "rows": list(rows)}
     out = sb.RESULTS_DIR / f"traffic-{args.label}.json"
     if out.exists():  # keep the cases of an earlier run of the same label that were not re-run
         done = {(r["shape"], r["backend"], r["pass"]) for r in rows}
         old = [r for r in json.loads(out.read_text())["rows"] if (r["shape"], r["backend"], r["pass"]) not in done]
-        rows[:0] = old
-        doc["rows"] = rows
-    out.write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {out}")
+        doc["rows"] = old + doc["rows"]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, out)
+    return out
 
 
 if __name__ == "__main__":

@@ -21,6 +21,15 @@ def _l2x(size: str):
     return lambda r: r.get("l2", {}).get("sizes", {}).get(size, {}).get("dram_x")
 
 
+def _vs_floor_2xp(r: dict):
+    """L2 50MB DRAM bytes / (floor + 2 x xp): xp = B x L x D in fp16 written and read once, the
+    least the training pass moves where pooling expands the data (N < L)."""
+    import sparo_readout_bench as sb
+    v = r.get("l2", {}).get("sizes", {}).get("50MB")
+    xp = r["batch"] * sb.L_SLOTS * sb.SHAPES[r["shape"]].D * 2
+    return None if v is None else v["dram"] / (r["floor_bytes"] + 2 * xp)
+
+
 #: the v3 kernels' targets, triton: (value of a row, shape, pass, bound, label); the DRAM ones
 #: under the 50 MB L2 model
 TARGETS = ((_l2x("50MB"), "vit_b16", "fwd_bwd", 1.35, "vit_b16 fwd+bwd DRAM L2 50MB / floor"),
@@ -28,7 +37,9 @@ TARGETS = ((_l2x("50MB"), "vit_b16", "fwd_bwd", 1.35, "vit_b16 fwd+bwd DRAM L2 5
            (_l2x("50MB"), "vit_b16", "fwd_train", 1.45, "vit_b16 forward with grad (training) DRAM L2 50MB / floor"),
            (_l2x("50MB"), "vit_b16", "fwd", 1.15, "vit_b16 forward (no_grad: inference) DRAM L2 50MB / floor"),
            (lambda r: r["launches"], "vit_b16", "fwd", 2, "vit_b16 forward (no_grad: inference) launches"),
-           (_l2x("50MB"), "vit_l14", "fwd_bwd", 1.45, "vit_l14 fwd+bwd DRAM L2 50MB / floor"))
+           (_l2x("50MB"), "vit_l14", "fwd_bwd", 1.45, "vit_l14 fwd+bwd DRAM L2 50MB / floor"),
+           (_vs_floor_2xp, "vit_b32", "fwd_bwd", 1.2, "vit_b32 fwd+bwd DRAM L2 50MB / (floor + 2 xp)"),
+           (_vs_floor_2xp, "text_b", "fwd_bwd", 1.2, "text_b fwd+bwd DRAM L2 50MB / (floor + 2 xp)"))
 
 INTRO = """\
 ## Traffic: counted on the CPU; not timed
@@ -61,6 +72,9 @@ column is a **prediction** of a simple model fed with those counts.
   left at the end. In the per-launch tables a launch's L2 bytes are the misses it causes and the
   dirty lines (possibly of earlier launches) it evicts. 50 MB: an H100's L2; 40 MB: the same
   stream through an A100-sized L2. What the model ignores: `bench/NOTES.md`, "The L2-aware count".
+* **Comparison** (first table below): the triton rows of the v2 count against the latest count
+  (by date; the two latest when v2 is the latest), both values in every column; a cell higher
+  in the latest count is bold and named under the table, then the v3 targets.
 * Ratios are to the floor bytes of `sparo_readout_bench.floor_bytes` (docs/DESIGN.md, "The floor and how bench/ counts against it": forward
   reads x and the weights once and writes y; the backward adds x, dy, the weights, dx and the
   weight gradients). Passes: `fwd` under `no_grad`, `fwd_train` the forward with grad (what a
@@ -149,8 +163,8 @@ def _detail(doc: dict) -> List[str]:
                        + "".join(f"{_mb(e[f'l2_{x}']) if f'l2_{x}' in e else 'n/a'} | " for x in l2)
                        + f"{e['flops'] / 1e9:.2f} | {e['h100_pred_us']:.1f} |" + "".join(f" {v} |" for v in g))
         if l2:
-            flush = "; ".join(f"{x}: {_mb(r['l2']['sizes'][x]['flush'])} MB" for x in l2)
-            out.append(f"| | dirty lines written back at the end (L2 model) | | | {flush} | | |" + " |" * len(keys))
+            flush = "".join(f" {_mb(r['l2']['sizes'][x]['flush'])} |" for x in l2)
+            out.append(f"| | dirty lines left at the end, written back (L2 model) | | |{flush} | |" + " |" * len(keys))
         out.append("")
     return out
 
@@ -170,7 +184,7 @@ def _fmt(v) -> str:
 
 
 def _compare(docs: List[dict]) -> List[str]:
-    """The two latest counts side by side (triton rows), every column; cells worse in the later named."""
+    """The last two of ``docs`` side by side (triton rows), every column; cells worse in the later named."""
     a, b = docs[-2], docs[-1]
     rows_b = {(r["shape"], r["backend"], r["pass"]): r for r in b["rows"]}
     la, lb = a["label"], b["label"]
@@ -220,12 +234,8 @@ computed from the shape (the counts' `programs` field is fitted linearly in B an
 ceil-divided grid; new counts record the grid); resident programs per SM from the first fitting
 sm_90 config of `bench/results/compile-matrix.json` (Triton 3.8.0, fp16), a stand-in for the
 autotuned one; trips: the sequential loop trips of one program at ~1 us each (one dependent DRAM
-round trip), divided by num_stages for a software-pipelined loop. Computed from the committed
-counts, not a fresh count: the finish kernel's bytes are those of its earlier `(Hh,)` grid and
-the current code's extra PyTorch sum of its dq partials is not in them. A fresh count of the
-current code (`python bench/traffic.py --backends triton --shapes vit_b16 --passes fwd_bwd
---no-check`, not committed) has 7 launches and predicts vit_b16 forward + backward at 169 us
-(1.99x floor time) by the H100 model and 199 us (2.34x) latency-aware. It ignores L2 hits,
+round trip), divided by num_stages for a software-pipelined loop. Computed from the latest
+count's bytes (its bandwidth side is the DRAM-level column, not the L2 model's). It ignores L2 hits,
 tail effects within a wave, clocks, overlap of launches and waves, and latency the warps hide.
 """
 
@@ -241,8 +251,18 @@ def _with_latency(doc: dict) -> dict:
     return doc
 
 
+#: the count every later one is compared with (when it is not itself the latest)
+BASELINE = "v2"
+
+
+def compared(docs: List[dict]) -> List[dict]:
+    """The pair to compare (docs oldest first): the baseline and the latest count, else the two latest."""
+    base = [d for d in docs[:-1] if d["label"] == BASELINE]
+    return [base[-1], docs[-1]] if base else docs[-2:]
+
+
 def section(results_dir: Path = HERE / "results") -> List[str]:
-    # oldest count first (the comparison is of the two latest)
+    # oldest count first
     docs = sorted((json.loads(f.read_text()) for f in results_dir.glob("traffic-*.json")),
                   key=lambda d: (d.get("date", ""), d["label"]))
     if not docs:
@@ -250,7 +270,7 @@ def section(results_dir: Path = HERE / "results") -> List[str]:
     docs[-1] = _with_latency(docs[-1])
     lines = [INTRO, LATENCY]
     if len(docs) > 1:
-        lines += _compare(docs)
+        lines += _compare(compared(docs))
     for doc in docs:
         facts = [f"file `bench/results/traffic-{doc['label']}.json`", f"{doc['dtype']}", f"torch {doc['torch']}",
                  f"triton {doc['triton']}", f"date {doc['date']}"]

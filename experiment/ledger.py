@@ -74,6 +74,23 @@ class Ledger:
         self.save()
         return e
 
+    def merge(self, other: "Ledger") -> int:
+        """Add ``other``'s entries (e.g. seeds run on another machine into another folder); an
+        entry both hold must be the same run (same settings), else ``ValueError``. Returns the
+        number of entries added."""
+        added = 0
+        for k, e in other.entries.items():
+            mine = self.entries.get(k)
+            if mine is None:
+                self.entries[k] = e
+                added += 1
+            elif mine.get("key") != e.get("key"):
+                raise ValueError(f"{other.path} and {self.path} both hold {'/'.join(map(str, k))} "
+                                 "with different settings")
+        if added:
+            self.save()
+        return added
+
     def save(self) -> None:
         R._write_json(self.path, {"format": FORMAT, "entries": [self.entries[k] for k in sorted(self.entries)]})
 

@@ -61,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (trainer and evaluation); default 1 on a CPU run (one thread per "
                         "process is much faster than several on a busy machine), the trainer's own on GPUs")
+    p.add_argument("--merge", action="append", default=[], metavar="DIR",
+                   help="first add the finished runs of another output folder's ledger (DIR/results.json, e.g. "
+                        "seeds run in parallel elsewhere) to OUT's; repeatable")
     p.add_argument("--no-report", action="store_true", help="train and evaluate only")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite table.md and the plots from the ledger (results.json) without training anything")
@@ -99,6 +102,15 @@ def main(argv=None) -> int:
     t_start = time.time()
     os.makedirs(args.out, exist_ok=True)
     book = ledger.Ledger(os.path.join(args.out, "results.json"))
+    for other in args.merge:
+        path = os.path.join(other, "results.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"error: --merge {other}: no results.json there")
+        try:
+            n = book.merge(ledger.Ledger(path))
+        except ValueError as e:
+            raise SystemExit(f"error: --merge: {e}")
+        print(f"[experiment] merged {n} finished runs from {path}", flush=True)
     if args.report_only:
         pass
     elif args.family == "clip":

@@ -34,7 +34,10 @@ the slot-level kernels enters as a power-of-two bucket capped at 4096):
 4. the on-disk cache ``~/.cache/sparo-fast/autotune/<device>-triton<v>-torch<v>-sparo<v>.json``
    (``SPARO_FAST_CACHE_DIR`` moves it);
 5. else every config of the pruned space is timed (``triton.testing.do_bench``) and the
-   fastest wins.
+   fastest config that ptxas compiled without spilling registers wins (the compiled kernel's
+   ``n_spills`` on this GPU; the fastest of all only when every config spills). The rules
+   above prune what spilled across architectures in the compile matrix; what spills on one
+   architecture or Triton version only is caught here, on the user's own GPU.
 
 A choice made by 4 or 5 is published with the store's ``compare_set`` (first writer wins) and
 every rank then uses the stored value, so all ranks run the same config (bitwise the same
@@ -289,12 +292,16 @@ def fused_space(L: int, N: int, D: int, VD: int, V: int, dtype: torch.dtype) -> 
     """The pool's space (the heavier phase), less configs whose warps cannot hold the
     projection's o and y tiles in registers or whose shared memory does not fit."""
     m = fused_meta(L, N, D, VD, V, dtype)
-    # feature tile x stages <= 128: once the projection shared the kernel, ptxas spilled BD 64 at
-    # 3 stages (16 bytes on sm_80, 92 on sm_100) and BD 128 at 2 (548 on sm_100; vit_b16, fp16,
-    # Triton 3.8)
+    # Triton 3.8, ptxas -v: with the projection in the same kernel, 4 warps spilled at vit_b32 and
+    # text_b (8-120 bytes on sm_80, 90, 100, 120); feature tile x stages above 128 spilled at
+    # vit_b16 (92-548 bytes), and above 64 when the [L, N] score block takes 64 registers per
+    # thread (vit_b16: BD 64 at 2 stages 16-76 bytes, BD 32 at 3 stages 44-124). What still
+    # spills on one architecture only is left to the autotuner's spill check (``choose``).
+    score_regs = m["BL"] * m["BN"] / (32 * 8)
     out = [c for c in pool_space(L, N, D, dtype)
-           if max(m["BVD"], m["BVO"]) * m["BM"] / (32 * c["num_warps"]) <= 64
-           and c["BD"] * c["num_stages"] <= 128
+           if c["num_warps"] == 8
+           and max(m["BVD"], m["BVO"]) * m["BM"] / (32 * c["num_warps"]) <= 64
+           and c["BD"] * c["num_stages"] <= (64 if score_regs >= 64 else 128)
            and _fits(smem_fused(m, c, dtype), c["num_warps"])]
     return out or [dict(BD=16, num_warps=8, num_stages=1)]
 
@@ -405,7 +412,10 @@ def smem_bwd_fused(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
 def bwd_fused_space(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: int, B: int,
                     dtype: torch.dtype) -> List[Dict]:
     m = bwd_fused_meta(L, N, D, S, A, H, VD, V, B, dtype)
-    out = [c for c in bwd_space(L, N, D, dtype) if _fits(smem_bwd_fused(m, c, dtype), c["num_warps"])]
+    # BD 64: with the slot and finish stages in the kernel, ptxas spilled 4-16 bytes at vit_l14
+    # (sm_80, 90, 120) and 72 at vit_b32 (sm_100; Triton 3.8)
+    out = [c for c in bwd_space(L, N, D, dtype)
+           if c["BD"] < 64 and _fits(smem_bwd_fused(m, c, dtype), c["num_warps"])]
     if not m["ONE_TILE"] and any(c["BD"] > 16 for c in out):
         # the tiled path's 16-wide feature tile: ptxas capped it at 128 registers and spilled 136
         # bytes on sm_100 (vit_b16, fp16, Triton 3.8); the wider tiles re-read the scratch less anyway
@@ -574,13 +584,19 @@ def choose(kernel: str, key: str, space: List[Dict], bench: Optional[Callable[[D
         if cfg is None:
             if bench is None:
                 return None
-            times = [bench(c) for c in space]
-            cfg = space[min(range(len(space)), key=times.__getitem__)]
+            cfg = _fastest(space, [bench(c) for c in space])
         cfg = _publish(key, cfg, store)
         _CHOSEN[key] = cfg
         if len(space) > 1:
             _disk_store(key, cfg)
         return cfg
+
+
+def _fastest(space: List[Dict], results: List) -> Dict:
+    """``results[i]``: config i's time, or (spilled, time) from ``_bench_fn``: the fastest
+    spill-free config, or the fastest of all when every one spilled."""
+    ranked = [r if isinstance(r, tuple) else (False, r) for r in results]
+    return space[min(range(len(space)), key=lambda i: (bool(ranked[i][0]), ranked[i][1]))]
 
 
 def chosen() -> Dict[str, Dict]:
@@ -608,15 +624,16 @@ def _bench_fn(kernel, grid, args, meta):
     def run(g, c, w, st):
         for t in reset:  # work counters: every run starts from zero
             t.zero_()
-        kernel[g](*args, **meta, **c, num_warps=w, num_stages=st)
+        return kernel[g](*args, **meta, **c, num_warps=w, num_stages=st)
 
     def bench(cfg):
         c, w, st = split(cfg)
         g = grid({**meta, **c}) if callable(grid) else grid
+        compiled = run(g, c, w, st)  # compiles, and loads the binary: n_spills is known after it
         ms = do_bench(lambda: run(g, c, w, st))
         for t in reset:  # the real launch after tuning starts from zero too
             t.zero_()
-        return ms
+        return (getattr(compiled, "n_spills", 0) or 0) > 0, ms
     return bench
 
 

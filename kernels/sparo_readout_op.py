@@ -409,3 +409,7 @@ if INTERPRETED:
 
     readout_fwd.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
     readout_bwd.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
+
+
+# the inference op (no autograd, cached absorbed query) lives in its own kernel file
+from . import sparo_readout_infer  # noqa: E402,F401  registers torch.ops.sparo_fast.readout_infer

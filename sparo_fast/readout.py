@@ -7,6 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
+from . import sparo_readout_triton as triton_backend
+from .absorbed_cache import AbsorbedQueryCache, unscaled_absorbed_query
 from .params import ReadoutParams
 from .validation import check_config, check_input
 
@@ -41,6 +43,12 @@ class SparoReadout(nn.Module):
     ``check_inputs`` (default on) validates ``eos_indices`` values, which costs one host sync
     per call with ``eos_indices``; ``check_finite`` (default off, it reads all of x) rejects
     NaN/inf in x. Both are plain attributes and skipped under ``torch.compile``.
+
+    Inference path: in ``eval()`` mode, where autograd records nothing (``no_grad``,
+    ``inference_mode``, or no input requiring grad), the triton backend runs one fused kernel
+    that saves nothing and reuses the absorbed query cached per weight version
+    (``absorbed_cache``, see ``sparo_fast/absorbed_cache.py``); ``cache_absorbed_query = False``
+    recomputes it every call.
     """
 
     def __init__(self, dim: int, L: int, V: int, attn_dim: int, value_dim: Optional[int] = None,
@@ -65,6 +73,8 @@ class SparoReadout(nn.Module):
         self.need_weights = need_weights
         self.check_inputs = True
         self.check_finite = False
+        self.cache_absorbed_query = True
+        self.absorbed_cache = AbsorbedQueryCache()  # not state: rebuilt from the weights on demand
 
         # Same creation and init calls, in the same order, as the published module.
         self.q_emb = nn.Parameter(torch.randn(1, num_heads, self.num_subheads, 1, attn_dim, **factory))
@@ -112,7 +122,26 @@ class SparoReadout(nn.Module):
             name = "torch"  # an empty batch needs no kernel, only correctly shaped outputs
         fn = backends.get(name)
         with torch.autocast(x.device.type, enabled=False):
-            return fn(x.to(dtype), eos_indices, self.params(dtype), need_weights=bool(need_weights))
+            params = self.params(dtype)
+            if name == "triton" and not self.training and not triton_backend.grad_needed(x, params):
+                return triton_backend.sparo_triton_infer(x.to(dtype), eos_indices, params, bool(need_weights),
+                                                         self._absorbed_query(params, dtype))
+            return fn(x.to(dtype), eos_indices, params, need_weights=bool(need_weights))
+
+    def _absorbed_query(self, params: ReadoutParams, dtype: torch.dtype) -> torch.Tensor:
+        """The unscaled absorbed query for the inference path: cached per weight version (keyed on
+        the master parameters, cast to ``dtype``), computed afresh while compiling."""
+        if torch.compiler.is_compiling() or not self.cache_absorbed_query:
+            return unscaled_absorbed_query(params.q_emb, params.k_weight)
+        return self.absorbed_cache.get(self.q_emb, self.k.weight, dtype)
+
+    def _apply(self, fn, recurse=True):
+        self.absorbed_cache.clear()  # .to() / .cuda() / .half(): new tensors, maybe at reused addresses
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.absorbed_cache.clear()  # also covers load_state_dict(assign=True), which swaps tensors
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @classmethod
     def from_published(cls, module: nn.Module, **kwargs) -> "SparoReadout":
@@ -124,6 +153,7 @@ class SparoReadout(nn.Module):
         new.k = module.k
         new.v = module.v
         new.proj = module.proj
+        new.training = module.training  # an eval() model stays in eval() (and on the inference path)
         return new
 
 

@@ -110,11 +110,13 @@ def selfcheck_enabled(device: torch.device) -> bool:
     return env == "1" if env is not None else device.type == "cuda"
 
 
-def _bucket(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams) -> Tuple:
+def _bucket(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams, kind: str = "train") -> Tuple:
+    """The self-check's key; ``kind`` "infer" for the inference kernel (checked on its own)."""
     from sparo_fast_kernels.sparo_readout_autotune import n_bucket
 
     B, N, D = x.shape
-    return (str(x.device), x.dtype, n_bucket(N), D, params.num_slots, eos_indices is not None)
+    key = (str(x.device), x.dtype, n_bucket(N), D, params.num_slots, eos_indices is not None)
+    return key if kind == "train" else key + (kind,)
 
 
 def _fused(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams, need_weights: bool):
@@ -185,14 +187,14 @@ def _self_check(x, eos, params, need_weights, out, attn, need_grad) -> Optional[
     return _agrees(got, lo_g, truth_g, x.dtype)
 
 
-def _checked_bucket(x, eos_indices, params, need_weights, out, attn) -> bool:
+def _checked_bucket(x, eos_indices, params, need_weights, out, attn, kind: str = "train") -> bool:
     """True when the kernels may serve this call's bucket (running its self-check if first)."""
     if not selfcheck_enabled(x.device) or torch.compiler.is_compiling() or (
             x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return True
-    key = _bucket(x, eos_indices, params)
+    key = _bucket(x, eos_indices, params, kind)
     if key not in _checked:
-        need_grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
+        need_grad = kind == "train" and grad_needed(x, params)
         why = _self_check(x, eos_indices, params, need_weights, out, attn, need_grad)
         _checked[key] = why is None
         if why is not None:
@@ -223,5 +225,52 @@ def sparo_triton(
         return sparo_absorbed(x, eos_indices, params, need_weights=need_weights)
     out, attn = _fused(x, eos_indices, params, need_weights)
     if not _checked_bucket(x, eos_indices, params, need_weights, out, attn):
+        return sparo_absorbed(x, eos_indices, params, need_weights=need_weights)
+    return out, attn
+
+
+def grad_needed(x: Tensor, params: ReadoutParams) -> bool:
+    """True when autograd records this call (some input requires grad, grad mode on)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
+
+
+def infer_reason(x: Tensor, params: ReadoutParams) -> Optional[str]:
+    """Why the inference kernel cannot take these inputs (the training kernels may), or None."""
+    reason = unsupported_reason(x, params.q_emb, params.v_weight)
+    if reason is not None:
+        return reason
+    from sparo_fast_kernels.sparo_readout_infer import supported
+
+    B, N, D = x.shape
+    if not supported(params.num_slots, N, D, x.dtype):
+        return f"N={N} tokens (the fused inference kernel pools one tile: longer sequences take the training kernels)"
+    return None
+
+
+def _fused_infer(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams, need_weights: bool, qt: Tensor):
+    """The inference kernel (no autograd formula: only where nothing needs gradients)."""
+    _, _, _, v_weight, v_bias, proj_weight, proj_bias = params
+    out, attn = torch.ops.sparo_fast.readout_infer(x, eos_indices, qt, v_weight, v_bias, proj_weight, proj_bias,
+                                                   params.num_heads, params.attn_dim ** -0.5, bool(need_weights))
+    return out, (attn if need_weights else None)
+
+
+def sparo_triton_infer(x: Tensor, eos_indices: Optional[Tensor], params: ReadoutParams, need_weights: bool,
+                       qt: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """The no-grad path: ``torch.ops.sparo_fast.readout_infer`` with a precomputed (cached)
+    unscaled absorbed query ``qt`` [L, D]: one memset and one kernel, nothing saved. Must not be
+    called where autograd records (``grad_needed``): the op has no backward. Inputs the fused
+    kernel cannot take go to ``sparo_triton`` (the training kernels), which itself falls back to
+    the torch backend where needed; the first call per bucket is self-checked like the training
+    kernels (``"infer"`` buckets)."""
+    if grad_needed(x, params):
+        raise RuntimeError("sparo_triton_infer: gradients are needed for this call; use sparo_triton")
+    if not is_available(x.device) or infer_reason(x, params) is not None:  # sparo_triton says why
+        return sparo_triton(x, eos_indices, params, need_weights=need_weights)
+    _ops()
+    if not torch.compiler.is_compiling() and _checked.get(_bucket(x, eos_indices, params, "infer")) is False:
+        return sparo_absorbed(x, eos_indices, params, need_weights=need_weights)
+    out, attn = _fused_infer(x, eos_indices, params, need_weights, qt)
+    if not _checked_bucket(x, eos_indices, params, need_weights, out, attn, "infer"):
         return sparo_absorbed(x, eos_indices, params, need_weights=need_weights)
     return out, attn

@@ -8,6 +8,7 @@ import torch
 open_clip = pytest.importorskip("open_clip")
 Image = pytest.importorskip("PIL.Image")
 
+from accuracy import assert_close, model_lengths  # noqa: E402
 from sparo_fast import sparo_readout_triton as triton_backend  # noqa: E402
 from sparo_fast.clip import (BaselineCLIP, SparoCLIP, create_model, create_model_and_transforms,  # noqa: E402
                              get_model_config, get_tokenizer, list_models, load_checkpoint)
@@ -69,8 +70,18 @@ def test_golden_reproduction_triton_float32(golden):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a fallback to torch would warn
         got = _encode_all(m, golden32)
+    # PyTorch's own float32 error on the same inputs: the same model on the published math and on
+    # the absorbed torch backend (accuracy.py's criterion); the fixed tolerance it began with too
+    pytorch = []
+    for backend in ("reference", "torch"):
+        m.set_backend(backend)
+        pytorch.append(_encode_all(m, golden32))
+    grid, batch = m.visual.grid_size, golden["images"].shape[0]
+    K = model_lengths(m, batch * (grid[0] * grid[1] + 1), batch * golden["tokens"].shape[1])
     for key in GOLDEN_KEYS + ("logit_scale",):
         assert got[key].dtype == torch.float32
+        assert_close(key, got[key], golden[key], tuple(p[key] for p in pytorch), dtype=torch.float32, K=K,
+                     seed="none (golden file clip_tiny.pt)")
         torch.testing.assert_close(got[key].double(), golden[key], rtol=0, atol=2e-5, msg=key)
 
 
@@ -231,8 +242,8 @@ def test_grad_checkpointing_and_fsdp_friendly_layout():
     g1 = grads()
     m.set_grad_checkpointing(False)
     assert set(g0) == set(g1) and "visual.sparo.q_emb" in g0 and "text_sparo.proj.weight" in g0
-    for n in g0:
-        torch.testing.assert_close(g0[n], g1[n], rtol=1e-5, atol=1e-6, msg=n)
+    for n in g0:  # checkpointing recomputes the same ops in the same order: the same bits
+        assert torch.equal(g0[n], g1[n]), n
 
 
 @pytest.mark.parametrize("precision", ["bf16", "pure_bf16", "fp16"])
@@ -245,6 +256,10 @@ def test_precisions(precision):
         f = m.encode_image(torch.randn(2, 3, 64, 64, dtype=dtype))
         g = m.encode_text(tok(["a", "b"]))
     assert f.dtype == g.dtype == torch.float32  # normalised in float32
+    # unit norm up to float32 rounding of a sum over the embedding (accuracy.py's floor)
+    for name, e in (("image", f), ("text", g)):
+        assert_close(f"{name} norm", e.norm(dim=-1), torch.ones(2, dtype=torch.float64), dtype=torch.float32,
+                     K=e.shape[-1], seed="none (default init, torch.randn images)")
     torch.testing.assert_close(f.norm(dim=-1), torch.ones(2), atol=1e-5, rtol=0)
 
 

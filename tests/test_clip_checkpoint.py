@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("open_clip")
 
+from accuracy import assert_close, model_lengths  # noqa: E402
 from sparo_fast.clip import CheckpointError, create_model, get_tokenizer, load_checkpoint  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
@@ -38,6 +39,13 @@ def test_round_trip(tmp_path, golden, layout):
     for k, v in golden["state_dict"].items():
         assert torch.equal(m.state_dict()[k], v), k
     img, txt = _features(m.eval(), golden)
+    # accuracy.py's criterion, the published math at float32 on the same weights as PyTorch's error
+    m.set_backend("reference")
+    p_img, p_txt = _features(m, golden)
+    grid, batch = m.visual.grid_size, golden["images"].shape[0]
+    K = model_lengths(m, batch * (grid[0] * grid[1] + 1), batch * golden["tokens"].shape[1])
+    for name, got, pt in (("image_features", img, p_img), ("text_features", txt, p_txt)):
+        assert_close(name, got, golden[name], pt, dtype=torch.float32, K=K, seed="none (golden file clip_tiny.pt)")
     torch.testing.assert_close(img.double(), golden["image_features"], atol=2e-5, rtol=0)
     torch.testing.assert_close(txt.double(), golden["text_features"], atol=2e-5, rtol=0)
 

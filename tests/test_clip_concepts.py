@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 open_clip = pytest.importorskip("open_clip")
 
+from accuracy import assert_close  # noqa: E402
 from sparo_fast.clip import check_slots, create_model, get_tokenizer, rank_slots  # noqa: E402
 
 
@@ -40,6 +41,9 @@ def test_slots_zero_others_and_renormalise(batch, sparo_type):
     expect = expect / expect.flatten(1).norm(dim=-1)[:, None, None]
     torch.testing.assert_close(sub, expect)
     torch.testing.assert_close(flat, sub.flatten(1))
+    for name, e in (("image", flat), ("text", tflat)):  # unit norm up to float32 rounding of the sum
+        assert_close(f"{name} norm", e.norm(dim=-1), torch.ones(3, dtype=torch.float64), dtype=torch.float32,
+                     K=e.shape[-1], seed="torch.manual_seed(0)")
     torch.testing.assert_close(flat.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(tflat.norm(dim=-1), torch.ones(3))
     # with cont:const every slot weighs sqrt(1/L): the selection re-weighs the kept ones sqrt(1/k)

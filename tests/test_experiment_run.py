@@ -46,3 +46,33 @@ def test_experiment_smoke_writes_table_and_plots_and_resumes(tmp_path):
     shutil.rmtree(out / "runs")
     log = _run(out)
     assert "training" not in log and log.count("reusing the ledger's result") == 2
+
+
+def _entry(model, seed, lr=1e-3):
+    return {"family": "clip", "budget": "4", "model": model, "seed": seed, "key": {"lr": lr}, "metrics": {"m": seed}}
+
+
+def test_ledgers_of_two_folders_merge(tmp_path):
+    """Seeds run in parallel into two output folders become one ledger; a run both hold with
+    different settings is refused; ``--merge`` of a folder without a ledger is one line."""
+    from sparo_fast_experiment.ledger import FORMAT, Ledger
+
+    for name, entries in (("a", [_entry("sparo", 0), _entry("clip", 0)]), ("b", [_entry("sparo", 0), _entry("sparo", 9)]),
+                          ("c", [_entry("sparo", 0, lr=1e-4)])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"format": FORMAT, "entries": entries}))
+    a = Ledger(str(tmp_path / "a" / "results.json"))
+    assert a.merge(Ledger(str(tmp_path / "b" / "results.json"))) == 1
+    again = Ledger(str(tmp_path / "a" / "results.json"))  # saved
+    assert sorted(k[2:] for k in again.entries) == [("clip", 0), ("sparo", 0), ("sparo", 9)]
+    try:
+        again.merge(Ledger(str(tmp_path / "c" / "results.json")))
+    except ValueError as e:
+        assert "clip/4/sparo/0 with different settings" in str(e)
+    else:
+        raise AssertionError("a conflicting run was merged")
+    res = subprocess.run([sys.executable, "-m", "sparo_fast_experiment.run", "--out", str(tmp_path / "a"),
+                          "--report-only", "--merge", str(tmp_path / "missing")], env=env(), capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0 and res.stderr.strip().splitlines()[-1].startswith("error: --merge") and \
+        "no results.json" in res.stderr, res.stderr

@@ -1,5 +1,6 @@
 """Autotuning on the CPU: device-aware pruning (fake device properties), bucketed keys, pinned
 configs, the on-disk cache and the cross-rank choice (fake timings, a real ``HashStore``)."""
+import itertools
 import importlib
 import json
 from types import SimpleNamespace
@@ -205,4 +206,24 @@ def test_timing_runs_rezero_work_counters(fresh, monkeypatch):
     bench = at._bench_fn(_Counting(), (1,), (sync, 197, 768, 64), {})
     for cfg in SPACE:
         bench(cfg)
-    assert seen == [0] * (2 * len(SPACE)) and int(sync[0]) == 0
+    assert seen == [0] * (3 * len(SPACE)) and int(sync[0]) == 0  # a first run compiles, two timed
+
+
+def test_choose_skips_configs_that_spill(fresh, monkeypatch):
+    """Tuning reads each config's ``n_spills`` from its compiled kernel (on the GPU at hand) and
+    picks the fastest spill-free config; the fastest of all only when every one spilled."""
+    import triton.testing
+
+    spills = {64: 16, 32: 0, 16: 0}
+
+    class _Spilling(_FakeKernel):
+        def __getitem__(self, grid):
+            return lambda *args, **kw: SimpleNamespace(n_spills=spills[kw["BD"]])
+
+    times = itertools.cycle([1.0, 2.0, 3.0])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), next(times))[-1])
+    bench = at._bench_fn(_Spilling(), (1,), (torch.empty(1), 197, 768, 64), {})
+    assert [bench(c) for c in SPACE] == [(True, 1.0), (False, 2.0), (False, 3.0)]
+    assert at.choose("_fwd_fused_kernel", "sp", SPACE, bench)["BD"] == 32  # BD 64 is faster but spills
+    spills.update({32: 4, 16: 8})
+    assert at.choose("_fwd_fused_kernel", "sp2", SPACE, bench)["BD"] == 64  # all spill: the fastest

@@ -51,6 +51,11 @@ def _check_row(x):
         assert x["spill_bytes"] <= 1024, x
     elif x["dtype"] == "fp32":  # true-fp32 FMA products: ptxas spills a few bytes in some configs
         assert x["spill_bytes"] <= 128, x  # (every cell keeps a spill-free one: test_matrix_every_cell_...)
+    elif x["kernel"] == "_fwd_fused_kernel" and x["shape"] != "vit_b16":
+        # the fused forward sits at 255 registers: a few configs spill on some architectures
+        # (text_b on sm_90: 8 bytes; 4-256 bytes on sm_80, 100, 120); the autotuner picks a
+        # spill-free one (``choose``), and every cell has one (test_matrix_every_cell_has_a_good_config)
+        assert x["spill_bytes"] <= 256, x
     else:  # the benchmark shapes in half precision: no spills, in every config of every space
         assert x["spill_bytes"] == 0, x
     if x["kernel"] == "_bwd_finish_kernel":  # weight-sized work, true fp32 products by design
@@ -108,13 +113,18 @@ MATRIX = os.path.join(os.path.dirname(__file__), "..", "bench", "results", "comp
 
 @needs_ptxas
 def test_vit_b16_fits_every_arch():
-    """A small live compile: vit_b16 in bf16, the first config of every space as pruned for each
-    architecture, fits its shared memory (99 kB on sm_86/89/120) and spills nothing."""
+    """A small live compile: vit_b16 in bf16, every config of every space as pruned for each
+    architecture, fits its shared memory (99 kB on sm_86/89/120) and compiles; every kernel has
+    a config that spills nothing (the one the autotuner's spill check leaves it), and only the
+    fused forward has configs that spill (on sm_80, 100, 120)."""
     for arch in ARCHS:
-        report = _aot("--shapes", "vit_b16", "--dtypes", "bf16", "--picked", arch=arch)
+        report = _aot("--shapes", "vit_b16", "--dtypes", "bf16", "--jobs", "2", arch=arch)
         assert {x["kernel"] for x in report} == KERNELS, arch
         for x in report:
-            assert "error" not in x and x["fits"] and x["spill_bytes"] == 0, (arch, x)
+            assert "error" not in x and x["fits"], (arch, x)
+        for k in KERNELS:
+            assert any(x["spill_bytes"] == 0 for x in report if x["kernel"] == k), (arch, k)
+        assert {x["kernel"] for x in report if x["spill_bytes"]} <= {"_fwd_fused_kernel"}, arch
 
 
 def _matrix_rows():

@@ -36,15 +36,22 @@ def test_low_precision_modules(backend, dtype, tol):
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_autocast_casts_like_linear(backend):
+    """Autocast output dtypes as nn.Linear's; the bf16 output against the float64 module with
+    accuracy.py's criterion (the other backend under the same autocast as PyTorch's error), and
+    within the relative bound the test began with."""
     m = _pair(backend)
     x = torch.randn(2, 7, 16, requires_grad=True)
     lin = torch.nn.Linear(16, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, attn = m(x)
         expected = lin(x).dtype
+        peer_out, _ = _pair({"reference": "torch", "torch": "reference"}[backend])(x)
     assert out.dtype == expected == torch.bfloat16 and attn.dtype == torch.bfloat16
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and m.q_emb.grad.dtype == torch.float32
+    ref64, _ = _pair(backend).double()(x.detach().double())
+    assert_close("out", out, ref64, peer_out, dtype=torch.bfloat16, K=module_lengths(m, x)["out"],
+                 seed="torch.manual_seed(0) (_pair)")
     ref_out, _ = m(x)
     assert ((out.float() - ref_out).norm() / ref_out.norm()) < 3e-2
 
@@ -81,6 +88,10 @@ def test_non_contiguous_input():
     y = torch.randn(10, 3, 16)  # [N, B, D], as a sequence-first transformer emits it
     out, attn = m(y.permute(1, 0, 2))
     ref = m(y.permute(1, 0, 2).contiguous())
+    exact = _pair("torch").double()(y.permute(1, 0, 2).double())
+    ks = module_lengths(m, y.permute(1, 0, 2))
+    for name, got, contiguous, r in zip(("out", "attn"), (out, attn), ref, exact):
+        assert_close(name, got, r, contiguous, dtype=torch.float32, K=ks[name], seed="torch.manual_seed(0) (_pair)")
     torch.testing.assert_close(out, ref[0])
     torch.testing.assert_close(attn, ref[1])
 

@@ -61,5 +61,7 @@ def test_golden_normalize_slots(sparo_type):
     # sums over V and over the L slots
     assert_close("normalised slots", out, case["out"], K=case["L"] * case["model_V"], dtype=torch.float64,
                  seed=f"golden {sparo_type}", cap=1e-12)
-    # the flattened embedding is unit-norm for every combination
+    # the flattened embedding is unit-norm for every combination (float64 rounding of the sum)
+    assert_close("norm", out.flatten(1).norm(dim=-1), torch.ones(x.shape[0], dtype=torch.float64),
+                 dtype=torch.float64, K=out[0].numel(), seed=f"golden {sparo_type}")
     torch.testing.assert_close(out.flatten(1).norm(dim=-1), torch.ones(x.shape[0], dtype=x.dtype))

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from accuracy import assert_close, readout_lengths
 from sparo_fast import SparoReadout
 from sparo_fast import sparo_readout_triton as triton_backend
 from test_sparo_readout_triton import _compare_to_reference
@@ -48,13 +49,16 @@ def test_tiled_paths_match_reference(ops, dtype, eos):
     assert ops.LAST_PATHS == {"pool": "tiled", "token": "tiled"}
 
 
-def _masked_rows(backend, eos, N, dtype, ops, tiled):
+def _masked_rows(backend, eos, N, dtype, ops, tiled, compute=None):
+    """out, attn of a seeded module on seeded tokens drawn in ``dtype``, computed in ``compute``
+    (default ``dtype``; float64 for the reference of the same inputs)."""
     ops.TILED_OVERRIDE = 16 if tiled else None
     torch.manual_seed(0)
     m = SparoReadout(12, 4, 3, 4, num_heads=2, backend=backend).to(DEV, dtype)
     m.check_inputs = False
     x = torch.randn(len(eos), N, 12, device=DEV, dtype=dtype)
     x[4] = x[3]  # eos = N + 3 and 2**40: the same tokens, both all valid
+    m, x = m.to(compute or dtype), x.to(compute or dtype)
     with torch.no_grad():
         return m(x, torch.tensor(eos, device=DEV))
 
@@ -71,6 +75,17 @@ def test_out_of_range_eos_same_on_every_path(ops, dtype):
     assert ops.LAST_PATHS["pool"] == "tiled"
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=5e-3, atol=2e-3)
     want_out, want_attn = results["reference"]
+    # the kernel paths against the float64 reference of the same inputs with accuracy.py's
+    # criterion (the reference and torch backends at ``dtype`` as PyTorch's error)
+    ref64 = _masked_rows("reference", eos, N, dtype, ops, False, compute=torch.float64)
+    ks = readout_lengths(len(eos), N, 12, 4, 2, 4, 4, 3)
+    print("torch.manual_seed(0) (_masked_rows)")
+    for path in ("one_tile", "tiled"):
+        for i, name in enumerate(("out", "attn")):
+            ok = ~torch.isnan(ref64[i])
+            assert_close(f"{path} {name}", results[path][i][ok], ref64[i][ok],
+                         tuple(results[b][i][ok] for b in ("reference", "torch")), dtype=dtype, K=ks[name],
+                         seed="torch.manual_seed(0) (_masked_rows)")
     for b in (0, 2):  # no valid token: NaN attn and output, as torch.softmax gives
         assert torch.isnan(want_out[b]).all() and torch.isnan(want_attn[b]).all()
     for name, (out, attn) in results.items():

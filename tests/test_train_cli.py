@@ -236,9 +236,13 @@ def test_compiled_training_step_has_no_graph_break():
     from sparo_fast_training.loop import make_loss, train_step
     from sparo_fast_training.trainer import compile_model
 
+    from accuracy import assert_close
+    from train_utils import float64_clip_step
     from train_worker import global_batch
 
-    images, tokens = global_batch(4, seed=torch.randint(0, 2**31, ()).item())
+    seed = torch.randint(0, 2**31, ()).item()
+    print(f"global_batch seed {seed}")
+    images, tokens = global_batch(4, seed=seed)
     out = {}
     for compiled in (False, True):
         torch.manual_seed(0)
@@ -249,9 +253,18 @@ def test_compiled_training_step_has_no_graph_break():
             compile_model(model, backend="aot_eager")
         opt = optim.create_optimizer(model, lr=1e-3, wd=0.1)
         loss, _ = train_step(model, [(images, tokens)], make_loss(False, False, 0, 1), opt)
-        out[compiled] = (loss, {n: p.detach().clone() for n, p in model.named_parameters()})
+        out[compiled] = (loss, {n: p.detach().clone() for n, p in model.named_parameters()},
+                         {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] >= 2  # blocks and read-outs were compiled
+    # the compiled step's loss and gradients against float64 with accuracy.py's criterion (the eager
+    # step as PyTorch's error); then the tolerances the test began with, on the loss and the weights
+    loss64, grads64, K, terms = float64_clip_step("ViT-Tiny-SPARO", images, tokens)
+    check = dict(dtype=torch.float32, K=K, seed=f"global_batch seed {seed}")
+    assert_close("loss", out[True][0], loss64, out[False][0], **check)
+    assert out[True][2].keys() == out[False][2].keys() == grads64.keys()
+    for n, g in grads64.items():
+        assert_close(n, out[True][2][n], g, out[False][2][n], terms=terms.get(n), **check)
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
     for n, p in out[False][1].items():
         torch.testing.assert_close(out[True][1][n], p, rtol=1e-4, atol=1e-5, msg=n)

@@ -7,11 +7,12 @@ import random
 import pytest
 import torch
 
+from accuracy import assert_close
 from sparo_fast.clip import create_model, load_checkpoint
 from sparo_fast_training import optim
 from sparo_fast_training.loop import make_loss, train_step
 
-from train_utils import REPO, shared_once, torchrun
+from train_utils import REPO, float64_clip_step, shared_once, torchrun
 from train_worker import global_batch
 
 MODEL = "ViT-Tiny-SPARO"
@@ -50,10 +51,18 @@ def reference_step(n, seed):
 def test_fsdp_step_matches_single_process(fsdp_results, case):
     got = torch.load(fsdp_results / f"{case['name']}.pt", weights_only=False)
     seed = int((fsdp_results / "seed").read_text())
-    loss, grads, params = reference_step(2 * case["accum"] * case["batch"], seed)
+    print(f"global_batch seed {seed}")
+    n = 2 * case["accum"] * case["batch"]
+    loss, grads, params = reference_step(n, seed)
+    # the sharded step against float64 with accuracy.py's criterion (the single-process float32
+    # step as PyTorch's error), then the tolerances the test began with
+    loss64, grads64, K, terms = float64_clip_step(MODEL, *global_batch(n, seed=seed))
+    check = dict(dtype=torch.float32, K=K, seed=f"global_batch seed {seed}")
+    assert_close("loss", got["loss"].reshape(()), loss64, loss, **check)
     torch.testing.assert_close(got["loss"].reshape(()), loss, rtol=1e-5, atol=1e-6)
-    assert set(got["grads"]) == set(grads)
+    assert set(got["grads"]) == set(grads) == set(grads64)
     for k, g in grads.items():
+        assert_close(k, got["grads"][k].reshape(g.shape), grads64[k], g, terms=terms.get(k), **check)
         torch.testing.assert_close(got["grads"][k].reshape(g.shape), g, rtol=1e-4, atol=2e-6, msg=k)
     for k, p in params.items():
         # AdamW's first step is lr * g / (|g| + eps): agree except where |g| ~ eps

@@ -14,6 +14,7 @@ Image = pytest.importorskip("PIL.Image")
 ImageDraw = pytest.importorskip("PIL.ImageDraw")
 from open_clip.transform import PreprocessCfg, image_transform_v2  # noqa: E402
 
+from accuracy import assert_close  # noqa: E402
 from sparo_fast.clip import visualize as viz  # noqa: E402
 from sparo_fast.clip import create_model, get_tokenizer  # noqa: E402
 
@@ -141,6 +142,10 @@ def test_slot_order_and_explicit_slots(image_path):
     v = views[0]
     assert v.patch_attn.shape == (8, 8) and v.text_attn.shape == (int(tokens.argmax()) + 1,)
     assert abs(v.patch_attn.sum() + v.cls_weight - 1) < 1e-5
+    # a softmax over CLS and the 64 patches sums to 1 up to float32 rounding (accuracy.py's floor)
+    total = torch.as_tensor(float(v.patch_attn.sum()) + float(v.cls_weight), dtype=torch.float64)
+    assert_close("attention sum", total, torch.tensor(1.0, dtype=torch.float64), dtype=torch.float32,
+                 K=v.patch_attn.size + 1, seed="torch.manual_seed(0)")
     chosen = viz.slot_views(model, pixels, None, slots=[5, 2])
     assert [c.slot for c in chosen] == [5, 2] and chosen[0].text_attn is None
 

@@ -45,3 +45,40 @@ def shared_once(tmp_path_factory, name, build):
             build(target)
             (target / ".done").write_text("ok")
     return target
+
+
+def float64_clip_step(model_name, images, tokens):
+    """One step's loss and gradients of ``model_name`` (seed 0 init, as the trainer tests build it) in
+    float64 on the global batch, without the optimizer step, K of accuracy.py's floor for them, and
+    ``terms=`` for the cancelling ones (the logit scale's).
+    ``loop.train_step`` computes its loss in float32, so the step is written out here."""
+    import torch
+
+    from accuracy import model_lengths
+    from sparo_fast.clip import create_model
+    from sparo_fast_training.loop import make_loss
+
+    torch.manual_seed(0)
+    model = create_model(model_name, fused=False, output_dict=True).double()
+    out = model(images.double(), tokens)
+    loss = make_loss(False, False, 0, 1)(out["image_features"], out["text_features"], out["logit_scale"])
+    loss.backward()
+    n, grid = images.shape[0], model.visual.grid_size
+    K = model_lengths(model, n * (grid[0] * grid[1] + 1), n * tokens.shape[1])
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, K, {"logit_scale": _logit_scale_terms(out, grads["logit_scale"])}
+
+
+def _logit_scale_terms(out, grad) -> float:
+    """The magnitude of the terms of the (log) logit scale's gradient ``sum_ij G_ij logits_ij``, G the
+    contrastive loss's gradient by the logits: a softmax gradient, so the sum cancels (``sum_j G_ij = 0``)
+    and its rounding follows the terms (accuracy.py, "Cancelling results")."""
+    import torch
+
+    with torch.no_grad():
+        logits = out["logit_scale"] * out["image_features"] @ out["text_features"].t()
+        eye = torch.eye(logits.shape[0], dtype=logits.dtype)
+        G = (logits.softmax(-1) - eye + (logits.t().softmax(-1) - eye).t()) / (2 * logits.shape[0])
+        terms = float((G.abs() * logits.abs()).sum())
+        assert abs(float((G * logits).sum()) - float(grad)) <= 1e-9 * terms  # G is the loss's own gradient
+    return terms

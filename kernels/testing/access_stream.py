@@ -173,6 +173,7 @@ class StreamRecorder(trace._Listener):
     def launch_end(self, launch):
         self._flush()
         if self._result is None:  # not sampled (a callable grid, or sampling off): every program ran
+            self._ran.update(gpu_order(tuple(launch.grid)))  # a program that never touched memory: empty
             progs = [self._get(p) for p in gpu_order(tuple(launch.grid))]
             self._result = LaunchStream(launch.kernel, tuple(launch.grid), progs, len(progs))
         self.launches.append(self._result)

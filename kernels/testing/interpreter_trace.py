@@ -91,6 +91,133 @@ def in_launch() -> bool:
     return _launch_depth > 0
 
 
+def _wrap_launches(gx, ib) -> None:
+    """Wrap the launch methods: each launch's tensor arguments and grid go to the listeners; a
+    sampler (``sampling``) chooses which programs of a launch run."""
+    orig_init, orig_call = gx._init_args_hst, gx.__call__
+    orig_idx, orig_dim = ib.set_grid_idx, ib.set_grid_dim
+
+    def _init_args_hst(self, args_dev, kwargs):
+        global _current
+        args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
+        if _listeners and _current is None:  # a sampled launch runs the interpreter more than once
+            found: List[_Arg] = []
+            for name, a in zip(self.arg_names, args_hst):
+                _collect(name, a, found)
+            for name, a in kwargs_hst.items():
+                _collect(name, a, found)
+            _current = _Launch(self.fn.__name__, found)
+            for lst in list(_listeners):
+                lst.launch_begin(_current)
+        return args_hst, kwargs_hst
+
+    def __call__(self, *args, **kwargs):
+        global _current, _launch_depth
+        _launch_depth += 1
+        try:
+            if not _samplers or callable(self.grid):
+                return orig_call(self, *args, **kwargs)
+            return _run_sampled(self, orig_call, args, kwargs)
+        finally:
+            _launch_depth -= 1
+            if _current is not None:
+                launch, _current = _current, None
+                for lst in list(_listeners):
+                    lst.launch_end(launch)
+
+    def set_grid_idx(self, x, y, z):
+        if _selection is not None:
+            x, y, z = _selection[1][x]
+        if _current is not None:
+            _current.grid_idx = (x, y, z)
+        return orig_idx(self, x, y, z)
+
+    def set_grid_dim(self, x, y, z):
+        if _selection is not None:
+            x, y, z = _selection[0]
+        if _current is not None:
+            _current.grid = (x, y, z)
+        return orig_dim(self, x, y, z)
+
+    gx._init_args_hst, gx.__call__ = _init_args_hst, __call__
+    ib.set_grid_idx, ib.set_grid_dim = set_grid_idx, set_grid_dim
+
+
+def _run_sampled(executor, orig_call, args, kwargs):
+    """A sampled launch: run the programs the sampler asks for, a batch at a time, as a grid of
+    that many programs whose indices ``set_grid_idx`` maps back to the real ones."""
+    global _selection
+    full, real = tuple(executor.grid) + (1,) * (3 - len(executor.grid)), executor.grid
+    try:
+        while True:
+            chosen = _samplers[-1].next_programs(executor.fn.__name__, full)
+            if not chosen:
+                return None
+            _selection, executor.grid = (full, list(chosen)), (len(chosen),)
+            orig_call(executor, *args, **kwargs)
+    finally:
+        _selection, executor.grid = None, real
+
+
+def _notify(interpreter, kind, ptrs, mask, policy=None) -> None:
+    """Hand the unmasked addresses of one access to the listeners (with its eviction hint to
+    those that want hints; a fully masked access moves nothing, but stream recorders still see
+    it as a step)."""
+    if _current is None:
+        return
+    addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+    itemsize = np.dtype(interpreter._get_np_dtype(ptrs.get_element_ty())).itemsize
+    addrs = np.asarray(addrs, dtype=np.uint64).ravel()
+    for lst in list(_listeners):
+        if addrs.size or getattr(lst, "wants_empty", False):
+            if getattr(lst, "wants_hints", False):
+                lst.access(_current, kind, addrs, itemsize, hint=_hint(policy))
+            else:
+                lst.access(_current, kind, addrs, itemsize)
+
+
+def _policy(a, k):
+    """The eviction policy argument of a masked load/store call."""
+    return k.get("eviction_policy", a[1] if len(a) > 1 else None)
+
+
+def _wrap_memory(ib, interpreter) -> None:
+    """Wrap the memory methods (loads, stores, atomics) and ``tl.dot`` (its FLOPs)."""
+    orig_load, orig_store = ib.create_masked_load, ib.create_masked_store
+    orig_rmw, orig_cas, orig_dot = ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot
+
+    def create_masked_load(self, ptrs, mask, other, *a, **k):
+        if _listeners:
+            _notify(interpreter, "load", ptrs, mask, _policy(a, k))
+        return orig_load(self, ptrs, mask, other, *a, **k)
+
+    def create_masked_store(self, ptrs, value, mask, *a, **k):
+        if _listeners:
+            _notify(interpreter, "store", ptrs, mask, _policy(a, k))
+        return orig_store(self, ptrs, value, mask, *a, **k)
+
+    def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
+        if _listeners:
+            _notify(interpreter, "atomic", ptr, mask)
+        return orig_rmw(self, op, ptr, val, mask, *a, **k)
+
+    def create_atomic_cas(self, ptr, cmp, val, *a, **k):
+        if _listeners:
+            _notify(interpreter, "atomic", ptr, None)
+        return orig_cas(self, ptr, cmp, val, *a, **k)
+
+    def create_dot(self, a, b, d, *rest, **k):
+        if _listeners and _current is not None:
+            sa, sb = a.data.shape, b.data.shape
+            flops = 2 * int(np.prod(sa)) * sb[-1]  # [.., M, K] x [.., K, N]
+            for lst in list(_listeners):
+                lst.dot(_current, flops)
+        return orig_dot(self, a, b, d, *rest, **k)
+
+    ib.create_masked_load, ib.create_masked_store = create_masked_load, create_masked_store
+    ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot = create_atomic_rmw, create_atomic_cas, create_dot
+
+
 def _install() -> None:
     """Wrap the interpreter's launch and memory methods (idempotent)."""
     global _installed
@@ -99,111 +226,8 @@ def _install() -> None:
             return
         from triton.runtime import interpreter as I
 
-        gx, ib = I.GridExecutor, I.InterpreterBuilder
-        orig_init, orig_call = gx._init_args_hst, gx.__call__
-        orig_load, orig_store = ib.create_masked_load, ib.create_masked_store
-        orig_rmw, orig_cas, orig_dot = ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot
-        orig_idx, orig_dim = ib.set_grid_idx, ib.set_grid_dim
-
-        def _init_args_hst(self, args_dev, kwargs):
-            global _current
-            args_hst, kwargs_hst = orig_init(self, args_dev, kwargs)
-            if _listeners and _current is None:  # a sampled launch runs the interpreter more than once
-                found: List[_Arg] = []
-                for name, a in zip(self.arg_names, args_hst):
-                    _collect(name, a, found)
-                for name, a in kwargs_hst.items():
-                    _collect(name, a, found)
-                _current = _Launch(self.fn.__name__, found)
-                for lst in list(_listeners):
-                    lst.launch_begin(_current)
-            return args_hst, kwargs_hst
-
-        def __call__(self, *args, **kwargs):
-            global _current, _launch_depth, _selection
-            _launch_depth += 1
-            try:
-                if not _samplers or callable(self.grid):
-                    return orig_call(self, *args, **kwargs)
-                # a sampled launch: run the programs the sampler asks for, a batch at a time, as a
-                # grid of that many programs whose indices set_grid_idx maps back
-                full, real = tuple(self.grid) + (1,) * (3 - len(self.grid)), self.grid
-                try:
-                    while True:
-                        chosen = _samplers[-1].next_programs(self.fn.__name__, full)
-                        if not chosen:
-                            return None
-                        _selection, self.grid = (full, list(chosen)), (len(chosen),)
-                        orig_call(self, *args, **kwargs)
-                finally:
-                    _selection, self.grid = None, real
-            finally:
-                _launch_depth -= 1
-                if _current is not None:
-                    launch, _current = _current, None
-                    for lst in list(_listeners):
-                        lst.launch_end(launch)
-
-        def set_grid_idx(self, x, y, z):
-            if _selection is not None:
-                x, y, z = _selection[1][x]
-            if _current is not None:
-                _current.grid_idx = (x, y, z)
-            return orig_idx(self, x, y, z)
-
-        def set_grid_dim(self, x, y, z):
-            if _selection is not None:
-                x, y, z = _selection[0]
-            if _current is not None:
-                _current.grid = (x, y, z)
-            return orig_dim(self, x, y, z)
-
-        def _notify(kind, ptrs, mask, policy=None):
-            if _current is None:
-                return
-            addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
-            itemsize = np.dtype(I._get_np_dtype(ptrs.get_element_ty())).itemsize
-            addrs = np.asarray(addrs, dtype=np.uint64).ravel()
-            for lst in list(_listeners):
-                # a fully masked access moves nothing; stream recorders still see it as a step
-                if addrs.size or getattr(lst, "wants_empty", False):
-                    if getattr(lst, "wants_hints", False):
-                        lst.access(_current, kind, addrs, itemsize, hint=_hint(policy))
-                    else:
-                        lst.access(_current, kind, addrs, itemsize)
-
-        def create_masked_load(self, ptrs, mask, other, *a, **k):
-            if _listeners:
-                _notify("load", ptrs, mask, k.get("eviction_policy", a[1] if len(a) > 1 else None))
-            return orig_load(self, ptrs, mask, other, *a, **k)
-
-        def create_masked_store(self, ptrs, value, mask, *a, **k):
-            if _listeners:
-                _notify("store", ptrs, mask, k.get("eviction_policy", a[1] if len(a) > 1 else None))
-            return orig_store(self, ptrs, value, mask, *a, **k)
-
-        def create_atomic_rmw(self, op, ptr, val, mask, *a, **k):
-            if _listeners:
-                _notify("atomic", ptr, mask)
-            return orig_rmw(self, op, ptr, val, mask, *a, **k)
-
-        def create_atomic_cas(self, ptr, cmp, val, *a, **k):
-            if _listeners:
-                _notify("atomic", ptr, None)
-            return orig_cas(self, ptr, cmp, val, *a, **k)
-
-        def create_dot(self, a, b, d, *rest, **k):
-            if _listeners and _current is not None:
-                sa, sb = a.data.shape, b.data.shape
-                flops = 2 * int(np.prod(sa)) * sb[-1]  # [.., M, K] x [.., K, N]
-                for lst in list(_listeners):
-                    lst.dot(_current, flops)
-            return orig_dot(self, a, b, d, *rest, **k)
-
-        gx._init_args_hst, gx.__call__ = _init_args_hst, __call__
-        ib.set_grid_idx, ib.set_grid_dim = set_grid_idx, set_grid_dim
-        ib.create_masked_load, ib.create_masked_store = create_masked_load, create_masked_store
-        ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot = create_atomic_rmw, create_atomic_cas, create_dot
+        _wrap_launches(I.GridExecutor, I.InterpreterBuilder)
+        _wrap_memory(I.InterpreterBuilder, I)
         _installed = True
 
 

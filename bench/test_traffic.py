@@ -89,10 +89,15 @@ _TORCH_CALLS = {"torch.matmul": "aten.bmm", "torch.sum": "aten.sum", "torch.zero
 def _op_launches(function: str, tree=None) -> list:
     """The launches one op function of ``kernels/sparo_readout_op.py`` makes, read from its code in
     source order: every Triton kernel it names (``_..._kernel``), every ``torch.matmul`` and
-    ``torch.sum`` it calls, and those of the module's ``launch_*`` helpers it calls."""
+    ``torch.sum`` it calls, and those of the module's ``launch_*`` helpers it calls; of an
+    ``if fused_forward():`` only the branch the installed Triton takes."""
     tree = tree or ast.parse(Path(ops.__file__).read_text())
     funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
-    nodes = sorted((n for n in ast.walk(funcs[function]) if hasattr(n, "lineno")),
+    skipped = set()
+    for n in ast.walk(funcs[function]):
+        if isinstance(n, ast.If) and ast.unparse(n.test) == "fused_forward()":
+            skipped |= {id(m) for b in (n.orelse if ops.fused_forward() else n.body) for m in ast.walk(b)}
+    nodes = sorted((n for n in ast.walk(funcs[function]) if hasattr(n, "lineno") and id(n) not in skipped),
                    key=lambda n: (n.lineno, n.col_offset))
     out, kernels = [], set()
     for n in nodes:

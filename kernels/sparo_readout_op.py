@@ -32,7 +32,9 @@ finish stages) + the sum of the finish stage's per-feature-tile ``dq`` partials 
 ``sum``, written in the parameter's dtype) and, only with separate k/v tensors, a zero-filled
 key-bias gradient. The split kernels (``launch_fwd_pool``, ``launch_fwd_proj``,
 ``launch_bwd_slot``, ``launch_bwd_token``, ``launch_bwd_finish``) are the persistent kernels'
-peers in the tests: the same stages, bitwise the same results.
+peers in the tests: the same stages, bitwise the same results. On Triton < 3.8 the forward is
+``qt`` + the split pool and projection kernels (``fused_forward``: older Tritons' builds of the
+persistent forward spill registers in every config).
 """
 from __future__ import annotations
 
@@ -195,6 +197,17 @@ def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float,
     return attn, lse, xp, o, out
 
 
+#: The oldest Triton whose build of the persistent forward spills nothing at the benchmark
+#: shapes in half precision on sm_90: Triton 3.4 spilled 308-376 bytes in every config at
+#: vit_b16, Triton 3.6 16-84 (compile matrix); the split pool and projection kernels none.
+FUSED_FORWARD_MIN_TRITON = (3, 8)
+
+
+def fused_forward() -> bool:
+    """Whether the forward is the persistent launch (else the two split kernels, 1 launch more)."""
+    return tuple(int(p) for p in triton.__version__.split(".")[:2]) >= FUSED_FORWARD_MIN_TRITON
+
+
 def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weight: Tensor, k_bias: Tensor,
                 v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
                 need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -202,8 +215,12 @@ def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weig
     _, H, S, _, A = q_emb.shape
     # the absorbed query, unscaled (the kernels apply 1/sqrt(A)): the one PyTorch launch
     qt = torch.matmul(q_emb.reshape(H, S, A), k_weight.view(H, A, D)).reshape(H * S, D)
-    attn, lse, xp, o, out = launch_fwd_fused(x, eos_indices, qt, float(A) ** -0.5, H, need_weights, v_weight,
-                                             v_bias, proj_weight, proj_bias)
+    if fused_forward():
+        attn, lse, xp, o, out = launch_fwd_fused(x, eos_indices, qt, float(A) ** -0.5, H, need_weights, v_weight,
+                                                 v_bias, proj_weight, proj_bias)
+    else:
+        attn, lse, xp = launch_fwd_pool(x, eos_indices, qt, float(A) ** -0.5, H, need_weights)
+        o, out = launch_fwd_proj(xp, v_weight, v_bias, proj_weight, proj_bias, B)
     return out, attn, qt, lse, xp, o
 
 

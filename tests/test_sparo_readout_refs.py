@@ -213,6 +213,26 @@ def test_fwd_fused(ops, dtype, tickets, tiled, monkeypatch):
         _check(name, g_, tr, r, dtype)
 
 
+def test_older_triton_takes_the_split_forward(ops, monkeypatch):
+    """Before Triton 3.8 the persistent forward spilled in every config (compile matrix): the op
+    then runs the split pool and projection kernels, with bitwise the same results."""
+    t = _inputs(torch.float16)
+    args = (t["x"], t["eos"], t["q"], t["kw"], torch.zeros_like(t["kw"][:, 0]), t["vw"], t["vb"], t["pw"], t["pb"],
+            True)
+    runs, launch = {}, ops._launch
+    for version, fused in (("3.8.0", True), ("3.6.0", False), ("3.10.1", True), ("3.4.0", False)):
+        monkeypatch.setattr(ops.triton, "__version__", version)
+        launched = []
+        monkeypatch.setattr(ops, "_launch", lambda k, *a, _l=launched: (_l.append(k), launch(k, *a))[1])
+        runs[version] = ops._readout_fwd(*args)
+        assert ops.fused_forward() == fused, version
+        names = [ops.at.kernel_name(k) for k in launched]
+        assert names == (["_fwd_fused_kernel"] if fused else ["_fwd_pool_kernel", "_fwd_proj_kernel"]), version
+    for version, got in runs.items():
+        for name, a, b in zip(("out", "attn", "qt", "lse", "xp", "o"), got, runs["3.8.0"]):
+            assert torch.equal(a, b), (version, name, SEED)
+
+
 @pytest.mark.parametrize("B,S,H,BM", [(3, 2, 3, 16), (5, 3, 2, 4), (200, 1, 8, 64), (7, 16, 2, 32)])
 def test_fused_schedule_orders_every_tile_after_its_samples(B, S, H, BM):
     """Deadlock freedom of the fused forward rests on this order: every item once, and each

@@ -252,7 +252,7 @@ def matrix(arch: int, shapes=SHAPES, dtypes=(torch.bfloat16, torch.float16, torc
     the spaces as without a device (the 200 kB cap), not pruned for the architecture."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("aot_check needs TRITON_INTERPRET unset")
-    from ..sparo_readout_autotune import SMEM_ESTIMATES, limits_for_arch
+    from ..sparo_readout_autotune import SMEM_ESTIMATES, SMEM_SPLIT, limits_for_arch
 
     lim = _limits(arch, unpruned)
     limit = limits_for_arch(arch).smem
@@ -265,7 +265,7 @@ def matrix(arch: int, shapes=SHAPES, dtypes=(torch.bfloat16, torch.float16, torc
                     todo.setdefault(_spec_key(spec), spec)
                     full = {**ln.consts, **cfg}
                     name = ln.kernel.fn.__name__
-                    est = SMEM_ESTIMATES.get(name)
+                    est = SMEM_ESTIMATES.get(name) or SMEM_SPLIT.get(name)  # split: older Tritons
                     rows.append(dict(shape=shape[0], dtype=_TY[dtype], kernel=name, config=cfg,
                                      consts={k: v for k, v in ln.consts.items() if k.isupper()},
                                      one_tile=ln.consts.get("ONE_TILE"), arch=arch, limit=limit,

@@ -204,7 +204,8 @@ FUSED_FORWARD_MIN_TRITON = (3, 8)
 
 
 def fused_forward() -> bool:
-    """Whether the forward is the persistent launch (else the two split kernels, 1 launch more)."""
+    """Whether the forward is the persistent launch (else the two split kernels: the same number
+    of launches, the work counter's zero fill replaced by the second kernel)."""
     return tuple(int(p) for p in triton.__version__.split(".")[:2]) >= FUSED_FORWARD_MIN_TRITON
 
 

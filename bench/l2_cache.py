@@ -1,14 +1,19 @@
-"""An LRU model of a GPU's L2 cache, fed with line-granular accesses: counted, not timed.
+"""An LRU model of a GPU's L2 cache, fed with line accesses with sector masks: counted, not timed.
 
 :class:`L2` holds the state of one cache across calls (one call per launch, in launch order):
-``access(lines, ops)`` takes the 128-byte line numbers of a stream and their kind (``LOAD``,
-``STORE``, ``ATOMIC``) and returns, per access, whether it missed (a DRAM read of the line) and
-whether it evicted a dirty line (a DRAM write of the evicted line); ``flush()`` counts the
-lines still dirty at the end (written back eventually).
+``access(lines, ops)`` takes the 128-byte line numbers of a stream and per access one byte: its
+kind (``LOAD``, ``STORE``, ``ATOMIC``), eviction hints, and in the high nibble the 32-byte sectors
+of the line it touches (``sector_bits``; 0 = the whole line). It returns, per access, the sectors
+read from DRAM, the dirty line it evicted (-1 for none) and that line's dirty sectors (written
+back), so that a report can say whose lines were read again or written back;
+``dirty_sectors()`` lists the lines still dirty at the end and their dirty sectors (written back
+eventually).
 
-Policy: write-allocate without fetch (a store miss allocates the line and reads nothing: the
-GPU's L2 keeps byte masks, so a written line need not be read first); an atomic reads the line
-on a miss and dirties it; eviction of the least recently used line of the set. Eviction hints
+Policy: lines of 128 bytes are allocated and evicted whole, DRAM is read and written by 32-byte
+sector, as on NVIDIA GPUs since Volta (an access of half a line reads two sectors on a miss; a
+line evicted with half its sectors dirty writes two back). A store allocates without fetching;
+an atomic reads its sectors on a miss and dirties them; eviction of the least recently used line
+of the set. Eviction hints
 (``EVICT_FIRST`` / ``EVICT_LAST`` or-ed into the kind, from ``tl.load(..., eviction_policy=)``):
 a line last touched with evict_first is the next victim; lines last touched with evict_last
 are evicted only when no other line is left (no cap on their share). ``ways=None``:
@@ -33,6 +38,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 LINE = 128
+SECTOR = 32
 LOAD, STORE, ATOMIC = 0, 1, 2
 
 #: hint bits or-ed into a kind: Triton's eviction_policy="evict_first" / "evict_last"
@@ -40,33 +46,42 @@ EVICT_FIRST, EVICT_LAST = 4, 8
 
 _C_SRC = r"""
 #include <stdint.h>
+/* Every access: a line and a byte o = kind (bits 0-1) | hints (4 evict_first, 8 evict_last) |
+   sector mask (bits 4-7; 0 = the whole line). A line keeps a mask of valid and of dirty sectors:
+   a load or atomic reads the sectors it asks for that are not valid (miss = their count), a
+   store marks its sectors valid and dirty, and an evicted line writes back its dirty sectors.
+   Outputs per access: sectors read, the dirty line evicted (or -1), its dirty sectors. */
+static int pc4(uint8_t m) { return (m & 1) + ((m >> 1) & 1) + ((m >> 2) & 1) + ((m >> 3) & 1); }
 /* Fully associative LRU over dense line ids: two doubly linked lists, list 1 holding the lines
    last touched with evict_last; the victim is the head of list 0, or of list 1 when list 0 is
    empty; evict_first puts the line at the head of list 0 (the next victim), others at a tail.
-   st = {head0, tail0, head1, tail1, count}; flag: 1 present, 2 dirty, 4 in list 1. */
+   st = {head0, tail0, head1, tail1, count}; flag: 1 present, 4 in list 1. */
 static void unlink_(int64_t id, int64_t *prv, int64_t *nxt, int64_t *h, int64_t *t) {
   if (prv[id] >= 0) nxt[prv[id]] = nxt[id]; else *h = nxt[id];
   if (nxt[id] >= 0) prv[nxt[id]] = prv[id]; else *t = prv[id];
 }
 void lru_full(int64_t n, const int64_t *ids, const uint8_t *op, int64_t cap, int64_t *prv, int64_t *nxt,
-              uint8_t *flag, int64_t *st, uint8_t *miss, uint8_t *wb) {
+              uint8_t *flag, uint8_t *valid, uint8_t *dirty, int64_t *st, uint8_t *miss, int64_t *wb,
+              uint8_t *wbn) {
   for (int64_t i = 0; i < n; i++) {
-    int64_t id = ids[i]; uint8_t o = op[i], kind = o & 3, m = 0, w = 0;
+    int64_t id = ids[i], w = -1; uint8_t o = op[i], kind = o & 3, req = (o >> 4) ? (o >> 4) : 15, wn = 0;
     if (flag[id] & 1) {
       int l = (flag[id] & 4) ? 2 : 0;
       unlink_(id, prv, nxt, &st[l], &st[l + 1]);
     } else {
-      m = (kind != 1);
       if (st[4] == cap) {
         int l = st[0] >= 0 ? 0 : 2;
         int64_t v = st[l];
         unlink_(v, prv, nxt, &st[l], &st[l + 1]);
-        w = (flag[v] & 2) != 0; flag[v] = 0; st[4]--;
+        if (dirty[v]) { w = v; wn = pc4(dirty[v]); }
+        flag[v] = 0; valid[v] = 0; dirty[v] = 0; st[4]--;
       }
       st[4]++; flag[id] = 1;
     }
-    if (kind) flag[id] |= 2;
-    flag[id] &= 3;
+    miss[i] = kind != 1 ? pc4(req & ~valid[id]) : 0;
+    valid[id] |= req;
+    if (kind) dirty[id] |= req;
+    flag[id] &= 1;
     if (o & 8) flag[id] |= 4;
     int l = (o & 8) ? 2 : 0;
     if (o & 4) {  /* evict_first: head of list 0 */
@@ -78,18 +93,19 @@ void lru_full(int64_t n, const int64_t *ids, const uint8_t *op, int64_t cap, int
       if (st[l + 1] >= 0) nxt[st[l + 1]] = id; else st[l] = id;
       st[l + 1] = id;
     }
-    miss[i] = m; wb[i] = w;
+    wb[i] = w; wbn[i] = wn;
   }
 }
 /* set-associative LRU: set = line % sets, `ways` entries per set with a last-use stamp and a
    class (1: evict_last); the victim: an empty way, else class 0 before class 1, the smallest
    stamp first; evict_first stamps are negative, the latest the smallest (as the list's head). */
 void lru_sets(int64_t n, const int64_t *lines, const uint8_t *op, int64_t sets, int64_t ways, int64_t *tag,
-              int64_t *stamp, uint8_t *dirty, uint8_t *cls, int64_t *clock, uint8_t *miss, uint8_t *wb) {
+              int64_t *stamp, uint8_t *valid, uint8_t *dirty, uint8_t *cls, int64_t *clock, uint8_t *miss,
+              int64_t *wb, uint8_t *wbn) {
   int64_t t = *clock;
   for (int64_t i = 0; i < n; i++) {
-    int64_t s = lines[i] % sets, base = s * ways, hit = -1, victim = -1;
-    uint8_t o = op[i], m = 0, w = 0;
+    int64_t s = lines[i] % sets, base = s * ways, hit = -1, victim = -1, w = -1;
+    uint8_t o = op[i], kind = o & 3, req = (o >> 4) ? (o >> 4) : 15, wn = 0;
     for (int64_t k = base; k < base + ways; k++) {
       if (tag[k] == lines[i]) { hit = k; break; }
       if (victim < 0 || (tag[victim] >= 0 && (tag[k] < 0 || cls[k] < cls[victim]
@@ -97,15 +113,16 @@ void lru_sets(int64_t n, const int64_t *lines, const uint8_t *op, int64_t sets, 
         victim = k;
     }
     if (hit < 0) {
-      m = ((o & 3) != 1);
-      if (tag[victim] >= 0) w = dirty[victim];
-      tag[victim] = lines[i]; dirty[victim] = 0; hit = victim;
+      if (tag[victim] >= 0 && dirty[victim]) { w = tag[victim]; wn = pc4(dirty[victim]); }
+      tag[victim] = lines[i]; valid[victim] = 0; dirty[victim] = 0; hit = victim;
     }
-    if (o & 3) dirty[hit] = 1;
+    miss[i] = kind != 1 ? pc4(req & ~valid[hit]) : 0;
+    valid[hit] |= req;
+    if (kind) dirty[hit] |= req;
     cls[hit] = (o & 8) ? 1 : 0;
     ++t;
     stamp[hit] = (o & 4) ? -t : t;
-    miss[i] = m; wb[i] = w;
+    wb[i] = w; wbn[i] = wn;
   }
   *clock = t;
 }
@@ -157,6 +174,17 @@ def _ptr(a: np.ndarray):
     return ctypes.c_void_p(a.ctypes.data)
 
 
+def sector_bits(first_byte: np.ndarray, end_byte: np.ndarray, line: int = LINE) -> np.ndarray:
+    """The sector mask (high nibble of an access byte) of a byte range [first, end) within one line."""
+    lo = (first_byte % line) // SECTOR
+    hi = (end_byte - 1) % line // SECTOR
+    return ((((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)) << 4).astype(np.uint8)
+
+
+def _pc4(mask: int) -> int:
+    return bin(mask & 15).count("1")
+
+
 class L2:
     """One cache's state; see the module docstring for the policy."""
 
@@ -170,36 +198,43 @@ class L2:
         if ways is None:
             # sorted line numbers seen so far and their dense ids (the C list is indexed by id)
             self._known, self._known_ids = np.zeros(0, np.int64), np.zeros(0, np.int64)
+            self._line_of = np.zeros(0, np.int64)  # dense id -> line number
             self._prv = self._nxt = np.zeros(0, np.int64)
-            self._flag = np.zeros(0, np.uint8)
+            self._flag = self._valid = self._dirty = np.zeros(0, np.uint8)
             self._st = np.array([-1, -1, -1, -1, 0], np.int64)
         else:
             self._tag = np.full(self.sets * ways, -1, np.int64)
             self._stamp = np.zeros(self.sets * ways, np.int64)
+            self._valid = np.zeros(self.sets * ways, np.uint8)
             self._dirty = np.zeros(self.sets * ways, np.uint8)
             self._cls = np.zeros(self.sets * ways, np.uint8)
             self._clock = np.zeros(1, np.int64)
-        # per set: (lines of list 0, lines of list 1: evict_last), each oldest first, value = dirty
+        # per set: (lines of list 0, lines of list 1: evict_last), each oldest first, value =
+        # [valid mask, dirty mask]
         self._py = [(OrderedDict(), OrderedDict()) for _ in range(self.sets)] if self.lib is None else None
 
-    def access(self, lines: np.ndarray, ops: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Run a stream through the cache: (missed, evicted a dirty line) per access."""
+    def access(self, lines: np.ndarray, ops: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Run a stream through the cache: per access, (sectors read, the dirty line it evicted or
+        -1, that line's dirty sectors)."""
         lines = np.ascontiguousarray(lines, np.int64)
         ops = np.ascontiguousarray(ops, np.uint8)
-        miss, wb = np.zeros(lines.size, np.uint8), np.zeros(lines.size, np.uint8)
+        miss, wb, wbn = np.zeros(lines.size, np.uint8), np.full(lines.size, -1, np.int64), np.zeros(lines.size, np.uint8)
         if lines.size == 0:
-            return miss, wb
+            return miss, wb, wbn
         if self._py is not None:
-            self._access_py(lines, ops, miss, wb)
+            self._access_py(lines, ops, miss, wb, wbn)
         elif self.ways is None:
             ids = self._dense(lines)
             self.lib.lru_full(ctypes.c_int64(lines.size), _ptr(ids), _ptr(ops), ctypes.c_int64(self.capacity),
-                              _ptr(self._prv), _ptr(self._nxt), _ptr(self._flag), _ptr(self._st), _ptr(miss), _ptr(wb))
+                              _ptr(self._prv), _ptr(self._nxt), _ptr(self._flag), _ptr(self._valid),
+                              _ptr(self._dirty), _ptr(self._st), _ptr(miss), _ptr(wb), _ptr(wbn))
+            hit = wb >= 0
+            wb[hit] = self._line_of[wb[hit]]  # the C loop reports dense ids
         else:
             self.lib.lru_sets(ctypes.c_int64(lines.size), _ptr(lines), _ptr(ops), ctypes.c_int64(self.sets),
-                              ctypes.c_int64(self.ways), _ptr(self._tag), _ptr(self._stamp), _ptr(self._dirty),
-                              _ptr(self._cls), _ptr(self._clock), _ptr(miss), _ptr(wb))
-        return miss.astype(bool), wb.astype(bool)
+                              ctypes.c_int64(self.ways), _ptr(self._tag), _ptr(self._stamp), _ptr(self._valid),
+                              _ptr(self._dirty), _ptr(self._cls), _ptr(self._clock), _ptr(miss), _ptr(wb), _ptr(wbn))
+        return miss, wb, wbn
 
     def _dense(self, lines: np.ndarray) -> np.ndarray:
         """Dense ids for the C list, growing its arrays for lines never seen before."""
@@ -219,37 +254,53 @@ class L2:
             grow = int(fresh.sum())
             self._prv = np.concatenate([self._prv, np.full(grow, -1, np.int64)])
             self._nxt = np.concatenate([self._nxt, np.full(grow, -1, np.int64)])
-            self._flag = np.concatenate([self._flag, np.zeros(grow, np.uint8)])
+            zeros = np.zeros(grow, np.uint8)
+            self._flag, self._valid, self._dirty = (np.concatenate([a, zeros]) for a in (self._flag, self._valid, self._dirty))
+            self._line_of = np.concatenate([self._line_of, uniq[fresh]])
         return np.ascontiguousarray(ids[inv.ravel()])
 
-    def _access_py(self, lines, ops, miss, wb) -> None:
+    def _access_py(self, lines, ops, miss, wb, wbn) -> None:
         """The same policy as the C loops (for sets: a per-set order instead of stamps)."""
         cap = self.capacity if self.ways is None else self.ways
         for i, (ln, o) in enumerate(zip(lines.tolist(), ops.tolist())):
             normal, last = self._py[ln % self.sets]
-            dirty = normal.pop(ln, None)
-            dirty = last.pop(ln, None) if dirty is None else dirty
-            if dirty is None:
-                miss[i] = (o & 3) != STORE
+            state = normal.pop(ln, None)
+            state = last.pop(ln, None) if state is None else state
+            if state is None:
                 if len(normal) + len(last) == cap:
-                    wb[i] = (normal or last).popitem(last=False)[1]
-                dirty = False
-            dirty = dirty or (o & 3) != LOAD
+                    victim, (_, dirty) = (normal or last).popitem(last=False)
+                    if dirty:
+                        wb[i], wbn[i] = victim, _pc4(dirty)
+                state = [0, 0]
+            req = (o >> 4) or 15
+            miss[i] = _pc4(req & ~state[0]) if (o & 3) != STORE else 0
+            state[0] |= req
+            if o & 3:
+                state[1] |= req
             if o & EVICT_FIRST:
-                normal[ln] = dirty
+                normal[ln] = state
                 normal.move_to_end(ln, last=False)
             else:
-                (last if o & EVICT_LAST else normal)[ln] = dirty
+                (last if o & EVICT_LAST else normal)[ln] = state
 
-    def dirty_lines(self) -> int:
-        """Lines dirty now: what a flush (or later evictions) writes back."""
+    def dirty_sectors(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(lines dirty now, ascending; their dirty sectors): what a flush (or later evictions) writes back."""
         if self._py is not None:
-            return sum(v for pair in self._py for s in pair for v in s.values())
+            d = sorted((ln, _pc4(st[1])) for pair in self._py for s in pair for ln, st in s.items() if st[1])
+            return np.array([a for a, _ in d], np.int64), np.array([b for _, b in d], np.int64)
         if self.ways is None:
-            return int(((self._flag & 3) == 3).sum())
-        return int(((self._tag >= 0) & (self._dirty == 1)).sum())
+            keep = ((self._flag & 1) == 1) & (self._dirty != 0)
+            lines, masks = self._line_of[keep], self._dirty[keep]
+        else:
+            keep = (self._tag >= 0) & (self._dirty != 0)
+            lines, masks = self._tag[keep], self._dirty[keep]
+        order = np.argsort(lines)
+        return lines[order], _POPCOUNT[masks[order] & 15]
 
     def resident_lines(self) -> int:
         if self._py is not None:
             return sum(len(s) for pair in self._py for s in pair)
         return int(self._st[4]) if self.ways is None else int((self._tag >= 0).sum())
+
+
+_POPCOUNT = np.array([_pc4(m) for m in range(16)], np.int64)

@@ -124,10 +124,17 @@ def _bwd_fused(s: Launch, c: Dict):
     return s.H * _cd(s.D, m["BDS"]) + owners + s.H * _cd(s.D, m["BDF"]), trips, False
 
 
+def _absorb(s: Launch, c: Dict):
+    """The absorbed query: one program per head and feature tile, a loop over A in BA chunks."""
+    c = at.absorb_space(s.S, s.A, s.D)[0]  # its one config
+    return s.H * _cd(s.D, c["BD"]), _cd(s.A, c["BA"]), False
+
+
 #: kernel -> (Launch, config) -> (programs, sequential trips per program, loop pipelined)
 KERNELS: Dict[str, Callable] = {"_fwd_pool_kernel": _pool, "_fwd_proj_kernel": _proj, "_bwd_slot_kernel": _slot,
                                 "_bwd_token_kernel": _token, "_bwd_finish_kernel": _finish,
-                                "_fwd_fused_kernel": _fwd_fused, "_bwd_fused_kernel": _bwd_fused}
+                                "_fwd_fused_kernel": _fwd_fused, "_bwd_fused_kernel": _bwd_fused,
+                                "_absorb_kernel": _absorb}
 
 
 @functools.lru_cache(maxsize=None)

@@ -61,7 +61,7 @@ def _dram(launch_fn, cache_lines: int, resident: int, sample: bool = False) -> d
     with l2_stream.recording(rec):
         launch_fn()
     streams = [st.interleave(k, resident) for k in rec.launches]
-    return l2_stream.simulate(streams, cache_lines * LINE)
+    return l2_stream.simulate(streams, cache_lines * LINE, space=space)
 
 
 @pytest.mark.parametrize("lines_x,expect_second_sweep_hits", [(48, True), (80, False)])
@@ -103,6 +103,14 @@ def test_wave_interleaving_decides_the_hit():
     # the sampled recording (3 of 8 programs run, the rest translated) gives the same streams
     sampled = _dram(run, cache_lines=64, resident=8, sample=True)
     assert sampled == eight
+    # per buffer: the re-read is x's, the write-backs y's (evicted by the cache of 64 lines, or flushed)
+    rows = {r["buffer"]: r for r in eight["by_buffer"]}
+    k = "_reuse_after_kernel"
+    assert set(rows) == {f"{k}:X", f"{k}:Z", f"{k}:Y"}
+    assert (rows[f"{k}:X"]["read"], rows[f"{k}:Z"]["read"], rows[f"{k}:Y"]["read"]) == (2 * 32 * LINE, 8 * 16 * LINE, 0)
+    assert rows[f"{k}:Y"]["writeback"] + rows[f"{k}:Y"]["flush"] == 32 * LINE == rows[f"{k}:Y"]["size"]
+    assert rows[f"{k}:X"]["writeback"] == rows[f"{k}:X"]["flush"] == 0
+    assert {r["buffer"]: r["read"] for r in one["by_buffer"]}[f"{k}:X"] == 32 * LINE
 
 
 def _streams(shape, pass_, batch, programs, sample):
@@ -135,25 +143,45 @@ def test_compiled_and_python_caches_agree(ways):
     seed = int(torch.randint(0, 2**31, ()).item())
     print("seed", seed)
     rng = np.random.default_rng(seed)
-    lines, kinds = rng.integers(0, 700, 30000), rng.integers(0, 3, 30000).astype(np.uint8)
+    lines = rng.integers(0, 700, 30000)
+    kinds = (rng.integers(0, 3, 30000) | rng.choice([0, 4, 8], 30000) | (rng.integers(0, 16, 30000) << 4)).astype(np.uint8)
     a, b = l2_cache.L2(512 * LINE, ways), l2_cache.L2(512 * LINE, ways, use_native=False)
     for part in np.array_split(np.arange(lines.size), 3):  # state carries over between calls
-        ma, wa = a.access(lines[part], kinds[part])
-        mb, wb = b.access(lines[part], kinds[part])
-        assert np.array_equal(ma, mb) and np.array_equal(wa, wb)
-    assert a.dirty_lines() == b.dirty_lines() and a.resident_lines() == b.resident_lines() == 512
+        ra, rb = a.access(lines[part], kinds[part]), b.access(lines[part], kinds[part])
+        assert all(np.array_equal(u, v) for u, v in zip(ra, rb))
+    assert all(np.array_equal(u, v) for u, v in zip(a.dirty_sectors(), b.dirty_sectors()))
+    assert a.resident_lines() == b.resident_lines() == 512
 
 
 def test_lru_policy_by_hand():
     """Two-line cache: load 1, load 2 (misses); store 3 (no read; evicts 1, clean); load 1 (miss,
     evicts 2); load 3 (hit); atomic 4 (read on the miss, evicts 1); load 5 (miss, evicts the dirty
-    3: one write-back); left dirty: 4."""
+    3: one write-back, of line 3); left dirty: 4."""
     for native in (True, False):
         c = l2_cache.L2(2 * LINE, use_native=native)
-        miss, wb = c.access(np.array([1, 2, 3, 1, 3, 4, 5]), np.array([0, 0, 1, 0, 0, 2, 0], np.uint8))
-        assert miss.tolist() == [True, True, False, True, False, True, True]
-        assert wb.tolist() == [False] * 6 + [True]
-        assert c.dirty_lines() == 1 and c.resident_lines() == 2
+        miss, wb, wbn = c.access(np.array([1, 2, 3, 1, 3, 4, 5]), np.array([0, 0, 1, 0, 0, 2, 0], np.uint8))
+        assert miss.tolist() == [4, 4, 0, 4, 0, 4, 4]  # whole lines: 4 sectors each
+        assert wb.tolist() == [-1] * 6 + [3] and wbn.tolist() == [0] * 6 + [4]
+        assert [a.tolist() for a in c.dirty_sectors()] == [[4], [4]] and c.resident_lines() == 2
+
+
+def test_sectors_are_read_and_written_back_as_touched():
+    """One-line cache, accesses of half a line (two 32-byte sectors): load the low half of line 1
+    (2 sectors read), its high half (2 more), both again (none); store the low half of line 2
+    (evicts the clean line 1, reads nothing); load the whole of line 2 (reads the 2 sectors not
+    written); load line 3 (evicts line 2: 2 dirty sectors written back)."""
+    lo, hi = 0b0011 << 4, 0b1100 << 4
+    for native in (True, False):
+        c = l2_cache.L2(LINE, use_native=native)
+        miss, wb, wbn = c.access(np.array([1, 1, 1, 2, 2, 3]), np.array([lo, hi, 0, 1 | lo, 0, 0], np.uint8))
+        assert miss.tolist() == [2, 2, 0, 0, 2, 4]
+        assert wb.tolist() == [-1] * 5 + [2] and wbn.tolist() == [0] * 5 + [2]
+    x = torch.zeros(4 * LINE // 2, dtype=torch.float16)
+    block = 32 // 2  # one 32-byte sector per access, each line touched by four accesses
+    y = torch.empty(block, dtype=torch.float16)
+    r = _dram(lambda: _sweep_twice_kernel[(1,)](x, y, x.numel(), BLOCK=block), cache_lines=2, resident=1)
+    assert r["per_launch"][0]["read"] == 2 * 4 * LINE  # 4 lines > 2: both sweeps miss, each sector once a sweep
+    assert r["flush"] == 32  # y: one dirty sector
 
 
 def test_sizes_parse_and_reject_bad_input():

@@ -48,7 +48,8 @@ def test_grid_table_matches_the_grids_the_kernels_launch():
     M, f16 = dims.B * dims.S, torch.float16
     first = {"_fwd_fused_kernel": at.fused_space(dims.L, dims.N, dims.D, dims.VD, dims.V, f16),
              "_bwd_fused_kernel": at.bwd_fused_space(dims.L, dims.N, dims.D, dims.S, dims.A, dims.H, dims.VD,
-                                                     dims.V, dims.B, f16)}
+                                                     dims.V, dims.B, f16),
+             "_absorb_kernel": at.absorb_space(dims.S, dims.A, dims.D)}
     seen = set()
     for e in traffic.count(shape, "triton", "fwd_bwd", B):
         if e["kind"] == "kernel":

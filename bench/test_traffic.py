@@ -115,15 +115,16 @@ def _op_launches(function: str, tree=None) -> list:
 @pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
 def test_smoke_count_of_the_real_readout_at_a_tiny_shape(pass_):
     """The counted launches are exactly the op functions' launches: 3 forward (the absorbed query's
-    matmul, the zero-filled work counter, the fused pool + projection kernel), 6 forward + backward
+    kernel, the zero-filled work counter, the fused pool + projection kernel), 6 forward + backward
     (a work counter, the fused slot + token + finish kernel, the sum of its dq partials)."""
     shape = sb.Shape("tiny", 8, 9, 32, True)
     row = traffic.run_case(shape, "triton", pass_, batches=(2, 4), check=3)
     expected = _op_launches("_readout_fwd") + (_op_launches("_readout_bwd") if pass_ == "fwd_bwd" else [])
     assert [e["name"] for e in row["launch_detail"]] == expected
     assert row["launches"] == len(expected) == {"fwd": 3, "fwd_bwd": 6}[pass_]
-    assert row["kernel_launches"] == {"fwd": 1, "fwd_bwd": 2}[pass_]
-    assert row["torch_ops"] == {"fwd": 2, "fwd_bwd": 4}[pass_]
+    kernels = sum(name.endswith("_kernel") for name in expected)
+    assert row["kernel_launches"] == kernels >= {"fwd": 2, "fwd_bwd": 3}[pass_]
+    assert row["torch_ops"] == len(expected) - kernels
     assert row["check_max_rel_err"] < 1e-9  # counts are exactly linear in the batch
     assert row["launches"] == len(row["launch_detail"])
     assert row["requested"] >= row["dram"] > 0
@@ -158,3 +159,21 @@ def test_the_baseline_is_compared_with_the_latest_count():
     docs = [_doc(lbl, f"2026-01-0{i} 00:00 UTC", 3.0, 2.0) for i, lbl in enumerate(("v1", "v2", "v3a", "v3b"), 1)]
     assert [d["label"] for d in tr.compared(docs)] == ["v2", "v3b"]
     assert [d["label"] for d in tr.compared(docs[:2])] == ["v1", "v2"]
+
+
+def test_cli_passes_the_inference_fit_batches_and_rejects_unknown_passes(monkeypatch):
+    """``--passes infer`` is fitted past the inference kernel's ring (``INFER_BATCHES``), the other
+    passes at the small batches; an unknown pass is a one-line usage error."""
+    seen = []
+
+    def fake_run_case(shape, backend, pass_, batches, check):
+        seen.append((pass_, tuple(batches), check))
+        return {"requested_x": 1.0, "dram_x": 1.0, "launches": 1, "h100_pred_x": 1.0}
+
+    monkeypatch.setattr(traffic, "run_case", fake_run_case)
+    monkeypatch.setattr(traffic, "_write", lambda args, rows: Path("unused"))
+    traffic.main(["--label", "t", "--backends", "triton", "--shapes", "text_b", "--passes", "infer,fwd"])
+    assert seen == [("infer", traffic.INFER_BATCHES, traffic.INFER_CHECK), ("fwd", traffic.FIT_BATCHES,
+                                                                             traffic.CHECK_BATCH)]
+    with pytest.raises(SystemExit):
+        traffic.main(["--label", "t", "--passes", "bogus"])

@@ -5,8 +5,7 @@
 For each benchmark shape (docs/DESIGN.md, "Benchmark shapes"), backend and pass (``fwd`` under ``no_grad``; ``fwd_bwd``: the
 forward plus ``autograd.grad`` of y, random dy, with respect to x and every parameter; ``infer``, only on request with
 ``--passes infer``: ``fwd`` with the module in ``eval()``, its caches warmed by an uncounted call; the triton
-kernel's ring of pooled rows stops growing at 96 samples, so fit it past that: ``run_case(..., batches=(128, 160),
-check=192)``), the
+kernel's ring of pooled rows stops growing at 96 samples, so it is fitted past that, at ``INFER_BATCHES``), the
 read-out (float16, L = 64, A = Vd = V = 64, shared k/v, ``need_weights=False``, input checks
 off, as in ``bench/RESULTS.md``) runs under ``TRITON_INTERPRET=1`` with two recorders:
 
@@ -69,6 +68,9 @@ BACKENDS = ("triton", "torch", "reference")
 PASSES = ("fwd", "fwd_train", "fwd_bwd")
 FIT_BATCHES = (2, 4)
 CHECK_BATCH = 6
+#: the inference kernel's ring of pooled rows stops growing at 96 samples: its counts are linear
+#: in the batch past that
+INFER_BATCHES, INFER_CHECK = (128, 160), 192
 DTYPE = torch.float16
 #: H100 model assumptions (SXM, bf16/fp16 dense): all written beside the predictions.
 H100 = {"hbm_Bps": 3.0e12, "l2_Bps": 7.0e12, "flops": 600e12, "launch_s": 2e-6, "sms": 132}
@@ -140,7 +142,7 @@ class TorchOpCounter(TorchDispatchMode):
                             "distinct_store": sum(tensor_bytes(t) for t in outs),
                             "flops": _matmul_flops(name, args, out), "programs": 0})
         if self.space is not None:
-            self.events[-1]["stream"] = l2_stream.op_lines(self.space, ins, outs)
+            self.events[-1]["stream"] = l2_stream.op_lines(self.space, ins, outs, f"aten.{name}")
         return out
 
 
@@ -338,7 +340,7 @@ def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Opt
            "per_kernel": [{"kernel": k.kernel, "grid": list(k.grid), "programs_run": k.recorded, "blocks": k.blocks,
                            "blocks_recorded_whole": k.full_blocks} for k in rec.launches], "sizes": {}}
     for label, size in sizes.items():
-        out["sizes"][label] = {"bytes": size, **l2_stream.simulate(streams, size, ways)}
+        out["sizes"][label] = {"bytes": size, **l2_stream.simulate(streams, size, ways, space)}
     return out
 
 
@@ -381,7 +383,7 @@ def main(argv=None) -> None:
     except ValueError as err:
         ap.error(str(err))
     for what, given, known in (("shape", args.shapes, sb.SHAPES), ("backend", args.backends, BACKENDS),
-                               ("pass", args.passes, PASSES)):
+                               ("pass", args.passes, PASSES + ("infer",))):
         bad = [v for v in given.split(",") if v not in known]
         if bad:
             ap.error(f"unknown {what} {bad[0]!r}: one of {', '.join(known)}")
@@ -389,7 +391,8 @@ def main(argv=None) -> None:
     for name in args.shapes.split(","):
         for backend in args.backends.split(","):
             for pass_ in args.passes.split(","):
-                row = run_case(sb.SHAPES[name], backend, pass_, check=None if args.no_check else CHECK_BATCH)
+                batches, check = (INFER_BATCHES, INFER_CHECK) if pass_ == "infer" else (FIT_BATCHES, CHECK_BATCH)
+                row = run_case(sb.SHAPES[name], backend, pass_, batches, None if args.no_check else check)
                 if sizes:
                     add_l2(row, sb.SHAPES[name], sizes, args.l2_resident, args.l2_ways,
                            tuple(k for k in args.l2_full.split(",") if k))

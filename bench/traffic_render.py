@@ -15,7 +15,7 @@ HERE = Path(__file__).resolve().parent
 SHAPE_ORDER = ("vit_b32", "vit_b16", "text_b", "vit_l14")
 BACKEND_ORDER = ("triton", "torch", "reference")
 PASS_NAME = {"fwd": "forward (no_grad)", "fwd_train": "forward with grad (training, no backward)",
-             "fwd_bwd": "forward + backward"}
+             "fwd_bwd": "forward + backward", "infer": "inference (eval, no_grad: the inference kernel)"}
 DETAIL_SHAPE = "vit_b16"
 def _l2x(size: str):
     return lambda r: r.get("l2", {}).get("sizes", {}).get(size, {}).get("dram_x")
@@ -35,8 +35,8 @@ def _vs_floor_2xp(r: dict):
 TARGETS = ((_l2x("50MB"), "vit_b16", "fwd_bwd", 1.35, "vit_b16 fwd+bwd DRAM L2 50MB / floor"),
            (lambda r: r["requested_x"], "vit_b16", "fwd_bwd", 2.6, "vit_b16 fwd+bwd requested / floor"),
            (_l2x("50MB"), "vit_b16", "fwd_train", 1.45, "vit_b16 forward with grad (training) DRAM L2 50MB / floor"),
-           (_l2x("50MB"), "vit_b16", "fwd", 1.15, "vit_b16 forward (no_grad: inference) DRAM L2 50MB / floor"),
-           (lambda r: r["launches"], "vit_b16", "fwd", 2, "vit_b16 forward (no_grad: inference) launches"),
+           (_l2x("50MB"), "vit_b16", "infer", 1.15, "vit_b16 inference (eval, no_grad) DRAM L2 50MB / floor"),
+           (lambda r: r["launches"], "vit_b16", "infer", 2, "vit_b16 inference (eval, no_grad) launches"),
            (_l2x("50MB"), "vit_l14", "fwd_bwd", 1.45, "vit_l14 fwd+bwd DRAM L2 50MB / floor"),
            (_vs_floor_2xp, "vit_b32", "fwd_bwd", 1.2, "vit_b32 fwd+bwd DRAM L2 50MB / (floor + 2 xp)"),
            (_vs_floor_2xp, "text_b", "fwd_bwd", 1.2, "text_b fwd+bwd DRAM L2 50MB / (floor + 2 xp)"))

@@ -273,6 +273,24 @@ def proj_space(M: int, D: int, VD: int, V: int, dtype: torch.dtype) -> List[Dict
     return out or [dict(BM=16, BD=16, num_warps=4, num_stages=1)]
 
 
+# ----------------------------------------------------------------------------- absorbed query
+def absorb_space(S: int, A: int, D: int) -> List[Dict]:
+    """One config: the [BS, BA, BD] product of ``_absorb_kernel`` kept at <= 8192 fp32 values
+    (64 per thread at 4 warps); a weight-only product of a few microseconds, nothing to tune."""
+    bs, ba = _p2(S, lo=2), _p2(A, lo=16, hi=64)
+    bd = max(16, min(128, 8192 // (bs * ba)))
+    return [dict(BS=bs, BA=ba, BD=_floor_pow2(bd), num_warps=4, num_stages=1)]
+
+
+def smem_absorb(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
+    """An upper bound: the fp32 [BS, BA, BD] product, were the reduction over A staged whole."""
+    return cfg["BS"] * cfg["BA"] * cfg["BD"] * 4
+
+
+def _floor_pow2(n: int) -> int:
+    return 1 << (max(1, int(n)).bit_length() - 1)
+
+
 # ----------------------------------------------------------------------------- forward fused
 def fused_meta(L: int, N: int, D: int, VD: int, V: int, dtype: torch.dtype) -> Dict:
     """The pool's meta-parameters plus the projection's, its row tile ``BM`` fixed (the work
@@ -425,7 +443,7 @@ def bwd_fused_space(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: 
 
 #: kernel name -> its shared-memory estimate (the spaces above and aot_check's checks)
 SMEM_ESTIMATES: Dict[str, Callable[[Dict, Dict, torch.dtype], int]] = {
-    "_fwd_fused_kernel": smem_fused, "_bwd_fused_kernel": smem_bwd_fused,
+    "_fwd_fused_kernel": smem_fused, "_bwd_fused_kernel": smem_bwd_fused, "_absorb_kernel": smem_absorb,
 }
 #: the split kernels (the pool, projection, token and finish stages launched one by one): the
 #: fused kernels' peers in the tests, not launched by the ops

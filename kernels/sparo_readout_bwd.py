@@ -115,8 +115,9 @@ def _bwd_dx_dq(X, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs_l, lma
     """One-tile second sweep over D: ``dx = p^T gxp + gs^T qt`` (zero past EOS: p = gs = 0 there,
     written once, no atomics) and the program's dqt partial += ``gs @ x``. The feature tiles
     are walked backwards, so the sweep starts on the x tiles the score sweep read last (still
-    in L2); x is read here for the last time and dx never again in this launch: both streamed
-    (evict_first), the dqt partial kept (evict_last, read back for the next sample)."""
+    in L2); dx is never read again in this launch (streamed out: evict_first), the dqt partial
+    kept (evict_last, read back for the next sample). x, read here for the last time, takes no
+    hint: evict_first on a tile of half a line evicts the line before the other half is read."""
     x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
     nd = tl.cdiv(D, BD)
     for i in range(0, nd):
@@ -129,8 +130,7 @@ def _bwd_dx_dq(X, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs_l, lma
         dx = _dot(tl.trans(gsc), q, dx, DOT_PREC, UPCAST)
         tl.store(dx_base + offs_n.to(tl.int64)[:, None] * D + offs_d[None, :], dx.to(DX.dtype.element_ty),
                  mask=(offs_n < N)[:, None] & dmask[None, :], eviction_policy="evict_first")
-        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0,
-                     eviction_policy="evict_first")
+        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0)
         _add_partial(part, offs_l, offs_d, D, _dot(gsc, xt, None, DOT_PREC, UPCAST), ldmask, first)
 
 

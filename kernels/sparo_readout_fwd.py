@@ -9,9 +9,10 @@ right after its samples are pooled, while the rows are still in L2. ``_fwd_pool_
 tests (bitwise the same results) and the split that counts as the baseline in bench/NOTES.md.
 
 The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l`` (a [L, D]
-weight-only product: the one PyTorch launch of the forward, inside the op; its gradient flows
-to ``q_emb`` and ``W_K`` through the backward's finish kernel); the ``1/sqrt(A)`` scale is a
-kernel argument, not a second PyTorch launch. The [B, N, Hh*A] keys and values are never built.
+weight-only product, ``_absorb_kernel`` below, launched by the op; its gradient flows to
+``q_emb`` and ``W_K`` through the backward's finish kernel); the ``1/sqrt(A)`` scale is a
+kernel argument, not a second launch. With k and v sharing one weight, ``_absorb_kernel``
+reads it with ``evict_last`` so that the projection finds it in L2 as ``W_V``. The [B, N, Hh*A] keys and values are never built.
 
 1. ``_fwd_pool_kernel``, grid ``(B, cdiv(L, BL))`` (in practice one program per sample: all
    L <= 128 slots in one block). Two code paths, chosen by the constexpr ``ONE_TILE``:
@@ -79,14 +80,45 @@ from torch import Tensor
 from .sparo_readout_common import LOG2E, _wide, _dot, _n_valid, _score_sweep, _xp_rows, next_pow2
 
 @triton.jit
+def _absorb_kernel(QE, WK, QT, S, A, D, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr,
+                   W_EVICT: tl.constexpr):
+    """The absorbed query, unscaled: ``qt[h*S + s, d] = sum_a q_emb[h, s, a] W_K[h*A + a, d]``,
+    grid ``(H, cdiv(D, BD))``, fp32 sums of products (S is a few slots per head: no tensor-core
+    tile). ``W_EVICT``: "evict_last" when k and v share one weight, which the projection then
+    reads again as ``W_V`` in the same pass (the L2 model counts 5 MB fewer at vit_b16 than with
+    the PyTorch matmul this replaces, whose reads the pooling evicted)."""
+    h = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BS)
+    smask = offs_s < S
+    offs_d = tl.program_id(1) * BD + tl.arange(0, BD)
+    dmask = offs_d < D
+    acc = tl.zeros([BS, BD], tl.float32)
+    for a0 in range(0, A, BA):
+        offs_a = a0 + tl.arange(0, BA)
+        amask = offs_a < A
+        q = tl.load(QE + (h * S + offs_s[:, None]) * A + offs_a[None, :], mask=smask[:, None] & amask[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(WK + (h * A + offs_a[:, None]) * D + offs_d[None, :], mask=amask[:, None] & dmask[None, :],
+                    other=0.0, eviction_policy=W_EVICT).to(tl.float32)
+        acc += tl.sum(q[:, :, None] * w[None, :, :], axis=1)
+    tl.store(QT + (h * S + offs_s[:, None]) * D + offs_d[None, :], acc.to(QT.dtype.element_ty),
+             mask=smask[:, None] & dmask[None, :])
+
+
+@triton.jit
 def _fwd_pool_one_tile(X, QT, ATTN, LSE, XP, x_base, row_base, xp_rows, offs_l, lmask, n_valid, qk, b, N, D, L,
                        stride_xn, stride_xd, NEED_WEIGHTS: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr,
                        BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """The whole [BL, BN] score block in registers: one score sweep, the softmax, attn, pooling."""
     offs_n = tl.arange(0, BN)
     vmask = offs_n < n_valid
-    # x is read twice: kept in L2 by the score sweep, streamed out by the pooling sweep, which
-    # walks the feature tiles backwards so that it starts on the most recently read ones
+    # x is read twice: kept in L2 by the score sweep (evict_last); the pooling sweep walks the
+    # feature tiles backwards, starting on the most recently read ones, and loads them with no
+    # hint: a tile is half a 128-byte line in fp16 at BD = 32, and evict_first on the first
+    # half made the line the next victim before the sweep reached its other half (the L2
+    # model counted those half-lines read twice). The pooled rows are kept (evict_last) until
+    # the projection reads them (with no hint: PTX cannot combine evict_first with .cg, the
+    # projection's L1 bypass), which returns them to the LRU order
     s, _ = _score_sweep(QT, QT, x_base, offs_l, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
                         False, BL, BN, BD, DOT_PREC, UPCAST, "evict_last")
     s = tl.where(vmask[None, :], s * qk, float("-inf"))
@@ -104,11 +136,10 @@ def _fwd_pool_one_tile(X, QT, ATTN, LSE, XP, x_base, row_base, xp_rows, offs_l, 
     for i in range(0, nd):
         offs_d = (nd - 1 - i) * BD + tl.arange(0, BD)
         dmask = offs_d < D
-        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0,
-                     eviction_policy="evict_first")
+        xt = tl.load(x_base + x_rows + offs_d[None, :] * stride_xd, mask=vmask[:, None] & dmask[None, :], other=0.0)
         acc = _dot(pc, xt, None, DOT_PREC, UPCAST)
         tl.store(XP + xp_rows[:, None] * D + offs_d[None, :], acc.to(XP.dtype.element_ty),
-                 mask=lmask[:, None] & dmask[None, :])
+                 mask=lmask[:, None] & dmask[None, :], eviction_policy="evict_last")
 
 
 @triton.jit
@@ -229,8 +260,9 @@ def _proj_tile(XP, WV, BV, WO, BO, O, OUT, pid_m, h, M, S, L, D, VD, V, BM: tl.c
         dmask = offs_d < D
         xp = tl.load(XP + xrow[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0,
                      cache_modifier=XP_CACHE)
+        # [BD, BVD] = W_V[h]^T tile, kept: every row tile of the head reads it again
         wv = tl.load(WV + (h * VD + offs_vd)[None, :] * D + offs_d[:, None],
-                     mask=vdmask[None, :] & dmask[:, None], other=0.0)  # [BD, BVD] = W_V[h]^T tile
+                     mask=vdmask[None, :] & dmask[:, None], other=0.0, eviction_policy="evict_last")
         acc = _dot(xp, wv, acc, DOT_PREC, UPCAST)
     bv = tl.load(BV + h * VD + offs_vd, mask=vdmask, other=0.0).to(tl.float32)
     o = (acc + bv[None, :]).to(O.dtype.element_ty)
@@ -384,6 +416,12 @@ def fused_schedule(B: int, S: int, H: int, BM: int, lag: int = 1) -> list:
 
 
 # ----------------------------------------------------------------------------- refs
+def absorb_ref(q_emb: Tensor, k_weight: Tensor) -> Tensor:
+    """PyTorch reference of ``_absorb_kernel``: the unscaled absorbed query [H*S, D]."""
+    _, H, S, _, A = q_emb.shape
+    return (_wide(q_emb).reshape(H, S, A) @ _wide(k_weight).view(H, A, -1)).reshape(H * S, -1).to(k_weight.dtype)
+
+
 def fwd_pool_ref(x: Tensor, eos_indices: Optional[Tensor], qt: Tensor, scale: float,
                  num_heads: int) -> Tuple[Tensor, Tensor, Tensor]:
     """PyTorch reference of ``_fwd_pool_kernel``: (p fp32 [B, L, N], lse [B, L] (log2 domain),

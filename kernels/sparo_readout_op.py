@@ -15,7 +15,7 @@ decomposition is replaced by a plain redispatch).
 
 ``readout_fwd(x, eos_indices, q_emb, k_weight, k_bias, v_weight, v_bias, proj_weight,
 proj_bias, need_weights) -> (out, attn, qt, lse, xp, o)``: the absorbed query ``qt =
-W_K[h]^T q_l`` [L, D] is computed inside, *unscaled*, by one PyTorch matmul (the kernels
+W_K[h]^T q_l`` [L, D] is computed inside, *unscaled*, by ``_absorb_kernel`` (the kernels
 apply ``1/sqrt(A)`` to the scores); ``k_bias`` is only there to receive its (exactly zero)
 gradient; ``attn`` is an empty tensor when ``need_weights`` is false; ``qt``, ``lse`` (fp32
 [B, L], log2 domain), ``xp`` (pooled tokens, head-major [Hh, B*S, D]) and ``o`` (pooled
@@ -26,7 +26,7 @@ dq_emb, dW_K, dW_V, db_V, dW_O, db_O)`` (``dW_V`` empty when ``shared_kv``: it i
 
 Each kernel has a ``launch_*`` function here (allocation and launch, nothing else), tested
 one by one against its ``*_ref`` in ``tests/test_sparo_readout_refs.py``. Launches: forward =
-``qt`` (one PyTorch matmul) + a zero-filled work counter + 1 persistent kernel (pooling and
+``qt`` (``_absorb_kernel``) + a zero-filled work counter + 1 persistent kernel (pooling and
 projections); backward = a zero-filled work counter + 1 persistent kernel (slot, token and
 finish stages) + the sum of the finish stage's per-feature-tile ``dq`` partials (one PyTorch
 ``sum``, written in the parameter's dtype) and, only with separate k/v tensors, a zero-filled
@@ -48,7 +48,7 @@ from torch.library import triton_op, wrap_triton
 from . import sparo_readout_autotune as at
 from .sparo_readout_bwd import (_bwd_finish_kernel, _bwd_slot_kernel, _bwd_fused_kernel, _bwd_token_kernel,
                                  num_programs)
-from .sparo_readout_fwd import _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
+from .sparo_readout_fwd import _absorb_kernel, _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
 
 try:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -197,6 +197,26 @@ def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float,
     return attn, lse, xp, o, out
 
 
+def launch_absorb(q_emb: Tensor, k_weight: Tensor, shared: bool) -> Tensor:
+    """``_absorb_kernel`` (ref: ``absorb_ref``): the absorbed query, unscaled (the kernels apply
+    1/sqrt(A)), [H*S, D] in the weight's dtype; ``shared``: k and v share the weight (kept in L2)."""
+    _, H, S, _, A = q_emb.shape
+    D = k_weight.shape[1]
+    qt = k_weight.new_empty((H * S, D))
+    space = at.absorb_space(S, A, D)
+    _launch(_absorb_kernel, (H, triton.cdiv(D, space[0]["BD"])), (q_emb.to(k_weight.dtype).contiguous(), k_weight.contiguous(), qt, S, A, D),
+            dict(W_EVICT="evict_last" if shared else "evict_first"), space, ["D"], (S, A, D, k_weight.dtype, shared))
+    return qt
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether two weights are one tensor's memory (False for tensors without storage, e.g. fake)."""
+    try:
+        return a.data_ptr() == b.data_ptr() and a.shape == b.shape
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
 #: The oldest Triton whose build of the persistent forward spills nothing at the benchmark
 #: shapes in half precision on sm_90: Triton 3.4 spilled 308-376 bytes in every config at
 #: vit_b16, Triton 3.6 16-84 (compile matrix); the split pool and projection kernels none.
@@ -214,8 +234,7 @@ def _readout_fwd(x: Tensor, eos_indices: Optional[Tensor], q_emb: Tensor, k_weig
                 need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, N, D = x.shape
     _, H, S, _, A = q_emb.shape
-    # the absorbed query, unscaled (the kernels apply 1/sqrt(A)): the one PyTorch launch
-    qt = torch.matmul(q_emb.reshape(H, S, A), k_weight.view(H, A, D)).reshape(H * S, D)
+    qt = launch_absorb(q_emb, k_weight, shared=_same_memory(k_weight, v_weight))
     if fused_forward():
         attn, lse, xp, o, out = launch_fwd_fused(x, eos_indices, qt, float(A) ** -0.5, H, need_weights, v_weight,
                                                  v_bias, proj_weight, proj_bias)

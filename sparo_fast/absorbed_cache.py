@@ -1,7 +1,7 @@
 """The absorbed query cached per weight version, for the no-grad (inference) path.
 
 ``qt = W_K[h]^T q_l`` ([L, D], unscaled: the kernels apply ``1/sqrt(A)``) depends on the weights
-only, yet the training forward recomputes it every call (one PyTorch matmul reading all of
+only, yet the training forward recomputes it every call (one small kernel reading all of
 ``W_K``: 6.3 MB at vit_b16 in fp16, 0.07x the forward floor). Between optimizer steps every call
 gets the same ``qt``, so the inference path keeps it.
 

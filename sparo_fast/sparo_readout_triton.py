@@ -1,9 +1,10 @@
 """The ``triton`` backend: fused kernels from ``sparo_fast_kernels`` behind PyTorch ops.
 
-``sparo_triton`` calls ``torch.ops.sparo_fast.readout_fwd`` on the published parameters (one
-PyTorch matmul for the absorbed query and two Triton launches); its registered backward is
-three Triton launches (and one small PyTorch sum) that also produce the parameters' gradients (``q_emb``, the shared or
-separate key/value weights, ``proj``). See ``kernels/sparo_readout_fwd.py``, ``kernels/sparo_readout_bwd.py``
+``sparo_triton`` calls ``torch.ops.sparo_fast.readout_fwd`` on the published parameters (a
+small kernel for the absorbed query, a zero-filled work counter and one persistent kernel);
+its registered backward (a work counter, one persistent kernel and one small PyTorch sum) also
+produces the parameters' gradients (``q_emb``, the shared or separate key/value weights,
+``proj``). See ``kernels/sparo_readout_fwd.py``, ``kernels/sparo_readout_bwd.py``
 and ``kernels/sparo_readout_op.py`` for the design.
 
 Inputs the kernels cannot take (a dtype other than float16/bfloat16/float32, more than

@@ -1,4 +1,4 @@
-"""Each of the five kernels against the PyTorch ``*_ref`` beside it, one kernel at a time.
+"""Each kernel against the PyTorch ``*_ref`` beside it, one kernel at a time.
 
 Every kernel is launched on its own (the op module's ``launch_*`` functions) on independent
 random inputs, so a wrong kernel cannot be masked by a compensating one. Truth is the ref in
@@ -103,6 +103,18 @@ def test_fwd_pool(ops, dtype, tiled):
     # rounded to the kernel's) is the tighter peer, and the one used
     for name, got, tr, r, od in zip(("attn", "lse", "xp"), (attn, lse, xp), truth, lo32, (dtype, torch.float32, dtype)):
         _check(name, got, tr, r, od)
+
+
+@pytest.mark.parametrize("S,A", [(1, 6), (3, 80)], ids=["S1_A6", "S3_A80"])  # A = 80: two chunks of 64
+@pytest.mark.parametrize("shared", [False, True], ids=["separate", "shared_kv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_absorb(ops, dtype, shared, S, A):
+    from sparo_fast_kernels.sparo_readout_fwd import absorb_ref
+
+    t = _inputs(dtype, S=S, A=A)
+    qt = ops.launch_absorb(t["q"], t["kw"], shared)
+    assert qt.shape == (t["H"] * S, t["x"].shape[2]) and qt.dtype == dtype
+    _check("qt", qt, absorb_ref(_wide(t)["q"], _wide(t)["kw"]), _lo(absorb_ref, t["q"], t["kw"]), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -227,7 +239,8 @@ def test_older_triton_takes_the_split_forward(ops, monkeypatch):
         runs[version] = ops._readout_fwd(*args)
         assert ops.fused_forward() == fused, version
         names = [ops.at.kernel_name(k) for k in launched]
-        assert names == (["_fwd_fused_kernel"] if fused else ["_fwd_pool_kernel", "_fwd_proj_kernel"]), version
+        assert names == ["_absorb_kernel"] + (["_fwd_fused_kernel"] if fused else ["_fwd_pool_kernel",
+                                                                                  "_fwd_proj_kernel"]), version
     for version, got in runs.items():
         for name, a, b in zip(("out", "attn", "qt", "lse", "xp", "o"), got, runs["3.8.0"]):
             assert torch.equal(a, b), (version, name, SEED)

@@ -118,16 +118,40 @@ class AddressSpace:
 
     def __init__(self) -> None:
         self._keep: Dict[int, tuple] = {}  # data_ptr -> (storage, virtual base)
+        self._names: Dict[int, List[str]] = {}  # virtual base -> labels (kernel arguments first)
         self._next = 0
         self._arrays: Optional[tuple] = None
 
-    def add(self, storage) -> None:
+    def add(self, storage, name: Optional[str] = None, from_kernel: bool = False) -> None:
+        """Register a storage; ``name`` labels it in per-buffer reports: ``kernel:ARG`` for the
+        first kernel argument that points into it, then ``/ARG`` for every other argument name
+        it is passed as (a PyTorch op's label only while no kernel has named it)."""
         ptr, n = storage.data_ptr(), storage.nbytes()
-        if n == 0 or (ptr in self._keep and self._keep[ptr][0].nbytes() >= n):
+        if n == 0:
             return
-        self._keep[ptr] = (storage, self._next)
-        self._next = -(-(self._next + n) // self.ALIGN) * self.ALIGN
-        self._arrays = None
+        if not (ptr in self._keep and self._keep[ptr][0].nbytes() >= n):
+            self._keep[ptr] = (storage, self._next)
+            self._next = -(-(self._next + n) // self.ALIGN) * self.ALIGN
+            self._arrays = None
+        if name is None:
+            return
+        names = self._names.setdefault(self._keep[ptr][1], [])
+        if from_kernel:
+            if names and ":" in names[0] and not names[0].startswith("aten."):
+                arg = name.split(":", 1)[1]
+                if arg not in names[0].split(":", 1)[1].split("/"):
+                    names[0] += "/" + arg
+            else:
+                names[:] = [name]
+        elif not names:
+            names.append(name)
+
+    def regions(self) -> Tuple[np.ndarray, np.ndarray, List[str]]:
+        """(virtual bases ascending, sizes, names) of the registered storages."""
+        items = sorted((v, s.nbytes()) for s, v in self._keep.values())
+        bases = np.array([v for v, _ in items], np.int64)
+        names = [(self._names.get(v) or ["unnamed"])[0] for v, _ in items]
+        return bases, np.array([n for _, n in items], np.int64), names
 
     def map(self, addrs: np.ndarray) -> np.ndarray:
         """Real (CPU) byte addresses -> addresses in this space."""
@@ -163,7 +187,7 @@ class StreamRecorder(trace._Listener):
     def launch_begin(self, launch):
         for a in launch.args:
             if a.storage is not None:
-                self.space.add(a.storage)
+                self.space.add(a.storage, f"{launch.kernel}:{a.name}", from_kernel=True)
         self._rec, self._ran, self._building, self._plan = {}, set(), {}, None
 
     def access(self, launch, kind, addrs, itemsize, hint=None):
@@ -291,8 +315,10 @@ def gpu_order(grid: Pid) -> Iterator[Pid]:
                 yield (x, y, z)
 
 
-def interleave(launch: LaunchStream, resident: int, line: int = 128) -> Tuple[np.ndarray, np.ndarray]:
-    """The launch's line stream (line numbers, kinds) with ``resident`` programs running at once."""
+def interleave(launch: LaunchStream, resident: int, line: int = 128, sector: int = 32) -> Tuple[np.ndarray, np.ndarray]:
+    """The launch's line stream (line numbers, kinds) with ``resident`` programs running at once;
+    each kind carries in its high nibble the ``sector``-byte sectors of the line the access
+    touches (``bench/l2_cache.py``), a line appearing once per access."""
     progs = launch.programs
     free = [(0, s) for s in range(min(resident, len(progs)))]
     heapq.heapify(free)
@@ -303,17 +329,23 @@ def interleave(launch: LaunchStream, resident: int, line: int = 128) -> Tuple[np
         heapq.heappush(free, (t + max(1, p.kinds.size), s))
     if not progs:
         return np.zeros(0, np.int64), np.zeros(0, np.uint8)
-    first = np.concatenate([p.start for p in progs]) // line
-    last = (np.concatenate([p.end for p in progs]) - 1) // line
+    start, end = np.concatenate([p.start for p in progs]), np.concatenate([p.end for p in progs])
     tick = np.concatenate([p.acc + t for p, t in zip(progs, tick0)])
     sl = np.concatenate([np.full(p.acc.size, s, np.int64) for p, s in zip(progs, slot)])
     kind = np.concatenate([p.kinds[p.acc] for p in progs])
     key = tick * max(1, resident) + sl
     order = np.argsort(key, kind="stable")
-    first, last, key, kind = first[order], last[order], key[order], kind[order]
+    start, end, key, kind = start[order], end[order], key[order], kind[order]
+    first, last = start // line, (end - 1) // line
     n = last - first + 1
     lines = np.repeat(first - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+    # the sectors of each line an interval covers: from its start in its first line, to its end in its last
+    lo = np.where(lines == np.repeat(first, n), np.repeat(start, n) % line // sector, 0)
+    hi = np.where(lines == np.repeat(last, n), (np.repeat(end, n) - 1) % line // sector, line // sector - 1)
+    mask = ((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)
     key, kind = np.repeat(key, n), np.repeat(kind, n)
-    keep = np.r_[True, (lines[1:] != lines[:-1]) | (key[1:] != key[:-1])]  # a line once per access
-    return lines[keep], kind[keep]
+    # a line once per access, with the sectors of every interval of the access in it
+    head = np.flatnonzero(np.r_[True, (lines[1:] != lines[:-1]) | (key[1:] != key[:-1])])
+    mask = np.bitwise_or.reduceat(mask, head) if head.size else mask
+    return lines[head], (kind[head] & 15) | (mask << 4).astype(np.uint8)
 

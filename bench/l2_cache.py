@@ -3,7 +3,7 @@
 :class:`L2` holds the state of one cache across calls (one call per launch, in launch order):
 ``access(lines, ops)`` takes the 128-byte line numbers of a stream and per access one byte: its
 kind (``LOAD``, ``STORE``, ``ATOMIC``), eviction hints, and in the high nibble the 32-byte sectors
-of the line it touches (``sector_bits``; 0 = the whole line). It returns, per access, the sectors
+of the line it touches (0 = the whole line; ``access_stream.interleave`` sets them). It returns, per access, the sectors
 read from DRAM, the dirty line it evicted (-1 for none) and that line's dirty sectors (written
 back), so that a report can say whose lines were read again or written back;
 ``dirty_sectors()`` lists the lines still dirty at the end and their dirty sectors (written back
@@ -172,13 +172,6 @@ def parse_size(text: str) -> int:
 
 def _ptr(a: np.ndarray):
     return ctypes.c_void_p(a.ctypes.data)
-
-
-def sector_bits(first_byte: np.ndarray, end_byte: np.ndarray, line: int = LINE) -> np.ndarray:
-    """The sector mask (high nibble of an access byte) of a byte range [first, end) within one line."""
-    lo = (first_byte % line) // SECTOR
-    hi = (end_byte - 1) % line // SECTOR
-    return ((((1 << (hi + 1)) - 1) ^ ((1 << lo) - 1)) << 4).astype(np.uint8)
 
 
 def _pc4(mask: int) -> int:

@@ -278,17 +278,13 @@ def absorb_space(S: int, A: int, D: int) -> List[Dict]:
     """One config: the [BS, BA, BD] product of ``_absorb_kernel`` kept at <= 8192 fp32 values
     (64 per thread at 4 warps); a weight-only product of a few microseconds, nothing to tune."""
     bs, ba = _p2(S, lo=2), _p2(A, lo=16, hi=64)
-    bd = max(16, min(128, 8192 // (bs * ba)))
-    return [dict(BS=bs, BA=ba, BD=_floor_pow2(bd), num_warps=4, num_stages=1)]
+    bd = max(16, min(128, 8192 // (bs * ba)))  # a power of two: so are bs and ba
+    return [dict(BS=bs, BA=ba, BD=bd, num_warps=4, num_stages=1)]
 
 
 def smem_absorb(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
     """An upper bound: the fp32 [BS, BA, BD] product, were the reduction over A staged whole."""
     return cfg["BS"] * cfg["BA"] * cfg["BD"] * 4
-
-
-def _floor_pow2(n: int) -> int:
-    return 1 << (max(1, int(n)).bit_length() - 1)
 
 
 # ----------------------------------------------------------------------------- forward fused

@@ -12,7 +12,8 @@ The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l`` (a 
 weight-only product, ``_absorb_kernel`` below, launched by the op; its gradient flows to
 ``q_emb`` and ``W_K`` through the backward's finish kernel); the ``1/sqrt(A)`` scale is a
 kernel argument, not a second launch. With k and v sharing one weight, ``_absorb_kernel``
-reads it with ``evict_last`` so that the projection finds it in L2 as ``W_V``. The [B, N, Hh*A] keys and values are never built.
+reads it with ``evict_last`` so that the projection finds it in L2 as ``W_V``. The
+[B, N, Hh*A] keys and values are never built.
 
 1. ``_fwd_pool_kernel``, grid ``(B, cdiv(L, BL))`` (in practice one program per sample: all
    L <= 128 slots in one block). Two code paths, chosen by the constexpr ``ONE_TILE``:

@@ -204,7 +204,8 @@ def launch_absorb(q_emb: Tensor, k_weight: Tensor, shared: bool) -> Tensor:
     D = k_weight.shape[1]
     qt = k_weight.new_empty((H * S, D))
     space = at.absorb_space(S, A, D)
-    _launch(_absorb_kernel, (H, triton.cdiv(D, space[0]["BD"])), (q_emb.to(k_weight.dtype).contiguous(), k_weight.contiguous(), qt, S, A, D),
+    args = (q_emb.to(k_weight.dtype).contiguous(), k_weight.contiguous(), qt, S, A, D)
+    _launch(_absorb_kernel, (H, triton.cdiv(D, space[0]["BD"])), args,
             dict(W_EVICT="evict_last" if shared else "evict_first"), space, ["D"], (S, A, D, k_weight.dtype, shared))
     return qt
 

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 import torch
 
 from sparo_fast_kernels import sparo_readout_autotune as at
+from sparo_fast_kernels import sparo_readout_infer as inf
 
 HERE = Path(__file__).resolve().parent
 MATRIX = HERE / "results" / "compile-matrix.json"
@@ -130,11 +131,20 @@ def _absorb(s: Launch, c: Dict):
     return s.H * _cd(s.D, c["BD"]), _cd(s.A, c["BA"]), False
 
 
+def _infer(s: Launch, c: Dict):
+    """The inference kernel's work items (every sample's pooling, every chunk's head projections)
+    on persistent programs in ticket order, as ``_fwd_fused``; its tiles come from ``infer_meta``
+    (fixed, not in the matrix row's config); the chain is a pooling item's, and a projection item
+    (about half as many trips) counts as one too: an over-estimate of the waves."""
+    m = inf.infer_meta(s.L, s.N, s.D, s.S, s.VD, s.V, torch.float16)
+    return s.B + _cd(s.B, m["G"]) * s.H, 2 * _cd(s.D, m["BD"]), True
+
+
 #: kernel -> (Launch, config) -> (programs, sequential trips per program, loop pipelined)
 KERNELS: Dict[str, Callable] = {"_fwd_pool_kernel": _pool, "_fwd_proj_kernel": _proj, "_bwd_slot_kernel": _slot,
                                 "_bwd_token_kernel": _token, "_bwd_finish_kernel": _finish,
                                 "_fwd_fused_kernel": _fwd_fused, "_bwd_fused_kernel": _bwd_fused,
-                                "_absorb_kernel": _absorb}
+                                "_absorb_kernel": _absorb, "_infer_kernel": _infer}
 
 
 @functools.lru_cache(maxsize=None)

@@ -55,6 +55,32 @@ def _reuse_after_kernel(X, Z, Y, BX: tl.constexpr, BZ: tl.constexpr):
     tl.store(Y + p * BX + tl.arange(0, BX), a + c + tl.sum(b))
 
 
+@triton.jit
+def _count_runs_kernel(RUNS, Y, BLOCK: tl.constexpr):
+    """Program p: adds one to RUNS[p] (how often the interpreter ran it) and writes its y block."""
+    p = tl.program_id(0)
+    tl.atomic_add(RUNS + p, 1)
+    tl.store(Y + p * BLOCK + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32))
+
+
+@triton.jit
+def _producer_consumer_kernel(BUF, OUT, BLOCK: tl.constexpr):
+    """Programs 0-3 write buffer blocks 0-3; 4 and 5 sum blocks 0, 1 and 2, 3; 6 copies block 7,
+    which 7 (later) writes and then reads back."""
+    p = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    if p < 4:
+        tl.store(BUF + p * BLOCK + offs, offs.to(tl.float32))
+    elif p < 6:
+        q = 2 * (p - 4)
+        tl.store(OUT + p * BLOCK + offs, tl.load(BUF + q * BLOCK + offs) + tl.load(BUF + (q + 1) * BLOCK + offs))
+    elif p == 6:
+        tl.store(OUT + p * BLOCK + offs, tl.load(BUF + 7 * BLOCK + offs))
+    else:
+        tl.store(BUF + 7 * BLOCK + offs, offs.to(tl.float32))
+        tl.store(OUT + p * BLOCK + offs, tl.load(BUF + 7 * BLOCK + offs))
+
+
 def _dram(launch_fn, cache_lines: int, resident: int, sample: bool = False) -> dict:
     space = st.AddressSpace()
     rec = st.StreamRecorder(space, sample=sample, full_below=2)
@@ -135,6 +161,108 @@ def test_sampled_recording_of_the_readout_equals_the_full_one():
     assert sum(k.recorded for k in samp_rec.launches) < sum(len(k.programs) for k in samp_rec.launches)
     token = [k for k in samp_rec.launches if k.kernel == "_bwd_fused_kernel"][0]
     assert token.blocks >= 2 and token.recorded < len(token.programs)
+
+
+def test_a_sampled_launch_runs_each_chosen_program_once():
+    """The sampler is asked for a launch's first programs before the launch is announced; those
+    programs run once (a recorder that reset its plan when the launch began ran them twice, and a
+    persistent kernel's second run found its tickets taken)."""
+    for launches in range(1, 3):  # the state left by one launch does not leak into the next
+        space = st.AddressSpace()
+        rec = st.StreamRecorder(space, sample=True, full_below=2)
+        runs, y = torch.zeros(40, dtype=torch.int32), torch.empty(40 * 32)
+        with l2_stream.recording(rec):
+            for _ in range(launches):
+                _count_runs_kernel[(40,)](runs, y, BLOCK=32)
+        ran = runs > 0
+        assert int(runs.max()) == launches and int(runs[ran].min()) == launches
+        assert [k.recorded for k in rec.launches] == [int(ran.sum())] * launches and int(ran.sum()) < 40
+
+
+def _infer_items(sample: bool):
+    """The inference kernel on a tiny read-out, 7 samples in chunks of 2 (ring of 2 chunks, 4
+    chunks: every kind of wait), recorded and split into its ticketed items."""
+    from sparo_fast_kernels import sparo_readout_infer as inf
+    g = torch.Generator().manual_seed(0)
+    B, N, D, L, H, vd, V = 7, 16, 32, 8, 2, 4, 16
+    args = [torch.randn(*s, generator=g).half() for s in ((B, N, D), (L, D), (H * vd, D), (H * vd,), (V, vd), (V,))]
+    space = st.AddressSpace()
+    rec = st.StreamRecorder(space, sample=sample, ticketed={
+        "_infer_kernel": st.Tickets("SYNC", inf.SYNC_TICKET, inf.SYNC_ERROR)})
+    old = dict(inf.META_OVERRIDE)
+    inf.META_OVERRIDE.update(G=2, LOOK=1)
+    try:
+        with l2_stream.recording(rec):
+            inf.launch_infer(args[0], None, *args[1:], H, 0.1, False)
+    finally:
+        inf.META_OVERRIDE.clear()
+        inf.META_OVERRIDE.update(old)
+    return rec.launches[0]
+
+
+def test_a_ticketed_kernel_is_split_into_its_items_in_ticket_order():
+    """Items: 2 pools of chunk 0, then per chunk c its 2 projections and the 2 pools of chunk
+    c + 1 (LOOK * G + C * (H + G) = 18, the last chunk's pools no-ops), then each of the two
+    interpreted programs' ticket past the end. A projection waits for its chunk's pools; the pools
+    of chunk c > 1 for the projections of chunk c - 2 (the previous user of their ring chunk)."""
+    k = _infer_items(sample=False)
+    assert k.grid == (20, 1, 1) and len(k.programs) == 20
+    proj, pools = {0: [2, 3], 1: [6, 7], 2: [10, 11], 3: [14, 15]}, {0: [0, 1], 1: [4, 5], 2: [8, 9], 3: [12]}
+    expect = [[] for _ in range(20)]
+    for c, items in proj.items():
+        for i in items:
+            expect[i] = pools[c]
+    for c in (2, 3):
+        for i in pools[c]:
+            expect[i] = proj[c - 2]
+    assert k.after == expect
+    assert [p.kinds.size for p in k.programs].count(1) == 5  # sample 7 (no such), chunk 4's pools, 2 ends
+    sampled = _infer_items(sample=True)
+    assert sampled.after == k.after and all(st.same(a, b) for a, b in zip(k.programs, sampled.programs))
+
+
+def test_an_item_starts_after_the_items_it_waits_for():
+    """Scheduled on 8 slots, every item that waits starts after the last step of the items it
+    waits for, though a slot was free earlier (without the waits the projections of chunk 0
+    would start with the pools they read); the interleaved stream holds every access's lines."""
+    k = _infer_items(sample=False)
+    waits = [i for i in range(20) if k.after[i]]
+    streams = []
+    for after in (k.after, None):
+        run = st.LaunchStream(k.kernel, k.grid, k.programs, k.recorded, after=after)
+        t0, _ = st.schedule(run, 8)
+        end = t0 + np.array([p.kinds.size for p in k.programs])
+        late = [bool(t0[i] >= end[k.after[i]].max()) for i in waits]
+        assert all(late) if after is not None else not any(late[:2])
+        streams.append(st.interleave(run, 8))
+    assert t0[2] == t0[3] == 0  # without the waits: a free slot at once
+    (a, ka), (b, kb) = streams  # the same accesses, in another order
+    assert not np.array_equal(a, b)
+    assert sorted(zip(a.tolist(), ka.tolist())) == sorted(zip(b.tolist(), kb.tolist()))
+
+
+def test_work_items_wait_for_the_items_whose_stores_they_load():
+    """A kernel run one program per work item in work order: an item waits for the earlier items
+    whose stores it loads (4 for 0 and 1, 5 for 2 and 3), not for a later writer (6 reads what 7
+    writes after it) nor for itself (7); sampled or not, and only for the kernels named."""
+    block = 32
+    buf, out = torch.zeros(8 * block), torch.zeros(8 * block)
+    for sample in (False, True):
+        rec = st.StreamRecorder(st.AddressSpace(), sample=sample, full_below=2,
+                                item_kernels=("_producer_consumer_kernel",))
+        with l2_stream.recording(rec):
+            _producer_consumer_kernel[(8,)](buf, out, BLOCK=block)
+        assert rec.launches[0].after == [[], [], [], [], [0, 1], [2, 3], [], []]
+    rec = st.StreamRecorder(st.AddressSpace())
+    with l2_stream.recording(rec):
+        _producer_consumer_kernel[(8,)](buf, out, BLOCK=block)
+    assert rec.launches[0].after is None
+    t0, _ = st.schedule(rec.launches[0], 8)
+    assert t0.tolist() == [0] * 8
+    waited = st.LaunchStream(rec.launches[0].kernel, (8, 1, 1), rec.launches[0].programs, 8,
+                             after=st.data_waits(rec.launches[0].programs))
+    t0, _ = st.schedule(waited, 8)
+    assert t0[4] == t0[5] == 1 and t0[6] == t0[7] == 0  # a producer is one store long
 
 
 @pytest.mark.skipif(l2_cache.native() is None, reason="no C compiler: only the Python loop exists")

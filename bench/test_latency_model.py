@@ -57,3 +57,20 @@ def test_grid_table_matches_the_grids_the_kernels_launch():
             assert programs == math.prod(e["grid"]), e["name"]
             seen.add(e["name"])
     assert seen == set(first)  # the split kernels' entries are for counts made before the fused ones
+
+
+def test_persistent_forward_holds_one_program_per_sm_at_the_benchmark_shapes():
+    """The fused forward launches one program per SM and the L2 count interleaves one per SM:
+    both rest on every half-precision config compiled for the benchmark shapes, on every arch of
+    the compile matrix, holding one program per SM (a second could not start until the first
+    ended). A lighter config would make two per SM possible, and this test says so."""
+    import json
+
+    doc = json.loads(lm.MATRIX.read_text())
+    rows = [(arch, r) for arch, rs in doc["versions"]["3.8.0"].items() for r in rs
+            if r["kernel"] == "_fwd_fused_kernel" and r["dtype"] in ("fp16", "bf16") and r["fits"]
+            and r["shape"] in ("vit_b16", "vit_b32", "text_b", "vit_l14")]
+    assert len({a for a, _ in rows}) >= 5 and len(rows) >= 40
+    held = {(a, r["shape"], r["dtype"], str(r["config"])): lm.resident(r["regs"], r["config"]["num_warps"], r["shared"])
+            for a, r in rows}
+    assert set(held.values()) == {1}, {k: v for k, v in held.items() if v != 1}

@@ -97,6 +97,8 @@ def _op_launches(function: str, tree=None) -> list:
     for n in ast.walk(funcs[function]):
         if isinstance(n, ast.If) and ast.unparse(n.test) == "fused_forward()":
             skipped |= {id(m) for b in (n.orelse if ops.fused_forward() else n.body) for m in ast.walk(b)}
+        elif isinstance(n, ast.Lambda):  # a deferred call (the owner-count timing), not this call's launch
+            skipped |= {id(m) for m in ast.walk(n.body)}
     nodes = sorted((n for n in ast.walk(funcs[function]) if hasattr(n, "lineno") and id(n) not in skipped),
                    key=lambda n: (n.lineno, n.col_offset))
     out, kernels = [], set()

@@ -61,6 +61,7 @@ import l2_cache  # noqa: E402
 import l2_stream  # noqa: E402
 import sparo_readout_bench as sb  # noqa: E402
 from sparo_fast.readout import SparoReadout  # noqa: E402
+from sparo_fast_kernels import sparo_readout_infer as inf  # noqa: E402
 from sparo_fast_kernels.testing import interpreter_trace as trace  # noqa: E402
 
 BACKENDS = ("triton", "torch", "reference")
@@ -71,6 +72,13 @@ CHECK_BATCH = 6
 #: the inference kernel's ring of pooled rows stops growing at 96 samples: its counts are linear
 #: in the batch past that
 INFER_BATCHES, INFER_CHECK = (128, 160), 192
+#: kernels whose programs take work items from a ticket counter: the L2 count records them whole
+#: and schedules their items on the resident programs in ticket order, each after what it waits for
+TICKETED = {"_infer_kernel": l2_stream.st.Tickets("SYNC", inf.SYNC_TICKET, inf.SYNC_ERROR)}
+#: persistent kernels the interpreter runs one program per work item, in work order
+#: (``sparo_readout_op.INTERPRETER_TICKETS`` off): each item starts after the earlier items
+#: whose stores it loads, as their ready flags and done counters make it on a GPU
+ITEM_KERNELS = ("_fwd_fused_kernel", "_bwd_fused_kernel")
 DTYPE = torch.float16
 #: H100 model assumptions (SXM, bf16/fp16 dense): all written beside the predictions.
 H100 = {"hbm_Bps": 3.0e12, "l2_Bps": 7.0e12, "flops": 600e12, "launch_s": 2e-6, "sms": 132}
@@ -326,10 +334,11 @@ def run_case(shape: sb.Shape, backend: str, pass_: str, batches=FIT_BATCHES, che
 
 def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Optional[int], sizes: Dict[str, int],
             resident: int = H100["sms"], ways: Optional[int] = None, sample: bool = True,
-            full_kernels: tuple = ()) -> dict:
+            full_kernels: tuple = (), waits: bool = True) -> dict:
     """DRAM bytes of one call at ``batch`` under the L2 model, per size (see ``bench/l2_stream.py``)."""
     space = l2_stream.st.AddressSpace()
-    rec = l2_stream.st.StreamRecorder(space, sample=sample, full_kernels=full_kernels)
+    rec = l2_stream.st.StreamRecorder(space, sample=sample, full_kernels=full_kernels, ticketed=TICKETED,
+                                      item_kernels=ITEM_KERNELS if waits else ())
     events = count(shape, backend, pass_, batch, programs=programs, space=space,
                    extra=lambda: l2_stream.recording(rec))
     streams = l2_stream.pass_streams(events, rec, resident)
@@ -338,7 +347,8 @@ def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Opt
            "programs": sum(len(k.programs) for k in rec.launches),
            "blocks_recorded_whole": sum(k.full_blocks for k in rec.launches),
            "per_kernel": [{"kernel": k.kernel, "grid": list(k.grid), "programs_run": k.recorded, "blocks": k.blocks,
-                           "blocks_recorded_whole": k.full_blocks} for k in rec.launches], "sizes": {}}
+                           "blocks_recorded_whole": k.full_blocks, "ticketed_items": k.after is not None}
+                          for k in rec.launches], "sizes": {}}
     for label, size in sizes.items():
         out["sizes"][label] = {"bytes": size, **l2_stream.simulate(streams, size, ways, space)}
     return out

@@ -39,6 +39,10 @@ the slot-level kernels enters as a power-of-two bucket capped at 4096):
    above prune what spilled across architectures in the compile matrix; what spills on one
    architecture or Triton version only is caught here, on the user's own GPU.
 
+The backward's token-owner count is chosen the same way (2-5) as the config of a pseudo-kernel
+``bwd_owners`` whose space is ``owner_space`` (a share of one owner per SM), timed by running
+the whole backward launch (``sparo_readout_op._token_owners``).
+
 A choice made by 4 or 5 is published with the store's ``compare_set`` (first writer wins) and
 every rank then uses the stored value, so all ranks run the same config (bitwise the same
 arithmetic) without any collective: a rank that meets a new key alone (a last, smaller batch)
@@ -437,9 +441,36 @@ def bwd_fused_space(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: 
     return out or [dict(BD=16, num_warps=8, num_stages=1)]
 
 
+def smem_infer(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
+    """The inference kernel runs a pool item (always the one-tile pooling) or a projection item
+    at a time: the larger (its projection tile: ``ROWS`` ring rows, the pool's feature tile)."""
+    proj = dict(BM=meta["ROWS"], BD=cfg["BD"], num_stages=cfg["num_stages"])
+    return max(smem_pool(dict(meta, ONE_TILE=True), cfg, dtype), smem_proj(meta, proj, dtype))
+
+
+# ----------------------------------------------------------------------------- backward owners
+#: The backward's token owners as a percentage of its default program count (one per SM). Each
+#: owner keeps a sample's x (re-read by the second sweep) and its fp32 dqt partial in L2: 132
+#: owners hold about 66 MB at vit_b16 against an H100's 50 MB, and the L2 model counts 1.66x /
+#: 1.58x the floor with 2/3 / 1/2 of the owners against 1.75x (bench/NOTES.md), at the price of
+#: SMs idle in the token stage, which only timing can weigh: the op times these on the GPU.
+OWNER_PCTS = (100, 67, 50)
+
+
+def owner_space() -> List[Dict]:
+    """The owner-count choices, as configs of the pseudo-kernel ``bwd_owners`` for ``choose``."""
+    return [dict(pct=p) for p in OWNER_PCTS]
+
+
+def owners(programs: int, cfg: Dict) -> int:
+    """Token owners for a choice of ``owner_space`` and the default program count."""
+    return max(1, -(-programs * cfg["pct"] // 100))
+
+
 #: kernel name -> its shared-memory estimate (the spaces above and aot_check's checks)
 SMEM_ESTIMATES: Dict[str, Callable[[Dict, Dict, torch.dtype], int]] = {
     "_fwd_fused_kernel": smem_fused, "_bwd_fused_kernel": smem_bwd_fused, "_absorb_kernel": smem_absorb,
+    "_infer_kernel": smem_infer,
 }
 #: the split kernels (the pool, projection, token and finish stages launched one by one): the
 #: fused kernels' peers in the tests, not launched by the ops

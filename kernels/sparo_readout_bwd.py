@@ -147,7 +147,7 @@ def _bwd_tiled_scores(GA, GXP, QT, scr, x_base, g_rows, offs_l, lmask, lse, n_va
         vmask = offs_n < n_valid
         msk = lmask[:, None] & vmask[None, :]
         s, gp = _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
-                             True, BL, BN, BD, DOT_PREC, UPCAST)
+                             True, BL, BN, BD, DOT_PREC, UPCAST, "")
         p = tl.where(msk, tl.exp2(s * qk - lse[:, None]), 0.0)
         if HAS_GA:
             ga = tl.load(GA + b * stride_gab + offs_l[:, None] * stride_gal + offs_n[None, :] * stride_gan,
@@ -473,6 +473,10 @@ def _sum_head_partials(DWO_P, DBO_P, DWO, DBO, pid, P, H, V, VD, NV, BH: tl.cons
 
 #: Tests set this to force a number of persistent programs (the CPU default is min(B, 2)).
 PROGRAMS_OVERRIDE: Optional[int] = None
+
+
+def programs_forced() -> bool:
+    return PROGRAMS_OVERRIDE is not None
 
 
 def num_programs(B: int, device: torch.device) -> int:

@@ -53,12 +53,13 @@ def _xp_rows(offs_l, b, B, S):
 @triton.jit
 def _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
                  WITH_GP: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, X_EVICT: tl.constexpr = ""):
+                 DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, X_EVICT: tl.constexpr):
     """One token tile's raw scores ``s = qt @ x^T`` [BL, BN] (fp32 accumulation, unscaled)
     and, with ``WITH_GP``, ``gp = gxp @ x^T`` from the same x tile (one x read for both).
     Lanes past ``vmask`` load zeros (never read from memory); callers mask them to -inf / 0.
-    ``X_EVICT``: the x tiles' L2 eviction hint ("evict_last" where a second sweep re-reads them;
-    qt, read by every program, is always kept). ``gxp`` is loaded past L1 (``.cg``): in the one-launch
+    ``X_EVICT``: the x tiles' L2 eviction hint ("evict_last" where a second sweep re-reads them,
+    "" for none; no default: Triton 3.4-3.7 cannot compile a nested call that leaves a string
+    constexpr to its default; qt, read by every program, is always kept). ``gxp`` is loaded past L1 (``.cg``): in the one-launch
     backward other programs wrote it after the launch began."""
     x_rows = offs_n.to(tl.int64)[:, None] * stride_xn
     s = tl.zeros([BL, BN], tl.float32)

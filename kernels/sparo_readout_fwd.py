@@ -155,7 +155,7 @@ def _fwd_tiled_scores(QT, SCR, x_base, row_base, offs_l, lmask, n_valid, qk, N, 
         offs_n = n0 + tl.arange(0, BN)
         vmask = offs_n < n_valid
         s, _ = _score_sweep(QT, QT, x_base, offs_l, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
-                            False, BL, BN, BD, DOT_PREC, UPCAST)
+                            False, BL, BN, BD, DOT_PREC, UPCAST, "")
         s = tl.where(vmask[None, :], s * qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)

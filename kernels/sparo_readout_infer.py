@@ -105,7 +105,7 @@ def _pool_item(X, EOS, QT, ATTN, RING, b, ring_row0, g, N, D, L, S, qk, stride_x
     vmask = offs_n < n_valid
     x_base = X + b * stride_xb
     raw, _ = _score_sweep(QT, QT, x_base, offs_l, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
-                          False, BL, BN, BD, DOT_PREC, UPCAST)
+                          False, BL, BN, BD, DOT_PREC, UPCAST, "")
     raw = tl.where(vmask[None, :], raw * qk, float("-inf"))
     e = tl.exp2(raw - tl.max(raw, axis=1)[:, None])  # no valid token: NaN, as torch.softmax
     prob = e / tl.sum(e, axis=1)[:, None]
@@ -213,6 +213,10 @@ def _infer_kernel(
         t = tl.atomic_add(SYNC, 1)
 
 
+#: Words of ``SYNC``: the ticket counter, and the error word the interpreter's ``_wait`` adds to
+#: right after each wait's flag read (the L2 count splits the kernel into items at the tickets and
+#: orders them by these waits: ``access_stream.Tickets``).
+SYNC_TICKET, SYNC_ERROR = 0, 1
 #: True when the kernel was defined under the Triton CPU interpreter.
 INTERPRETED = not isinstance(_infer_kernel, _JITFunction)
 #: Tests set these to exercise several chunks and ring reuse on tiny batches: {"G": .., "LOOK": ..}.
@@ -236,8 +240,14 @@ def infer_meta(L: int, N: int, D: int, S: int, VD: int, V: int, dtype: torch.dty
     pool = at.pool_meta(L, N, D, dtype)
     space = at.pool_space(L, N, D, dtype)
     # the projection branch and the item loop live beside the pooling: a 64-wide feature tile
-    # spilled at vit_b16 on sm_90 (255 registers), 32 does not (238)
-    cfg, warps, stages = at.split(next((c for c in space if c["BD"] <= 32), space[0]))
+    # spilled at vit_b16 on sm_90 (255 registers), 32 does not (238); in fp32 (FMA products) a
+    # 32-wide tile in 2 stages spilled 16-36 bytes on sm_80/90/100/120 (vit_b32, the small test
+    # shapes), a 16-wide one in 1 stage nothing on any (Triton 3.8)
+    if dtype == torch.float32:
+        fits = (lambda c: c["BD"] <= 16 and c["num_stages"] == 1)
+    else:
+        fits = (lambda c: c["BD"] <= 32)
+    cfg, warps, stages = at.split(next((c for c in space if fits(c)), space[0]))
     meta = dict(G=max(1, 32 // S), LOOK=2, BL=pool["BL"], BN=pool["BN"], BD=cfg["BD"], BVD=next_pow2(VD),
                 BVO=next_pow2(V, hi=64 if dtype != torch.float32 else 32), num_warps=warps, num_stages=stages)
     meta.update(META_OVERRIDE)

@@ -7,8 +7,10 @@ so ``torch.compile`` traces them without graph breaks (Inductor sees the kernels
 ``readout_bwd``; both have allocation-only fake implementations.
 
 On a GPU each kernel is a ``triton.autotune`` over the pruned space of
-``sparo_readout_autotune.py`` for its shape key; under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set before this module is
-imported) the kernels are ``InterpretedFunction`` objects, which cannot be traced: they are
+``sparo_readout_autotune.py`` for its shape key, and the backward's token-owner count is
+chosen by timing the whole launch at 100%, 67% and 50% of one owner per SM
+(``_token_owners``); under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set before this
+module is imported) the kernels are ``InterpretedFunction`` objects, which cannot be traced: they are
 launched directly with the space's first (fixed) config (older torch releases' ``wrap_triton``
 reject them), and the ops are kept opaque under ``torch.compile`` (the FunctionalTensorMode
 decomposition is replaced by a plain redispatch).
@@ -47,7 +49,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import sparo_readout_autotune as at
 from .sparo_readout_bwd import (_bwd_finish_kernel, _bwd_slot_kernel, _bwd_fused_kernel, _bwd_token_kernel,
-                                 num_programs)
+                                 num_programs, programs_forced as bwd_programs_forced)
 from .sparo_readout_fwd import _absorb_kernel, _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
 
 try:
@@ -161,11 +163,14 @@ def _tickets() -> bool:
 
 
 def fused_programs(items: int, device: torch.device) -> int:
-    """Persistent programs of the fused forward: two per SM on a GPU (a program waiting for its
-    rows leaves the SM to the other), at most one per work item; 2 under the interpreter."""
+    """Persistent programs of the fused forward: one per SM on a GPU, at most one per work item;
+    2 under the interpreter. One SM cannot hold two: every half-precision config compiled for
+    the benchmark shapes takes 192-255 registers a thread at 8 warps (the compile matrix), more
+    than half the register file, so a second program per SM would start only when the first
+    had finished, find every ticket taken and exit."""
     if device.type != "cuda":
         return min(items, 2)
-    return max(1, min(items, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(items, torch.cuda.get_device_properties(device).multi_processor_count))
 
 
 def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float, num_heads: int, need_weights: bool,
@@ -323,11 +328,50 @@ def launch_bwd_fused(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_we
     """``_bwd_fused_kernel`` (refs: ``bwd_slot_ref``, ``bwd_token_ref``, ``bwd_finish_ref``), then
     the one PyTorch sum of its dq partials: (dx, dq_emb, dW_K (+ dW_V when shared), dW_V, db_V,
     dW_O, db_O)."""
+    args = (g, o, xp, v_weight, proj_weight, x, eos, lse, ga, qt, scale, q_emb, k_weight, shared_kv)
+    tag = _bwd_tag(x, q_emb, v_weight, proj_weight, eos, ga, shared_kv)
+    P = _token_owners(num_programs(x.shape[0], x.device), lambda p: launch_bwd_fused_on(p, *args), args, tag)
+    return launch_bwd_fused_on(P, *args)
+
+
+def _bwd_tag(x: Tensor, q_emb: Tensor, v_weight: Tensor, proj_weight: Tensor, eos: Optional[Tensor],
+             ga: Optional[Tensor], shared_kv: bool) -> tuple:
+    """The fused backward's launch key beyond its runtime key arguments (autotune's ``tag``)."""
+    B, N, D = x.shape
+    _, H, S, _, _ = q_emb.shape
+    return (at.n_bucket(N), at.m_bucket(B * S), D, H * S, v_weight.shape[0] // H, proj_weight.shape[0],
+            x.dtype, eos is not None, ga is not None, shared_kv)
+
+
+def _token_owners(programs: int, run, tensors, tag: tuple) -> int:
+    """The backward's token-owner count: ``programs`` (one per SM), or fewer where timing the
+    whole backward on this GPU says so (``at.owner_space``; chosen once per key, shared across
+    ranks and cached on disk like a kernel config). Never tuned under the interpreter, with
+    fixed configs, with the program count forced, or while tracing (no choice known: the
+    default)."""
+    if INTERPRETED or FIXED_CONFIGS or bwd_programs_forced() or programs < 2:
+        return programs
+    key = "|".join(["bwd_owners", *map(str, tag)])
+    bench = None if at._tracing(tensors) else (lambda cfg: _time(lambda: run(at.owners(programs, cfg))))
+    cfg = at.choose("bwd_owners", key, at.owner_space(), bench)
+    return at.owners(programs, cfg) if cfg is not None else programs
+
+
+def _time(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn)
+
+
+def launch_bwd_fused_on(P: int, g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_weight: Tensor,
+                        x: Tensor, eos: Optional[Tensor], lse: Tensor, ga: Optional[Tensor], qt: Tensor,
+                        scale: float, q_emb: Tensor, k_weight: Tensor, shared_kv: bool
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``launch_bwd_fused`` with ``P`` token owners (persistent programs)."""
+    tag = _bwd_tag(x, q_emb, v_weight, proj_weight, eos, ga, shared_kv)
     B, N, D = x.shape
     L = qt.shape[0]
     _, H, S, _, A = q_emb.shape
     V, vd = proj_weight.shape[0], v_weight.shape[0] // H
-    P = num_programs(B, x.device)
     meta = _path_meta(at.bwd_fused_meta(L, N, D, S, A, H, vd, V, B, x.dtype), "token")
     tiles, stiles = triton.cdiv(D, meta["BDF"]), triton.cdiv(D, meta["BDS"])
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -351,7 +395,7 @@ def launch_bwd_fused(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_we
             dict(HAS_EOS=has_eos, HAS_GA=has_ga, SHARED=shared_kv, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
                  TICKETS=_tickets(), **meta),
             at.bwd_fused_space(L, N, D, S, A, H, vd, V, B, x.dtype), ["N", "D", "L"],
-            (at.n_bucket(N), at.m_bucket(B * S), D, L, vd, V, x.dtype, has_eos, has_ga, shared_kv))
+            tag)
     # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype
     dq = torch.empty(q_emb.shape, device=x.device, dtype=q_emb.dtype)
     torch.sum(dq_p, 0, out=dq.view(L, A))

@@ -227,3 +227,31 @@ def test_choose_skips_configs_that_spill(fresh, monkeypatch):
     assert at.choose("_fwd_fused_kernel", "sp", SPACE, bench)["BD"] == 32  # BD 64 is faster but spills
     spills.update({32: 4, 16: 8})
     assert at.choose("_fwd_fused_kernel", "sp2", SPACE, bench)["BD"] == 64  # all spill: the fastest
+
+
+def test_backward_owner_count_is_timed_once_per_key(fresh, monkeypatch):
+    """On a GPU the backward times its whole launch at 100%, 67% and 50% of its one-per-SM
+    owners once per key (fake timings: 88 owners fastest) and keeps the choice; the
+    interpreter, a forced program count and an unknown key while tracing take the default."""
+    op = importlib.import_module("sparo_fast_kernels.sparo_readout_op")
+    bwd = importlib.import_module("sparo_fast_kernels.sparo_readout_bwd")
+    assert [at.owners(132, c) for c in at.owner_space()] == [132, 89, 66]
+    x = torch.empty(4)
+    ran = []
+
+    def run(p):
+        ran.append(p)
+        return p
+
+    monkeypatch.setattr(op, "_time", lambda fn: {132: 3.0, 89: 1.0, 66: 2.0}[fn()])
+    assert op._token_owners(132, run, (x,), ("t",)) == 132  # the interpreter: never tuned
+    assert ran == []
+    monkeypatch.setattr(op, "INTERPRETED", False)
+    assert op._token_owners(132, run, (x,), ("t",)) == 89 and sorted(ran) == [66, 89, 132]
+    assert op._token_owners(132, run, (x,), ("t",)) == 89 and len(ran) == 3  # cached
+    assert op._token_owners(1, run, (x,), ("u",)) == 1 and len(ran) == 3  # one owner: nothing to choose
+    monkeypatch.setattr(at, "_tracing", lambda args: True)
+    assert op._token_owners(132, run, (x,), ("v",)) == 132 and len(ran) == 3  # tracing: nothing timed
+    monkeypatch.setattr(bwd, "PROGRAMS_OVERRIDE", 7)
+    monkeypatch.setattr(at, "_tracing", lambda args: False)
+    assert op._token_owners(7, run, (x,), ("w",)) == 7 and len(ran) == 3  # forced by a test or a count

@@ -28,6 +28,18 @@ needs_ptxas = pytest.mark.skipif(not os.path.exists(PTXAS), reason="Triton's NVI
 ALL = os.environ.get("SPARO_AOT_ALL") == "1"
 # every kernel the ops launch has a shared-memory estimate (the pruning needs one)
 KERNELS = set(importlib.import_module("sparo_fast_kernels.sparo_readout_autotune").SMEM_ESTIMATES)
+# kernels launched with one fixed config (no space to enumerate)
+ONE_CONFIG = {"_bwd_finish_kernel", "_absorb_kernel", "_infer_kernel"}
+
+
+def _launched(shape: str, dtype: str) -> set:
+    """The kernels the ops launch at a compile-matrix shape: the inference kernel only where its
+    one-tile pooling takes the shape."""
+    from sparo_fast_kernels import sparo_readout_infer as inf
+    from sparo_fast_kernels.testing import aot_check
+    _, _, N, D, L, *_ = next(s for s in aot_check.SHAPES if s[0] == shape)
+    dt = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    return KERNELS - (set() if inf.supported(L, N, D, getattr(__import__("torch"), dt)) else {"_infer_kernel"})
 
 
 def _env():
@@ -67,6 +79,8 @@ def _check_row(x):
         # "wgmma+mma.sync", and the tiny-slot shape (6 slots: 16-row tiles) is mma.sync.
         if x["shape"] == "few_slots":
             assert x["matrix_ops"] in ("mma.sync", "wgmma+mma.sync", "wgmma"), x
+        elif x["kernel"] == "_infer_kernel":  # its projection item's 32 ring rows: mma.sync
+            assert x["matrix_ops"] == "wgmma+mma.sync", x
         elif x["kernel"] in ("_bwd_token_kernel", "_bwd_fused_kernel") and not x["one_tile"]:
             assert x["matrix_ops"] == "wgmma+mma.sync", x
         else:
@@ -83,9 +97,10 @@ def _check_row(x):
 ], ids=["vit_b16-every", "benchmark-shapes", "extremes"])
 def test_kernels_compile_for_sm90(shapes, dtypes, every):
     report = _aot("--shapes", shapes, "--dtypes", dtypes, *(["--jobs", "2"] if every else ["--picked"]))
-    assert {x["kernel"] for x in report} == KERNELS
+    assert {x["kernel"] for x in report} == set().union(
+        *(_launched(sh, dt) for sh in shapes.split(",") for dt in dtypes.split(",")))
     if every:  # more than one config per tuned kernel: the spaces are really enumerated
-        for k in KERNELS - {"_bwd_finish_kernel", "_absorb_kernel"}:  # one config each
+        for k in KERNELS - ONE_CONFIG:
             assert sum(x["kernel"] == k for x in report) >= 2, k
     for x in report:
         _check_row(x)
@@ -97,7 +112,8 @@ def test_token_offsets_are_int64():
     stride arguments of x (i32 at launch) are only ever sign-extended to i64, never multiplied as
     i32; and a kernel that multiplies in i32 is caught by the same check."""
     res = _aot("--int64")
-    assert set(res) == {f"{k}:{one}" for k in ("_fwd_fused_kernel", "_bwd_fused_kernel") for one in (True, False)} | {"_bad"}
+    fused = {f"{k}:{one}" for k in ("_fwd_fused_kernel", "_bwd_fused_kernel") for one in (True, False)}
+    assert set(res) == fused | {"_infer_kernel:True", "_bad"}
     assert res["_bad"]["stride_xn"]["other"], "the checker must flag an i32 token-index * stride product"
     for k, uses in res.items():
         if k != "_bad":
@@ -148,10 +164,32 @@ def test_matrix_every_cell_has_a_good_config():
             cells.setdefault((r["shape"], r["dtype"], r["kernel"]), []).append(r)
         for shape in BENCH_SHAPES:
             for dt in ("bf16", "fp16", "fp32"):
-                for k in KERNELS:
+                kernels = {k for (sh, d, k) in cells if (sh, d) == (shape, dt)}
+                assert kernels == _launched(shape, dt), (arch, shape, dt)
+                for k in _launched(shape, dt):
                     rs = cells.get((shape, dt, k))
                     assert rs, (arch, shape, dt, k)
                     assert any("error" not in r and r["fits"] and r["spill_bytes"] == 0 for r in rs), (arch, shape, dt, k)
+
+
+def test_matrix_every_kernel_compiles_on_every_triton_version():
+    """Every Triton version of the committed matrix, down to the oldest ``setup.py`` allows:
+    every architecture, shape, dtype and kernel the ops launch there has a config that compiles
+    and fits (spills allowed: older Tritons spill where 3.8 does not). A kernel that compiles in
+    no config fails for every user of that version."""
+    import pathlib
+    versions = json.load(open(MATRIX))["versions"]
+    setup = (pathlib.Path(MATRIX).parents[2] / "setup.py").read_text()
+    oldest = re.search(r'"triton>=(\d+\.\d+)"', setup).group(1)
+    assert any(v.startswith(oldest + ".") for v in versions), (oldest, sorted(versions))
+    for version, by_arch in versions.items():
+        for arch, rows in by_arch.items():
+            assert isinstance(rows, list), (version, arch, rows)
+            cells = {}
+            for r in rows:
+                cells.setdefault((r["shape"], r["dtype"], r["kernel"]), []).append(r)
+            for cell, rs in cells.items():
+                assert any("error" not in r and r["fits"] for r in rs), (version, arch, cell, rs[0].get("error"))
 
 
 def test_matrix_is_current():

@@ -19,7 +19,10 @@ This assumes addresses do not depend on the data (the kernels' masks depend on s
 positions only) and that no program waits for one that is not run (sampled programs run in
 grid order; a kernel whose programs spin on flags set by others must not spin under the
 interpreter, or be named in ``full_kernels``); ``bench/test_l2.py`` checks that a sampled
-recording reproduces a full one.
+recording reproduces a full one. A persistent kernel that takes work items from a ticket counter
+is recorded whole and split into its items (:class:`Tickets`, :func:`split_tickets`); one that
+the interpreter runs one program per work item (``item_kernels``) gets its items' waits from
+the data they pass each other (:func:`data_waits`).
 
 :func:`interleave` turns a launch into the line stream an L2 sees: ``resident`` programs run
 at once (the SMs; a program takes the next free slot when one finishes, in grid order with
@@ -99,13 +102,33 @@ class _Building:
 
 @dataclass
 class LaunchStream:
-    """A launch's grid and every program's stream (``programs`` in GPU order, x fastest)."""
+    """A launch's grid and every program's stream (``programs`` in GPU order, x fastest).
+
+    A ticketed launch (:class:`Tickets`) lists its work items instead, in ticket order. ``after[i]``
+    (ticketed launches and item kernels; None: nothing waits): the earlier items item ``i`` waits
+    for."""
     kernel: str
     grid: Pid
     programs: List[Program]
     recorded: int  # programs the interpreter ran
     blocks: int = 1
     full_blocks: int = 0  # blocks whose check failed and were recorded program by program
+    after: Optional[List[List[int]]] = None
+
+
+@dataclass(frozen=True)
+class Tickets:
+    """How a persistent kernel hands out work: every program takes items from an atomic ticket
+    counter (word ``ticket`` of argument ``arg``, int32) until none is left, so on a GPU the items
+    run in ticket order on whichever program is free, not on the program the interpreter (which
+    runs program 0 to the end first) gave them to. Under the interpreter the kernel marks each
+    wait by an atomic on word ``mark`` of the same argument right after the atomic read of the
+    flag it waits on; every other atomic on a flag is a signal. The recorder splits the programs'
+    streams at the ticket atomics into items and makes each item wait for the earlier items that
+    signalled a flag it waits on."""
+    arg: str
+    ticket: int = 0
+    mark: int = 1
 
 
 class AddressSpace:
@@ -173,9 +196,13 @@ class StreamRecorder(trace._Listener):
     wants_hints = True
 
     def __init__(self, space: AddressSpace, sample: bool = False, full_below: int = 8,
-                 full_kernels: Tuple[str, ...] = ()) -> None:
+                 full_kernels: Tuple[str, ...] = (), ticketed: Optional[Dict[str, Tickets]] = None,
+                 item_kernels: Tuple[str, ...] = ()) -> None:
         self.space, self.sample, self.full_below = space, sample, full_below
-        self.full_kernels = set(full_kernels)  # kernels run with every program, in grid order
+        self.ticketed = dict(ticketed or {})  # kernel -> its Tickets; recorded whole, then split
+        self.item_kernels = set(item_kernels)  # one program per work item: waits from data flow
+        self.full_kernels = set(full_kernels) | set(self.ticketed)  # run with every program, in grid order
+        self._words: Optional[Tuple[int, int]] = None  # virtual (ticket, mark) addresses of the launch
         self.launches: List[LaunchStream] = []
         self._rec: Dict[Pid, Program] = {}
         self._ran: set = set()
@@ -184,11 +211,20 @@ class StreamRecorder(trace._Listener):
         self._result: Optional[LaunchStream] = None
 
     # -- interpreter listener
+    # the sampler is asked for a launch's first programs before the interpreter announces the
+    # launch, so per-launch state is cleared when a launch ends, never when it begins (clearing
+    # it there ran the first programs twice, and a ticketed kernel's second run found no tickets)
     def launch_begin(self, launch):
         for a in launch.args:
             if a.storage is not None:
                 self.space.add(a.storage, f"{launch.kernel}:{a.name}", from_kernel=True)
-        self._rec, self._ran, self._building, self._plan = {}, set(), {}, None
+        t = self.ticketed.get(launch.kernel)
+        if t is not None:
+            arg = next((a for a in launch.args if a.name == t.arg), None)
+            if arg is None:
+                raise ValueError(f"{launch.kernel} has no argument {t.arg!r} holding its ticket")
+            words = self.space.map(np.array([arg.base + 4 * t.ticket, arg.base + 4 * t.mark], np.int64))
+            self._words = (int(words[0]), int(words[1]))
 
     def access(self, launch, kind, addrs, itemsize, hint=None):
         addrs = self.space.map(addrs.astype(np.int64))
@@ -200,8 +236,12 @@ class StreamRecorder(trace._Listener):
             self._ran.update(gpu_order(tuple(launch.grid)))  # a program that never touched memory: empty
             progs = [self._get(p) for p in gpu_order(tuple(launch.grid))]
             self._result = LaunchStream(launch.kernel, tuple(launch.grid), progs, len(progs))
+        if self._words is not None:
+            self._result = split_tickets(self._result, *self._words)
+        elif launch.kernel in self.item_kernels:
+            self._result.after = data_waits(self._result.programs)
         self.launches.append(self._result)
-        self._rec, self._plan, self._result = {}, None, None
+        self._rec, self._ran, self._building, self._plan, self._result, self._words = {}, set(), {}, None, None, None
 
     def _flush(self) -> None:
         for pid, b in self._building.items():
@@ -290,6 +330,82 @@ class StreamRecorder(trace._Listener):
         return starts
 
 
+def _cut(p: Program, lo: int, hi: int) -> Program:
+    """Accesses lo .. hi-1 of a program, as a program of their own."""
+    sel = (p.acc >= lo) & (p.acc < hi)
+    return Program(p.kinds[lo:hi], p.acc[sel] - lo, p.start[sel], p.end[sel])
+
+
+def _addr(p: Program) -> np.ndarray:
+    """Each access's first byte (-1: an empty access)."""
+    f = p.first
+    return np.where(f >= 0, p.start[np.maximum(f, 0)], -1)
+
+
+def split_tickets(launch: LaunchStream, ticket: int, mark: int) -> LaunchStream:
+    """A ticketed launch (:class:`Tickets`) as its items in ticket order, each from its ticket
+    atomic to the next (the programs ran one after another, so their tickets are in recording
+    order); ``after`` from the waits and signals the kernel's flag atomics make."""
+    items: List[Program] = []
+    for p in launch.programs:
+        one = np.bincount(p.acc, minlength=p.kinds.size) == 1  # a scalar atomic: one interval
+        cuts = np.flatnonzero(((p.kinds & 3) == KIND["atomic"]) & one & (_addr(p) == ticket)).tolist()
+        if cuts and cuts[0] != 0:
+            raise ValueError(f"{launch.kernel}: accesses before a program's first ticket")
+        items += [_cut(p, lo, hi) for lo, hi in zip(cuts, cuts[1:] + [p.kinds.size])]
+    signalled: Dict[int, List[int]] = {}
+    after: List[List[int]] = []
+    for i, it in enumerate(items):
+        addr = _addr(it)
+        atomic = np.flatnonzero(((it.kinds & 3) == KIND["atomic"]) & (addr != ticket) & (addr != mark))
+        waits = {int(addr[a]) for a in atomic if a + 1 < it.kinds.size and addr[a + 1] == mark}
+        after.append(sorted({j for w in waits for j in signalled.get(w, [])}))
+        for a in atomic:
+            if int(addr[a]) not in waits:
+                signalled.setdefault(int(addr[a]), []).append(i)
+    return LaunchStream(launch.kernel, (len(items), 1, 1), items, launch.recorded, launch.blocks,
+                        launch.full_blocks, after)
+
+
+def data_waits(programs: List[Program], grain: int = 32) -> List[List[int]]:
+    """For a launch of work items in work order (a persistent kernel interpreted with one program
+    per item): ``after[i]``, the earlier items that store or update bytes item ``i`` then loads,
+    by ``grain``-byte block. A GPU runs such a kernel's items on free programs in this order and
+    makes a reader wait (ready flags, done counters) for the items whose results it reads; this
+    is that wait, read off the streams."""
+    cols = {"w": ([], []), "r": ([], [])}
+    for i, p in enumerate(programs):
+        if not p.acc.size:
+            continue
+        k = p.kinds[p.acc] & 3
+        for key, sel in (("w", k != KIND["load"]), ("r", k != KIND["store"])):
+            if sel.any():
+                a, b = p.start[sel] // grain, (p.end[sel] - 1) // grain
+                n = b - a + 1
+                blocks = np.repeat(a - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+                cols[key][0].append(np.unique(blocks))
+                cols[key][1].append(np.full(cols[key][0][-1].size, i, np.int64))
+    after: List[List[int]] = [[] for _ in programs]
+    if not cols["w"][0] or not cols["r"][0]:
+        return after
+    wb, wi = (np.concatenate(c) for c in cols["w"])
+    rb, ri = (np.concatenate(c) for c in cols["r"])
+    o = np.lexsort((wi, wb))
+    wb, wi = wb[o], wi[o]
+    lo, hi = np.searchsorted(wb, rb, "left"), np.searchsorted(wb, rb, "right")
+    has = hi > lo
+    rb, ri, lo, hi = rb[has], ri[has], lo[has], hi[has]
+    n = hi - lo  # a block's writers, each paired with each of its readers
+    w = wi[np.repeat(lo - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))]
+    r = np.repeat(ri, n)
+    pairs = np.unique(np.stack([r[w < r], w[w < r]], 1), axis=0) if (w < r).any() else np.zeros((0, 2), np.int64)
+    if pairs.size:  # sorted by reader: one run of writers per reader
+        starts = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0]])
+        for a, b in zip(starts, np.r_[starts[1:], len(pairs)]):
+            after[int(pairs[a, 0])] = pairs[a:b, 1].tolist()
+    return after
+
+
 def _step(p: Pid, axis: int) -> Pid:
     return tuple(c + (a == axis) for a, c in enumerate(p))
 
@@ -315,18 +431,30 @@ def gpu_order(grid: Pid) -> Iterator[Pid]:
                 yield (x, y, z)
 
 
+def schedule(launch: LaunchStream, resident: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(first step, slot) of each program: ``resident`` slots, one access per step; each program
+    takes the slot that frees first, in order; an item of a ticketed launch spins, holding its
+    slot, until the items it waits for (``after``) are done."""
+    n = len(launch.programs)
+    free = [(0, s) for s in range(min(resident, n))]
+    heapq.heapify(free)
+    tick0, slot, done = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    for i, p in enumerate(launch.programs):
+        t, s = heapq.heappop(free)
+        if launch.after is not None and launch.after[i]:
+            t = max(t, int(done[launch.after[i]].max()))
+        tick0[i], slot[i] = t, s
+        done[i] = t + max(1, p.kinds.size)
+        heapq.heappush(free, (int(done[i]), s))
+    return tick0, slot
+
+
 def interleave(launch: LaunchStream, resident: int, line: int = 128, sector: int = 32) -> Tuple[np.ndarray, np.ndarray]:
-    """The launch's line stream (line numbers, kinds) with ``resident`` programs running at once;
-    each kind carries in its high nibble the ``sector``-byte sectors of the line the access
+    """The launch's line stream (line numbers, kinds) with ``resident`` programs running at once
+    (:func:`schedule`); each kind carries in its high nibble the ``sector``-byte sectors of the line the access
     touches (``bench/l2_cache.py``), a line appearing once per access."""
     progs = launch.programs
-    free = [(0, s) for s in range(min(resident, len(progs)))]
-    heapq.heapify(free)
-    tick0, slot = np.zeros(len(progs), np.int64), np.zeros(len(progs), np.int64)
-    for i, p in enumerate(progs):  # each program takes the slot that frees first
-        t, s = heapq.heappop(free)
-        tick0[i], slot[i] = t, s
-        heapq.heappush(free, (t + max(1, p.kinds.size), s))
+    tick0, slot = schedule(launch, resident)
     if not progs:
         return np.zeros(0, np.int64), np.zeros(0, np.uint8)
     start, end = np.concatenate([p.start for p in progs]), np.concatenate([p.end for p in progs])

@@ -86,12 +86,14 @@ class _Recorder:
 
 
 def capture(shape, dtype, limits) -> List[Launch]:
-    """Every launch of the forward and backward ops at ``shape`` (an entry of ``SHAPES``), with the
-    spaces pruned for ``limits`` (a ``DeviceLimits``; ``None``: the no-device cap). As in training:
-    the attention weights are returned but get no gradient; text shapes (``text*``) have EOS
-    indices."""
+    """Every launch of the forward, backward and inference ops at ``shape`` (an entry of
+    ``SHAPES``; the inference kernel where it takes the shape), with the spaces pruned for
+    ``limits`` (a ``DeviceLimits``; ``None``: the no-device cap). As in training: the attention
+    weights are returned but get no gradient; as in evaluation: the inference kernel returns
+    none; text shapes (``text*``) have EOS indices."""
     from .. import sparo_readout_autotune as at
     from .. import sparo_readout_bwd as bwd
+    from .. import sparo_readout_infer as inf
     from .. import sparo_readout_op as op
 
     name, B, N, D, L, H, A, V = shape
@@ -100,8 +102,9 @@ def capture(shape, dtype, limits) -> List[Launch]:
     def fake_launch(kernel, grid, args, meta, space, key, tag):
         records.append(Launch(kernel, dict(zip(kernel.arg_names, args)), dict(meta), list(space)))
 
-    saved = (at.launch, op.wrap_triton, bwd.PROGRAMS_OVERRIDE)
-    at.launch, op.wrap_triton = fake_launch, (lambda k: _Recorder(records, k))
+    saved = (at.launch, op.wrap_triton, inf.wrap_triton, bwd.PROGRAMS_OVERRIDE)
+    at.launch = fake_launch
+    op.wrap_triton = inf.wrap_triton = (lambda k: _Recorder(records, k))
     bwd.PROGRAMS_OVERRIDE = limits.sms if limits is not None else 132
     try:
         with at.assume(limits):
@@ -111,8 +114,11 @@ def capture(shape, dtype, limits) -> List[Launch]:
                                                         t["proj_bias"], True)
             op._readout_bwd(t["grad_out"], None, t["x"], t["eos"], t["q_emb"], t["k_weight"], qt,
                             t["v_weight"], t["proj_weight"], lse, xp, o, True)
+            if inf.supported(L, N, D, dtype):  # the eval-mode path, where its one-tile pooling fits,
+                inf.launch_infer(t["x"], t["eos"], qt, t["v_weight"], t["v_bias"], t["proj_weight"],
+                                 t["proj_bias"], H, 0.125, False)  # as evaluation calls it: no attn
     finally:
-        at.launch, op.wrap_triton, bwd.PROGRAMS_OVERRIDE = saved
+        at.launch, op.wrap_triton, inf.wrap_triton, bwd.PROGRAMS_OVERRIDE = saved
     return records
 
 
@@ -207,8 +213,12 @@ def compile_spec(spec: Dict, keep_asm: bool = False) -> Dict:
                            target=GPUTarget("cuda", spec["arch"], 32),
                            options=dict(num_warps=spec["warps"], num_stages=spec["stages"]))
     except Exception as e:  # noqa: BLE001  (a compiler failure is a row of the matrix)
-        msg = [ln for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
-        return dict(error=f"{type(e).__name__}: {msg[-1][:200]}")
+        root = e
+        while root.__cause__ is not None:  # a CompilationError's last line is a caret: say why
+            root = root.__cause__
+        msg = [ln for ln in str(root).strip().splitlines() if ln.strip()] or [""]
+        why = f"{type(root).__name__}: {msg[-1]}" if root is not e else msg[-1]
+        return dict(error=f"{type(e).__name__}: {why}"[:240])
     ptx = k.asm["ptx"]
     regs, spill = _ptxas_info(ptx)
     if regs is None:
@@ -322,7 +332,8 @@ def int64_report(arch: int = 90) -> Dict:
         for ln in capture(("int64", 4, n, 64, 64, 64, 64, 64), torch.float16, None):
             if "stride_xn" in ln.named:
                 ln.named.update(stride_xb=64, stride_xn=4 * 64 * 7)
-                res[f"{ln.kernel.fn.__name__}:{ln.consts['ONE_TILE']}"] = _i32_stride_uses(ln, ln.space[0], arch)
+                one = ln.consts.get("ONE_TILE", True)  # the inference kernel: always one tile
+                res[f"{ln.kernel.fn.__name__}:{one}"] = _i32_stride_uses(ln, ln.space[0], arch)
     demo = Launch(_i32_offsets_demo, dict(X=torch.empty(1, dtype=torch.float16, device="meta"),
                                           Y=torch.empty(1, dtype=torch.float16, device="meta"), N=300, stride_xn=448),
                   dict(BN=64))

@@ -56,7 +56,7 @@ def _lines(space: st.AddressSpace, tensors: Sequence[torch.Tensor], label: str =
         if s.size:
             first, last = space.map(s) // l2_cache.LINE, (space.map(e - 1)) // l2_cache.LINE
             n = last - first + 1
-            lines = np.repeat(first - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+            lines = st.ranges(first, n)
             out.append(lines[np.r_[True, lines[1:] != lines[:-1]]])
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 

@@ -347,7 +347,7 @@ def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Opt
            "programs": sum(len(k.programs) for k in rec.launches),
            "blocks_recorded_whole": sum(k.full_blocks for k in rec.launches),
            "per_kernel": [{"kernel": k.kernel, "grid": list(k.grid), "programs_run": k.recorded, "blocks": k.blocks,
-                           "blocks_recorded_whole": k.full_blocks, "ticketed_items": k.after is not None}
+                           "blocks_recorded_whole": k.full_blocks, "items_wait": k.after is not None}
                           for k in rec.launches], "sizes": {}}
     for label, size in sizes.items():
         out["sizes"][label] = {"bytes": size, **l2_stream.simulate(streams, size, ways, space)}

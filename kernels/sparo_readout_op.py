@@ -330,8 +330,8 @@ def launch_bwd_fused(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_we
     dW_O, db_O)."""
     args = (g, o, xp, v_weight, proj_weight, x, eos, lse, ga, qt, scale, q_emb, k_weight, shared_kv)
     tag = _bwd_tag(x, q_emb, v_weight, proj_weight, eos, ga, shared_kv)
-    P = _token_owners(num_programs(x.shape[0], x.device), lambda p: launch_bwd_fused_on(p, *args), args, tag)
-    return launch_bwd_fused_on(P, *args)
+    P = _token_owners(num_programs(x.shape[0], x.device), lambda p: launch_bwd_fused_on(p, tag, *args), args, tag)
+    return launch_bwd_fused_on(P, tag, *args)
 
 
 def _bwd_tag(x: Tensor, q_emb: Tensor, v_weight: Tensor, proj_weight: Tensor, eos: Optional[Tensor],
@@ -362,12 +362,11 @@ def _time(fn) -> float:
     return do_bench(fn)
 
 
-def launch_bwd_fused_on(P: int, g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_weight: Tensor,
+def launch_bwd_fused_on(P: int, tag: tuple, g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_weight: Tensor,
                         x: Tensor, eos: Optional[Tensor], lse: Tensor, ga: Optional[Tensor], qt: Tensor,
                         scale: float, q_emb: Tensor, k_weight: Tensor, shared_kv: bool
                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``launch_bwd_fused`` with ``P`` token owners (persistent programs)."""
-    tag = _bwd_tag(x, q_emb, v_weight, proj_weight, eos, ga, shared_kv)
+    """``launch_bwd_fused`` with ``P`` token owners (persistent programs); ``tag``: ``_bwd_tag``."""
     B, N, D = x.shape
     L = qt.shape[0]
     _, H, S, _, A = q_emb.shape

@@ -330,6 +330,11 @@ class StreamRecorder(trace._Listener):
         return starts
 
 
+def ranges(lo: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """``lo[i], lo[i] + 1, .., lo[i] + n[i] - 1`` for every i, concatenated."""
+    return np.repeat(lo - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+
+
 def _cut(p: Program, lo: int, hi: int) -> Program:
     """Accesses lo .. hi-1 of a program, as a program of their own."""
     sel = (p.acc >= lo) & (p.acc < hi)
@@ -382,7 +387,7 @@ def data_waits(programs: List[Program], grain: int = 32) -> List[List[int]]:
             if sel.any():
                 a, b = p.start[sel] // grain, (p.end[sel] - 1) // grain
                 n = b - a + 1
-                blocks = np.repeat(a - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+                blocks = ranges(a, n)
                 cols[key][0].append(np.unique(blocks))
                 cols[key][1].append(np.full(cols[key][0][-1].size, i, np.int64))
     after: List[List[int]] = [[] for _ in programs]
@@ -396,7 +401,7 @@ def data_waits(programs: List[Program], grain: int = 32) -> List[List[int]]:
     has = hi > lo
     rb, ri, lo, hi = rb[has], ri[has], lo[has], hi[has]
     n = hi - lo  # a block's writers, each paired with each of its readers
-    w = wi[np.repeat(lo - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))]
+    w = wi[ranges(lo, n)]
     r = np.repeat(ri, n)
     pairs = np.unique(np.stack([r[w < r], w[w < r]], 1), axis=0) if (w < r).any() else np.zeros((0, 2), np.int64)
     if pairs.size:  # sorted by reader: one run of writers per reader
@@ -466,7 +471,7 @@ def interleave(launch: LaunchStream, resident: int, line: int = 128, sector: int
     start, end, key, kind = start[order], end[order], key[order], kind[order]
     first, last = start // line, (end - 1) // line
     n = last - first + 1
-    lines = np.repeat(first - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(int(n.sum()))
+    lines = ranges(first, n)
     # the sectors of each line an interval covers: from its start in its first line, to its end in its last
     lo = np.where(lines == np.repeat(first, n), np.repeat(start, n) % line // sector, 0)
     hi = np.where(lines == np.repeat(last, n), (np.repeat(end, n) - 1) % line // sector, line // sector - 1)

@@ -2,7 +2,7 @@
 
 :class:`L2` holds the state of one cache across calls (one call per launch, in launch order):
 ``access(lines, ops)`` takes the 128-byte line numbers of a stream and per access one byte: its
-kind (``LOAD``, ``STORE``, ``ATOMIC``), eviction hints, and in the high nibble the 32-byte sectors
+kind (``LOAD``, ``STORE``, ``ATOMIC``, ``DISCARD``), eviction hints, and in the high nibble the 32-byte sectors
 of the line it touches (0 = the whole line; ``access_stream.interleave`` sets them). It returns, per access, the sectors
 read from DRAM, the dirty line it evicted (-1 for none) and that line's dirty sectors (written
 back), so that a report can say whose lines were read again or written back;
@@ -12,8 +12,9 @@ eventually).
 Policy: lines of 128 bytes are allocated and evicted whole, DRAM is read and written by 32-byte
 sector, as on NVIDIA GPUs since Volta (an access of half a line reads two sectors on a miss; a
 line evicted with half its sectors dirty writes two back). A store allocates without fetching;
-an atomic reads its sectors on a miss and dirties them; eviction of the least recently used line
-of the set. Eviction hints
+an atomic reads its sectors on a miss and dirties them; a discard (PTX ``discard.global.L2``)
+drops a resident line, dirty or not, without writing it back, and does nothing to an absent one;
+eviction of the least recently used line of the set. Eviction hints
 (``EVICT_FIRST`` / ``EVICT_LAST`` or-ed into the kind, from ``tl.load(..., eviction_policy=)``):
 a line last touched with evict_first is the next victim; lines last touched with evict_last
 are evicted only when no other line is left (no cap on their share). ``ways=None``:
@@ -39,7 +40,7 @@ import numpy as np
 
 LINE = 128
 SECTOR = 32
-LOAD, STORE, ATOMIC = 0, 1, 2
+LOAD, STORE, ATOMIC, DISCARD = 0, 1, 2, 3
 
 #: hint bits or-ed into a kind: Triton's eviction_policy="evict_first" / "evict_last"
 EVICT_FIRST, EVICT_LAST = 4, 8
@@ -49,7 +50,8 @@ _C_SRC = r"""
 /* Every access: a line and a byte o = kind (bits 0-1) | hints (4 evict_first, 8 evict_last) |
    sector mask (bits 4-7; 0 = the whole line). A line keeps a mask of valid and of dirty sectors:
    a load or atomic reads the sectors it asks for that are not valid (miss = their count), a
-   store marks its sectors valid and dirty, and an evicted line writes back its dirty sectors.
+   store marks its sectors valid and dirty, and an evicted line writes back its dirty sectors;
+   a discard (kind 3) drops a resident line without writing it back.
    Outputs per access: sectors read, the dirty line evicted (or -1), its dirty sectors. */
 static int pc4(uint8_t m) { return (m & 1) + ((m >> 1) & 1) + ((m >> 2) & 1) + ((m >> 3) & 1); }
 /* Fully associative LRU over dense line ids: two doubly linked lists, list 1 holding the lines
@@ -65,6 +67,15 @@ void lru_full(int64_t n, const int64_t *ids, const uint8_t *op, int64_t cap, int
               uint8_t *wbn) {
   for (int64_t i = 0; i < n; i++) {
     int64_t id = ids[i], w = -1; uint8_t o = op[i], kind = o & 3, req = (o >> 4) ? (o >> 4) : 15, wn = 0;
+    wb[i] = -1; wbn[i] = 0; miss[i] = 0;
+    if (kind == 3) {
+      if (flag[id] & 1) {
+        int l = (flag[id] & 4) ? 2 : 0;
+        unlink_(id, prv, nxt, &st[l], &st[l + 1]);
+        flag[id] = 0; valid[id] = 0; dirty[id] = 0; st[4]--;
+      }
+      continue;
+    }
     if (flag[id] & 1) {
       int l = (flag[id] & 4) ? 2 : 0;
       unlink_(id, prv, nxt, &st[l], &st[l + 1]);
@@ -106,6 +117,12 @@ void lru_sets(int64_t n, const int64_t *lines, const uint8_t *op, int64_t sets, 
   for (int64_t i = 0; i < n; i++) {
     int64_t s = lines[i] % sets, base = s * ways, hit = -1, victim = -1, w = -1;
     uint8_t o = op[i], kind = o & 3, req = (o >> 4) ? (o >> 4) : 15, wn = 0;
+    wb[i] = -1; wbn[i] = 0; miss[i] = 0;
+    if (kind == 3) {
+      for (int64_t k = base; k < base + ways; k++)
+        if (tag[k] == lines[i]) { tag[k] = -1; valid[k] = 0; dirty[k] = 0; cls[k] = 0; stamp[k] = 0; break; }
+      continue;
+    }
     for (int64_t k = base; k < base + ways; k++) {
       if (tag[k] == lines[i]) { hit = k; break; }
       if (victim < 0 || (tag[victim] >= 0 && (tag[k] < 0 || cls[k] < cls[victim]
@@ -257,6 +274,9 @@ class L2:
         cap = self.capacity if self.ways is None else self.ways
         for i, (ln, o) in enumerate(zip(lines.tolist(), ops.tolist())):
             normal, last = self._py[ln % self.sets]
+            if (o & 3) == DISCARD:
+                normal.pop(ln, None), last.pop(ln, None)
+                continue
             state = normal.pop(ln, None)
             state = last.pop(ln, None) if state is None else state
             if state is None:

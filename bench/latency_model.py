@@ -134,10 +134,12 @@ def _absorb(s: Launch, c: Dict):
 def _infer(s: Launch, c: Dict):
     """The inference kernel's work items (every sample's pooling, every chunk's head projections)
     on persistent programs in ticket order, as ``_fwd_fused``; its tiles come from ``infer_meta``
-    (fixed, not in the matrix row's config); the chain is a pooling item's, and a projection item
-    (about half as many trips) counts as one too: an over-estimate of the waves."""
+    (fixed, not in the matrix row's config). The chain is a pooling item's (two sweeps over D);
+    a projection item (one sweep over D, then the output tiles) counts as that share of one."""
     m = inf.infer_meta(s.L, s.N, s.D, s.S, s.VD, s.V, torch.float16)
-    return s.B + _cd(s.B, m["G"]) * s.H, 2 * _cd(s.D, m["BD"]), True
+    pool_trips = 2 * _cd(s.D, m["BD"])
+    proj_trips = _cd(s.D, m["BD"]) + _cd(s.V, m["BVO"])
+    return s.B + _cd(_cd(s.B, m["G"]) * s.H * proj_trips, pool_trips), pool_trips, True
 
 
 #: kernel -> (Launch, config) -> (programs, sequential trips per program, loop pipelined)

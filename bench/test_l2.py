@@ -17,7 +17,9 @@ import l2_cache  # noqa: E402
 import l2_stream  # noqa: E402
 import sparo_readout_bench as sb  # noqa: E402
 import traffic  # noqa: E402
+from sparo_fast_kernels.sparo_readout_common import _discard_span  # noqa: E402
 from sparo_fast_kernels.testing import access_stream as st  # noqa: E402
+from sparo_fast_kernels.testing import interpreter_trace as trace  # noqa: E402
 
 LINE = l2_cache.LINE
 
@@ -272,13 +274,13 @@ def test_compiled_and_python_caches_agree(ways):
     print("seed", seed)
     rng = np.random.default_rng(seed)
     lines = rng.integers(0, 700, 30000)
-    kinds = (rng.integers(0, 3, 30000) | rng.choice([0, 4, 8], 30000) | (rng.integers(0, 16, 30000) << 4)).astype(np.uint8)
+    kinds = (rng.integers(0, 4, 30000) | rng.choice([0, 4, 8], 30000) | (rng.integers(0, 16, 30000) << 4)).astype(np.uint8)
     a, b = l2_cache.L2(512 * LINE, ways), l2_cache.L2(512 * LINE, ways, use_native=False)
     for part in np.array_split(np.arange(lines.size), 3):  # state carries over between calls
         ra, rb = a.access(lines[part], kinds[part]), b.access(lines[part], kinds[part])
         assert all(np.array_equal(u, v) for u, v in zip(ra, rb))
     assert all(np.array_equal(u, v) for u, v in zip(a.dirty_sectors(), b.dirty_sectors()))
-    assert a.resident_lines() == b.resident_lines() == 512
+    assert a.resident_lines() == b.resident_lines() <= 512  # discards free lines
 
 
 def test_lru_policy_by_hand():
@@ -291,6 +293,91 @@ def test_lru_policy_by_hand():
         assert miss.tolist() == [4, 4, 0, 4, 0, 4, 4]  # whole lines: 4 sectors each
         assert wb.tolist() == [-1] * 6 + [3] and wbn.tolist() == [0] * 6 + [4]
         assert [a.tolist() for a in c.dirty_sectors()] == [[4], [4]] and c.resident_lines() == 2
+
+
+def test_a_discard_drops_a_line_without_writing_it_back():
+    """Two-line cache: store 1 (dirty), discard 1 (gone, nothing written), load 2 and 3 (both fit:
+    nothing evicted), discard 4 (absent: nothing), load 1 (read again: a miss, evicting the clean 2);
+    left dirty: none."""
+    for native in (True, False):
+        c = l2_cache.L2(2 * LINE, use_native=native)
+        D = l2_cache.DISCARD
+        miss, wb, wbn = c.access(np.array([1, 1, 2, 3, 4, 1]), np.array([1, D, 0, 0, D, 0], np.uint8))
+        assert miss.tolist() == [0, 0, 4, 4, 0, 4] and wb.tolist() == [-1] * 6 and wbn.tolist() == [0] * 6
+        assert c.dirty_sectors()[0].size == 0 and c.resident_lines() == 2
+    for ways in (None, 2):  # a discarded line frees its way: the next line takes it, nothing is evicted
+        c = l2_cache.L2(2 * LINE, ways, use_native=l2_cache.native() is not None)
+        miss, wb, _ = c.access(np.array([2, 4, 2, 6]), np.array([1, 0, l2_cache.DISCARD, 0], np.uint8))
+        assert wb.tolist() == [-1] * 4 and c.dirty_sectors()[0].tolist() == []
+
+
+@triton.jit
+def _scratch_kernel(X, SCR, Y, n, DISCARD: tl.constexpr, BLOCK: tl.constexpr):
+    """Copies x into a scratch, reads the scratch back into y, then discards the scratch."""
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, n, BLOCK):
+        tl.store(SCR + start + offs, tl.load(X + start + offs))
+    for start in range(0, n, BLOCK):
+        tl.store(Y + start + offs, tl.load(SCR + start + offs))
+    _discard_span(SCR, n, DISCARD)
+
+
+def test_a_discarded_scratch_is_not_written_back():
+    """x, scratch and y of 8 lines each in a 64-line cache: without the discard the scratch's 8
+    dirty lines are written back with y's; with it only y's are. A discard moves no bytes: the
+    requested and distinct byte counts are the same either way."""
+    block = LINE // 4
+    x, scr, y = torch.randn(8 * block), torch.empty(8 * block), torch.empty(8 * block)
+    counts = []
+    for discard in (False, True):
+        def run():
+            _scratch_kernel[(1,)](x, scr, y, x.numel(), DISCARD=discard, BLOCK=block)
+        r = _dram(run, cache_lines=64, resident=1)
+        assert r["flush"] == (8 if discard else 16) * LINE and r["dram"] == 8 * LINE + r["flush"]
+        assert torch.equal(y, x)
+        with trace.listening(trace.Recorder()) as rec:
+            run()
+        counts.append((rec.launches[0].requested_bytes, rec.launches[0].distinct_bytes))
+    assert counts[0] == counts[1] == (4 * 8 * LINE, 3 * 8 * LINE)
+
+
+def test_the_readout_discards_only_dead_scratch():
+    """The backward's gxp rows, dqt partials and tiled scratch and the inference ring are dropped
+    from L2 after their last read: every discard is a whole line of one of those buffers (offset a
+    multiple of 128 bytes into its storage), and no line is loaded between its discard and a
+    store to it, in any launch of the pass."""
+    one_tile, tiled = sb.Shape("one_tile", 3, 20, 128, True), sb.Shape("tiled", 2, 260, 64, False)
+    seen = {}
+    for shape, pass_ in ((one_tile, "fwd_bwd"), (one_tile, "infer"), (tiled, "fwd_bwd")):
+        watch = _DeadLines()
+        traffic.count(shape, "triton", pass_, shape.B, programs=2, extra=lambda: trace.listening(watch))
+        assert watch.loads_of_dead == 0, (shape.name, pass_)
+        seen[shape.name, pass_] = watch.buffers
+    assert seen == {("one_tile", "fwd_bwd"): {"GXP", "DQT"}, ("one_tile", "infer"): {"RING"},
+                    ("tiled", "fwd_bwd"): {"GXP", "DQT", "SCR"}}
+
+
+class _DeadLines(trace._Listener):
+    """Lines by (storage, offset // 128): discarded ones, and loads of them before a store."""
+
+    def __init__(self):
+        self.dead, self.buffers, self.loads_of_dead = set(), set(), 0
+
+    def access(self, launch, kind, addrs, itemsize):
+        lines = set()
+        for ad in np.unique(addrs.astype(np.int64)).tolist():
+            a = next(a for a in launch.args if a.lo <= ad < a.hi)
+            off = a.base - a.storage.data_ptr() + ad - a.lo
+            if kind == "discard":
+                assert off % LINE == 0 and ad + LINE <= a.hi, (launch.kernel, a.name, off)
+                self.buffers.add(a.name)
+            lines.add((a.storage.data_ptr(), off // LINE))
+        if kind == "discard":
+            self.dead |= lines
+        elif kind == "store":
+            self.dead -= lines
+        else:
+            self.loads_of_dead += len(lines & self.dead)
 
 
 def test_sectors_are_read_and_written_back_as_touched():

@@ -67,7 +67,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparo_readout_common import LOG2E, _wide, _dot, _n_valid, _score_sweep, _xp_rows
+from .sparo_readout_common import (LOG2E, _discard_lines, _discard_rows, _discard_span, _dot, _n_valid, _score_sweep,
+                                   _wide, _xp_rows)
+
+#: Bits of the fused kernel's ``DISCARD``: which dead scratch goes out of L2 without a write-back
+#: (each set by the op only where its rows fall on whole lines: ``sparo_readout_common.whole_lines``).
+#: (Literal in the kernels: the interpreter cannot mix an int constexpr with a global one.)
+DISCARD_GXP, DISCARD_SCR, DISCARD_PART = 1, 2, 4
 from .sparo_readout_fwd import _first_ticket, _next_ticket
 
 
@@ -195,8 +201,11 @@ def _bwd_tiled_grads(X, GXP, QT, DX, scr, part, first, x_base, dx_base, g_rows, 
 def _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, owner, scale, B, N, D, L, S, NPROG,
                  stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
                  HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr, BL: tl.constexpr,
-                 BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Samples ``owner, owner + NPROG, ...`` in that order, into the owner's dqt partial."""
+                 BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 DISCARD: tl.constexpr):
+    """Samples ``owner, owner + NPROG, ...`` in that order, into the owner's dqt partial. After
+    a sample its gxp rows (and the tiled path's scratch) are dead: discarded from L2
+    (``DISCARD`` bits ``DISCARD_GXP``, ``DISCARD_SCR``) instead of written back when evicted."""
     offs_l = tl.arange(0, BL)
     lmask = offs_l < L
     qk = scale * 1.4426950408889634
@@ -224,6 +233,8 @@ def _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, owner, scale, B, N, D, 
             inv = 1.0 / tl.maximum(psum, 1e-30)  # renormalise the recomputed p (see the one-tile path)
             _bwd_tiled_grads(X, GXP, QT, DX, scr, part, i == 0, x_base, dx_base, g_rows, offs_l, lmask, inv,
                              delta * inv, n_valid, scale, N, D, L, stride_xn, stride_xd, BL, BN, BD, DOT_PREC, UPCAST)
+            _discard_span(scr, 2 * L * N, (DISCARD & 2) != 0)
+        _discard_rows(GXP, g_rows, lmask, D, (DISCARD & 1) != 0)
 
 
 @triton.jit
@@ -236,10 +247,11 @@ def _bwd_token_kernel(
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr = False,
 ):
-    """Persistent token-level backward, grid ``(P,)``: program pid takes samples pid, pid + P, ..."""
+    """Persistent token-level backward, grid ``(P,)``: program pid takes samples pid, pid + P, ...
+    (it discards nothing: its gxp and scratch are the tests' to read)."""
     _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, tl.program_id(0), scale, B, N, D, L, S, NPROG,
                  stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
-                 HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
+                 HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, 0)
 
 
 @triton.jit
@@ -265,7 +277,7 @@ def _bwd_fused_kernel(
     SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BDF: tl.constexpr, BH: tl.constexpr,
     BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr,
     BMS: tl.constexpr, BDS: tl.constexpr, BVDS: tl.constexpr, BVS: tl.constexpr, TICKETS: tl.constexpr = True,
-    UPCAST: tl.constexpr = False,
+    UPCAST: tl.constexpr = False, DISCARD: tl.constexpr = 0,
 ):
     """The whole backward in one persistent launch (grid ``(P,)``): the slot, token and finish
     stages of the three kernels above, so that gxp, dW_V and the dqt partials are read back by
@@ -280,7 +292,8 @@ def _bwd_fused_kernel(
     it: bitwise the results of the three kernels. Tickets come in order, so the stages are three
     loops (one loop kept every stage's invariants live in registers: ptxas spilled). Without
     ``TICKETS`` (the interpreter's default) one program per item, program t running item t, and
-    nothing waits: the interpreter runs programs in grid order, the work order."""
+    nothing waits: the interpreter runs programs in grid order, the work order. ``DISCARD``: the
+    bits of the dead scratch dropped from L2 after its last read (gxp, scratch, dqt partials)."""
     NSLOT = H * STILES
     END = NSLOT + NPROG + H * TILES
     t = _first_ticket(SYNC, TICKETS)
@@ -296,7 +309,7 @@ def _bwd_fused_kernel(
             _wait_count(SYNC + 2, NSLOT)
         _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, t - NSLOT, scale, B, N, D, L, S, NPROG,
                      stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
-                     HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
+                     HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD)
         if TICKETS:
             tl.debug_barrier()
             tl.atomic_add(SYNC + 1, 1, sem="release")
@@ -306,7 +319,8 @@ def _bwd_fused_kernel(
             _wait_count(SYNC + 1, NPROG)
         f = t - NSLOT - NPROG
         _finish_tile(DQT, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, (f // TILES).to(tl.int64), f % TILES,
-                     f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR)
+                     f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR,
+                     (DISCARD & 4) != 0)
         t = _next_ticket(SYNC, END, TICKETS)
 
 
@@ -378,8 +392,8 @@ def _bwd_slot_kernel(
 
 
 @triton.jit
-def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl.constexpr, BD: tl.constexpr,
-                  BP: tl.constexpr):
+def _sum_partials(PART, h, t, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl.constexpr, BD: tl.constexpr,
+                  BP: tl.constexpr, DISCARD: tl.constexpr):
     """Head h's rows of the NP partials over one feature tile, summed BP partials per vector load
     ([BP, BSR, BD] blocks, BSR = next_pow2(S) >= 1, a fixed order: deterministic), returned as
     the [BS, BD] tile the dots take (BS >= 16 rows: at S = 1, 15 of them are zero padding that
@@ -394,6 +408,8 @@ def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl
         blk = tl.load(PART + pp.to(tl.int64)[:, None, None] * L * D + rows[None, :, :],
                       mask=(pp < NP)[:, None, None] & rd[None, :, :], other=0.0, cache_modifier=".cg")
         acc += tl.sum(blk, axis=0)
+    if DISCARD:  # the partials' lines of this tile are read by no one else: dropped, not written back
+        _discard_partials(PART, h, t, NP, L, S, D, BSR, BD, BP)
     if BSR == BS:
         return acc
     else:  # place the BSR rows into a BS-row tile (a select per row, no memory)
@@ -403,9 +419,26 @@ def _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS: tl.constexpr, BSR: tl
 
 
 @triton.jit
+def _discard_partials(PART, h, t, NP, L, S, D, BSR: tl.constexpr, BD: tl.constexpr, BP: tl.constexpr):
+    """Discard the lines of head h's rows over feature tile t in all NP fp32 partials (whole
+    lines: D and BD multiples of 32, see ``whole_lines``), after a barrier ending the reads."""
+    if BD % 32 == 0:
+        tl.debug_barrier()
+        offs_p = tl.arange(0, BP)
+        offs_r = tl.arange(0, BSR)
+        cols = t * BD + tl.arange(0, BD // 32) * 32
+        lines = (h * S + offs_r)[:, None] * D + cols[None, :]
+        lmask = (offs_r < S)[:, None] & (cols < D)[None, :]
+        for p0 in range(0, NP, BP):
+            pp = p0 + offs_p
+            _discard_lines(PART + pp.to(tl.int64)[:, None, None] * L * D + lines[None, :, :],
+                           (pp < NP)[:, None, None] & lmask[None, :, :], True)
+
+
+@triton.jit
 def _finish_tile(PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, h, t, item, items, NP, H, S, A, D, V, VD, NV,
                  SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
-                 BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr):
+                 BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr, DISCARD: tl.constexpr):
     """Head ``h`` (int64), feature tile ``t``: the weight gradients of ``_bwd_finish_kernel``;
     ``item`` of ``items`` picks its rows of the dW_O / db_O head sums. Everything the earlier
     stages wrote is loaded past L1 (``.cg``): in the one-launch backward other programs wrote it
@@ -417,7 +450,7 @@ def _finish_tile(PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, h, t, item,
     offs_d = t * BD + tl.arange(0, BD)
     dmask = offs_d < D
     L = H * S
-    dqt = _sum_partials(PART, h, offs_d, dmask, NP, L, S, D, BS, BSR, BD, BP)
+    dqt = _sum_partials(PART, h, t, offs_d, dmask, NP, L, S, D, BS, BSR, BD, BP, DISCARD)
     ad = amask[:, None] & dmask[None, :]
     q = tl.load(QE + (h * S + offs_s)[:, None] * A + offs_a[None, :], mask=smask[:, None] & amask[None, :],
                 other=0.0).to(tl.float32)
@@ -450,7 +483,7 @@ def _bwd_finish_kernel(
     h = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1)
     _finish_tile(PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, h, t, h * tl.num_programs(1) + t,
-                 H * tl.num_programs(1), NP, H, S, A, D, V, VD, NV, SHARED, BS, BA, BD, BH, BVD, BP, BSR)
+                 H * tl.num_programs(1), NP, H, S, A, D, V, VD, NV, SHARED, BS, BA, BD, BH, BVD, BP, BSR, False)
 
 
 @triton.jit

@@ -3,6 +3,7 @@
 * ``_dot``: ``tl.dot`` with fp32 accumulation (and the interpreter's bf16 work-around);
 * ``_n_valid``: how many leading tokens of a sample are valid (the EOS mask);
 * ``_xp_rows``: rows of the head-major ``[Hh, B*S, D]`` layout;
+* ``_discard_lines``: drop dead scratch lines from L2 without writing them back;
 * ``_score_sweep``: the sweep over the feature axis that forms a ``[BL, BN]`` score tile
   ``s = qt @ x^T`` (and, for the backward, ``gp = gxp @ x^T`` from the same x tile). Every
   kernel path that recomputes scores (forward one-tile / tiled, backward one-tile / tiled)
@@ -19,6 +20,8 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+#: bytes of an L2 line: the only size ``discard.global.L2`` takes
+LINE = 128
 
 
 @triton.jit
@@ -51,6 +54,44 @@ def _xp_rows(offs_l, b, B, S):
 
 
 @triton.jit
+def _discard_lines(ptrs, mask, DISCARD: tl.constexpr):
+    """Drop the 128-byte L2 lines starting at ``ptrs`` (where ``mask``) without writing them back
+    (PTX ``discard.global.L2``, sm_80+): scratch a launch wrote, read for the last time, would
+    otherwise go back to DRAM when evicted. The instruction is a weak write of undefined values,
+    so only for lines wholly inside scratch nobody reads again before writing it, after a barrier
+    that orders every thread's last loads of them. ``DISCARD`` false (``discard_supported``): a
+    no-op. The Triton interpreter runs no assembly: ``interpreter_trace`` turns this block into
+    a no-op that its listeners see as a discard of each line."""
+    if DISCARD:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $1, 0; @p discard.global.L2 [$2], 128; mov.u32 $0, 0; }",
+            "=r,r,l", [mask.to(tl.int32), ptrs.to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _discard_rows(BASE, rows, rmask, D, DISCARD: tl.constexpr):
+    """Discard the lines of rows ``rows`` (int64, ``D`` elements each, on whole lines: see
+    ``whole_lines``) where ``rmask``, after a barrier that ends this program's reads of them."""
+    if DISCARD:
+        tl.debug_barrier()
+        E = 1024 // BASE.dtype.element_ty.primitive_bitwidth  # elements per line
+        for c0 in range(0, D, 16 * E):
+            cols = c0 + tl.arange(0, 16) * E
+            _discard_lines(BASE + rows[:, None] * D + cols[None, :], rmask[:, None] & (cols < D)[None, :], True)
+
+
+@triton.jit
+def _discard_span(BASE, n, DISCARD: tl.constexpr):
+    """Discard the whole lines of the ``n`` elements from ``BASE`` (line-aligned), after a barrier."""
+    if DISCARD:
+        tl.debug_barrier()
+        E = 1024 // BASE.dtype.element_ty.primitive_bitwidth
+        for c0 in range(0, n, 16 * E):
+            cols = c0 + tl.arange(0, 16) * E
+            _discard_lines(BASE + cols, cols + E <= n, True)
+
+
+@triton.jit
 def _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, stride_xn, stride_xd,
                  WITH_GP: tl.constexpr, BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                  DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, X_EVICT: tl.constexpr):
@@ -76,6 +117,38 @@ def _score_sweep(QT, GXP, x_base, g_rows, offs_l, lmask, offs_n, vmask, D, strid
             g = tl.load(GXP + g_rows[:, None] * D + offs_d[None, :], mask=ldmask, other=0.0, cache_modifier=".cg")
             gp = _dot(g, tl.trans(xt), gp, DOT_PREC, UPCAST)
     return s, gp
+
+
+#: Set (True/False) to decide ``discard_supported`` without a device: the compile matrix captures
+#: its launches on meta tensors for sm_80+ targets.
+DISCARD_OVERRIDE = None
+
+
+def discard_supported(device) -> bool:
+    """Whether kernels on ``device`` may issue L2 line discards: NVIDIA sm_80 and later, and the
+    Triton interpreter (where they are no-ops that the byte counts see). Asked at launch time."""
+    import os
+
+    import torch
+
+    if DISCARD_OVERRIDE is not None:
+        return DISCARD_OVERRIDE
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from .testing.interpreter_trace import support_discards
+
+        support_discards()
+        return True
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(dev) >= (8, 0)
+
+
+def whole_lines(t, row_bytes: int) -> bool:
+    """Whether rows of ``row_bytes`` starting at ``t``'s first element fall on whole L2 lines
+    (so that discarding a row's lines drops nothing of its neighbours). Off the GPU (the
+    interpreter) the offset within the storage decides: storages there stand for GPU
+    allocations, which start on 512-byte boundaries."""
+    start = t.data_ptr() if t.device.type == "cuda" else t.storage_offset() * t.element_size()
+    return start % LINE == 0 and row_bytes % LINE == 0
 
 
 def next_pow2(n: int, lo: int = 16, hi=None) -> int:

@@ -67,7 +67,8 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import sparo_readout_autotune as at
-from .sparo_readout_common import _dot, _n_valid, _score_sweep, _wide, next_pow2
+from .sparo_readout_common import (_discard_rows, _dot, _n_valid, _score_sweep, _wide, discard_supported, next_pow2,
+                                   whole_lines)
 
 try:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -127,8 +128,10 @@ def _pool_item(X, EOS, QT, ATTN, RING, b, ring_row0, g, N, D, L, S, qk, stride_x
 @triton.jit
 def _proj_item(RING, WV, BV, WO, BO, OUT, c, h, ring_row0, B, S, L, D, VD, V,
                G: tl.constexpr, ROWS: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr, BVO: tl.constexpr,
-               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Head h of chunk c: ``o = xp W_V[h]^T + b_V[h]``, ``out = o W_O^T + b_O`` over the chunk's rows."""
+               DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, DISCARD: tl.constexpr):
+    """Head h of chunk c: ``o = xp W_V[h]^T + b_V[h]``, ``out = o W_O^T + b_O`` over the chunk's rows.
+    Its ring rows are then dead until a later pool rewrites them: with ``DISCARD`` they leave L2
+    unwritten (before the item signals, so before any pool may write them again)."""
     r = tl.arange(0, ROWS)
     sample = c * G + r // S
     rmask = (r < G * S) & (sample < B)
@@ -154,6 +157,7 @@ def _proj_item(RING, WV, BV, WO, BO, OUT, c, h, ring_row0, B, S, L, D, VD, V,
         y = _dot(o, wo_t, None, DOT_PREC, UPCAST) + tl.load(BO + offs_v, mask=vmask, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + dst[:, None] * V + offs_v[None, :], y.to(OUT.dtype.element_ty),
                  mask=rmask[:, None] & vmask[None, :])
+    _discard_rows(RING, src, rmask, D, DISCARD)
 
 
 @triton.jit
@@ -188,7 +192,7 @@ def _infer_kernel(
     stride_xb, stride_xn, stride_xd,
     HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, G: tl.constexpr, LOOK: tl.constexpr, ROWS: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr, BVO: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, INTERPRETED: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, INTERPRETED: tl.constexpr, DISCARD: tl.constexpr = False,
 ):
     """Persistent: take tickets until the item list (see the module docstring) is exhausted."""
     qk = scale * 1.4426950408889634  # scores in the log2 domain
@@ -201,7 +205,7 @@ def _infer_kernel(
         if is_proj:
             _wait(FLAGS + wait, need, SYNC + 1, INTERPRETED)
             _proj_item(RING, WV, BV, WO, BO, OUT, c, k, ring * chunk_rows, B, S, L, D, VD, V,
-                       G, ROWS, BD, BVD, BVO, DOT_PREC, UPCAST)
+                       G, ROWS, BD, BVD, BVO, DOT_PREC, UPCAST, DISCARD)
             _signal(FLAGS + sig)
         elif (c < C) & (c * G + k < B):
             if wait >= 0:
@@ -292,7 +296,9 @@ def launch_infer(x: Tensor, eos: Optional[Tensor], qt: Tensor, v_weight: Tensor,
         proj_weight.contiguous(), proj_bias.contiguous(), attn if need_weights else out, out, ring, sync,
         scale, B, N, D, L, S, H, vd, V, C, x.stride(0), x.stride(1), x.stride(2),
         HAS_EOS=eos is not None, NEED_WEIGHTS=need_weights, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        UPCAST=_upcast(x), INTERPRETED=INTERPRETED, **meta, num_warps=warps, num_stages=stages)
+        UPCAST=_upcast(x), INTERPRETED=INTERPRETED,
+        DISCARD=discard_supported(x.device) and whole_lines(ring, D * x.element_size()), **meta,
+        num_warps=warps, num_stages=stages)
     if INTERPRETED and int(sync[1]) != 0:
         raise RuntimeError("_infer_kernel: an item waited on one not yet done (the item order is broken)")
     return out, attn

@@ -48,8 +48,10 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import sparo_readout_autotune as at
-from .sparo_readout_bwd import (_bwd_finish_kernel, _bwd_slot_kernel, _bwd_fused_kernel, _bwd_token_kernel,
-                                 num_programs, programs_forced as bwd_programs_forced)
+from .sparo_readout_bwd import (DISCARD_GXP, DISCARD_PART, DISCARD_SCR, _bwd_finish_kernel, _bwd_slot_kernel,
+                                 _bwd_fused_kernel, _bwd_token_kernel, num_programs,
+                                 programs_forced as bwd_programs_forced)
+from .sparo_readout_common import discard_supported, whole_lines
 from .sparo_readout_fwd import _absorb_kernel, _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
 
 try:
@@ -362,6 +364,18 @@ def _time(fn) -> float:
     return do_bench(fn)
 
 
+def _bwd_discards(gxp: Tensor, scr: Optional[Tensor], part: Tensor) -> int:
+    """``_bwd_fused_kernel``'s ``DISCARD`` bits: the dead scratch it may drop from L2 (rows on
+    whole lines, a GPU that has the instruction; ``scr``: the tiled path's per-owner scratch)."""
+    if not discard_supported(gxp.device):
+        return 0
+    D = gxp.shape[-1]
+    bits = DISCARD_GXP if whole_lines(gxp, D * gxp.element_size()) else 0
+    if scr is not None and whole_lines(scr, scr[0].numel() * 4):
+        bits |= DISCARD_SCR
+    return bits | (DISCARD_PART if whole_lines(part, D * 4) else 0)
+
+
 def launch_bwd_fused_on(P: int, tag: tuple, g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_weight: Tensor,
                         x: Tensor, eos: Optional[Tensor], lse: Tensor, ga: Optional[Tensor], qt: Tensor,
                         scale: float, q_emb: Tensor, k_weight: Tensor, shared_kv: bool
@@ -392,7 +406,7 @@ def launch_bwd_fused_on(P: int, tag: tuple, g: Tensor, o: Tensor, xp: Tensor, v_
              scale, B, N, D, L, S, P, H, A, V, vd, triton.cdiv(V, H * tiles), tiles, stiles,
              x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1), ga.stride(2)),
             dict(HAS_EOS=has_eos, HAS_GA=has_ga, SHARED=shared_kv, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
-                 TICKETS=_tickets(), **meta),
+                 TICKETS=_tickets(), DISCARD=_bwd_discards(gxp, None if meta["ONE_TILE"] else scr, part), **meta),
             at.bwd_fused_space(L, N, D, S, A, H, vd, V, B, x.dtype), ["N", "D", "L"],
             tag)
     # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype

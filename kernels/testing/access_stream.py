@@ -39,7 +39,8 @@ import numpy as np
 
 from . import interpreter_trace as trace
 
-KIND = {"load": 0, "store": 1, "atomic": 2}
+#: "discard": an L2 line dropped without write-back (``bench/l2_cache.py``'s DISCARD)
+KIND = {"load": 0, "store": 1, "atomic": 2, "discard": 3}
 #: eviction hints, or-ed into the kind (as ``bench/l2_cache.py`` reads them)
 HINT = {None: 0, "evict_first": 4, "evict_last": 8}
 Pid = Tuple[int, int, int]

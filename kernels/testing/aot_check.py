@@ -93,6 +93,7 @@ def capture(shape, dtype, limits) -> List[Launch]:
     none; text shapes (``text*``) have EOS indices."""
     from .. import sparo_readout_autotune as at
     from .. import sparo_readout_bwd as bwd
+    from .. import sparo_readout_common as common
     from .. import sparo_readout_infer as inf
     from .. import sparo_readout_op as op
 
@@ -102,10 +103,11 @@ def capture(shape, dtype, limits) -> List[Launch]:
     def fake_launch(kernel, grid, args, meta, space, key, tag):
         records.append(Launch(kernel, dict(zip(kernel.arg_names, args)), dict(meta), list(space)))
 
-    saved = (at.launch, op.wrap_triton, inf.wrap_triton, bwd.PROGRAMS_OVERRIDE)
+    saved = (at.launch, op.wrap_triton, inf.wrap_triton, bwd.PROGRAMS_OVERRIDE, common.DISCARD_OVERRIDE)
     at.launch = fake_launch
     op.wrap_triton = inf.wrap_triton = (lambda k: _Recorder(records, k))
     bwd.PROGRAMS_OVERRIDE = limits.sms if limits is not None else 132
+    common.DISCARD_OVERRIDE = True  # every matrix architecture is sm_80 or later
     try:
         with at.assume(limits):
             t = _shape_tensors(B, N, D, L, H, A, V, dtype, name.startswith("text"))
@@ -118,7 +120,7 @@ def capture(shape, dtype, limits) -> List[Launch]:
                 inf.launch_infer(t["x"], t["eos"], qt, t["v_weight"], t["v_bias"], t["proj_weight"],
                                  t["proj_bias"], H, 0.125, False)  # as evaluation calls it: no attn
     finally:
-        at.launch, op.wrap_triton, inf.wrap_triton, bwd.PROGRAMS_OVERRIDE = saved
+        at.launch, op.wrap_triton, inf.wrap_triton, bwd.PROGRAMS_OVERRIDE, common.DISCARD_OVERRIDE = saved
     return records
 
 

@@ -216,6 +216,48 @@ def _wrap_memory(ib, interpreter) -> None:
 
     ib.create_masked_load, ib.create_masked_store = create_masked_load, create_masked_store
     ib.create_atomic_rmw, ib.create_atomic_cas, ib.create_dot = create_atomic_rmw, create_atomic_cas, create_dot
+    ib.create_inline_asm = _discard_or(ib.create_inline_asm, interpreter)
+
+
+class _Results:
+    """What ``tl.inline_asm_elementwise`` reads back from the builder: ``get_result(i)``."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def get_result(self, i):
+        return self.handle
+
+
+def _discard_or(orig_asm, interpreter):
+    """The interpreter runs no inline assembly; the one asm block the kernels use, the L2 line
+    discard (``sparo_readout_common._discard_lines``: operands ``mask, address``), is a no-op on
+    the CPU's memory and goes to the listeners as a ``"discard"`` of each 128-byte line."""
+
+    def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
+        if DISCARD_ASM not in asm:
+            return orig_asm(self, asm, constraints, values, types, is_pure, pack)
+        mask, addrs = values
+        if _listeners and _current is not None:
+            lines = np.asarray(addrs.data, np.int64)[np.asarray(mask.data) != 0].astype(np.uint64).ravel()
+            for lst in list(_listeners):
+                if lines.size or getattr(lst, "wants_empty", False):
+                    if getattr(lst, "wants_hints", False):
+                        lst.access(_current, "discard", lines, LINE, hint=None)
+                    else:
+                        lst.access(_current, "discard", lines, LINE)
+        return _Results(interpreter.TensorHandle(np.zeros(np.shape(addrs.data), np.int32), interpreter.tl.int32))
+
+    return create_inline_asm
+
+
+#: the PTX instruction of ``_discard_lines`` and the bytes one instance drops (its only size)
+DISCARD_ASM, LINE = "discard.global.L2", 128
+
+
+def support_discards() -> None:
+    """Let interpreted kernels issue L2 line discards (no-ops on the CPU, seen by listeners)."""
+    _install()
 
 
 def _install() -> None:
@@ -359,6 +401,8 @@ class Recorder(_Listener):
         self._programs = set()
 
     def access(self, launch, kind, addrs, itemsize):
+        if kind == "discard":  # drops cached lines: no bytes requested or moved
+            return
         rec = self.launches[-1]
         self._programs.add(launch.grid_idx)
         nbytes = int(addrs.size) * itemsize

@@ -77,8 +77,11 @@ def recording(recorder: st.StreamRecorder):
         yield recorder
 
 
-def pass_streams(events: List[dict], recorder: st.StreamRecorder, resident: int) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """Each launch's line stream, in launch order (kernels from the recorder, ops from their events)."""
+def pass_streams(events: List[dict], recorder: st.StreamRecorder, resident: int,
+                 grids: Optional[Dict[str, int]] = None) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Each launch's line stream, in launch order (kernels from the recorder, ops from their events).
+    ``grids``: kernels that launch fewer programs than ``resident`` on the GPU (persistent kernels
+    whose interpreter grid is one program per work item): at most that many items run at once."""
     kernels = iter(recorder.launches)
     out = []
     for e in events:
@@ -86,7 +89,8 @@ def pass_streams(events: List[dict], recorder: st.StreamRecorder, resident: int)
             k = next(kernels)
             if k.kernel != e["name"]:
                 raise RuntimeError(f"stream of {k.kernel} where the count has {e['name']}")
-            out.append(st.interleave(k, resident, l2_cache.LINE, l2_cache.SECTOR))
+            at_once = min(resident, (grids or {}).get(k.kernel, resident))
+            out.append(st.interleave(k, at_once, l2_cache.LINE, l2_cache.SECTOR))
         else:
             out.append(e["stream"])
     return out

@@ -118,11 +118,18 @@ def _fwd_fused(s: Launch, c: Dict):
 
 
 def _bwd_fused(s: Launch, c: Dict):
-    """One program per work item, as ``_fwd_fused``: the slot tiles, the P token owners, the
-    finish tiles; the chain is an owner's (the longest)."""
+    """One program per work item, as ``_fwd_fused``: per round of P samples its gxp tiles and
+    its P owner items (one sample each), then the batch-sum tiles and the finish tiles. Items
+    differ a lot in length (an owner's sample against a gxp tile's few row tiles): the chain is
+    the items' mean trips, so that waves x chain is the work per SM."""
     m = at.bwd_fused_meta(s.L, s.N, s.D, s.S, s.A, s.H, s.VD, s.V, s.B, torch.float16)
-    owners, trips, _ = _token(s, c)
-    return s.H * _cd(s.D, m["BDS"]) + owners + s.H * _cd(s.D, m["BDF"]), trips, False
+    _, trips, _ = _token(s, c)
+    rounds, slots = _cd(s.B, s.P), s.H * _cd(s.D, m["BDS"])
+    finish = s.H * _cd(s.D, m["BDF"])
+    items = rounds * (slots + s.P) + slots + finish
+    work = (rounds * s.P * (trips // rounds) + rounds * slots * _cd(s.P * s.S, m["BMS"])
+            + slots * _cd(s.B * s.S, m["BMS"]) + finish * _cd(s.P, m["BP"]))
+    return items, _cd(work, items), False
 
 
 def _absorb(s: Launch, c: Dict):

@@ -81,7 +81,7 @@ TICKETED = {"_infer_kernel": l2_stream.st.Tickets("SYNC", inf.SYNC_TICKET, inf.S
 ITEM_KERNELS = ("_fwd_fused_kernel", "_bwd_fused_kernel")
 DTYPE = torch.float16
 #: H100 model assumptions (SXM, bf16/fp16 dense): all written beside the predictions.
-H100 = {"hbm_Bps": 3.0e12, "l2_Bps": 7.0e12, "flops": 600e12, "launch_s": 2e-6, "sms": 132}
+H100 = {"hbm_Bps": 3.0e12, "l2_Bps": 7.0e12, "flops": 600e12, "launch_s": 2e-6, "sms": 132, "l2": 50_000_000}
 
 _ZERO_BYTE_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_",
                   "lift_fresh", "_local_scalar_dense", "_unsafe_view", "clone_if_view", "sym_size", "sym_stride", "sym_numel", "is_same_size"}
@@ -294,13 +294,24 @@ def summarize(launches: List[dict], floor: int) -> dict:
             "h100_pred_us": pred * 1e6, "h100_floor_us": floor_s * 1e6, "h100_pred_x": pred / floor_s}
 
 
-def _plan(batches, check, target: int, knob) -> tuple:
+def _plan(batches, check, target: int, knob, programs: int) -> tuple:
     """Fit points, check point and evaluation point: (B,) or, with a program knob, (B, P)."""
     b1, b2 = batches
     if knob is None:
         return [(b1,), (b2,)], (None if check is None else (check,)), (target,)
     pts = [(b1, b1 // 2), (b2, b2 // 2), (b2, b2)]  # P <= B: every program has samples
-    return pts, (None if check is None else (check, check // 2 + 1)), (target, min(target, H100["sms"]))
+    return pts, (None if check is None else (check, check // 2 + 1)), (target, programs)
+
+
+def eval_programs(shape: sb.Shape, target: int) -> int:
+    """The backward's token owners on the H100 model at the benchmark batch, as the op takes them
+    untimed (``default_owners``: the largest choice whose samples in flight fit its 50 MB L2)."""
+    from sparo_fast_kernels import sparo_readout_autotune as at
+    from sparo_fast_kernels import sparo_readout_bwd as bwd
+
+    tiled = not at.bwd_meta(sb.L_SLOTS, shape.N, shape.D, DTYPE)["ONE_TILE"]
+    per_owner = bwd.owner_bytes(sb.L_SLOTS, shape.N, shape.D, torch.finfo(DTYPE).bits // 8, tiled)
+    return at.default_owners(min(target, H100["sms"]), per_owner, H100["l2"])
 
 
 def _run(shape, backend, pass_, point) -> List[dict]:
@@ -311,7 +322,7 @@ def run_case(shape: sb.Shape, backend: str, pass_: str, batches=FIT_BATCHES, che
              target: Optional[int] = None) -> dict:
     target = shape.B if target is None else target
     knob = _programs_knob() if backend == "triton" else None
-    points, check_pt, at = _plan(batches, check, target, knob)
+    points, check_pt, at = _plan(batches, check, target, knob, eval_programs(shape, target))
     fits = fit(points, [_run(shape, backend, pass_, p) for p in points])
     launches = evaluate(fits, at)
     for e in launches:
@@ -341,7 +352,8 @@ def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Opt
                                       item_kernels=ITEM_KERNELS if waits else ())
     events = count(shape, backend, pass_, batch, programs=programs, space=space,
                    extra=lambda: l2_stream.recording(rec))
-    streams = l2_stream.pass_streams(events, rec, resident)
+    # the backward launches one program per token owner: with fewer owners than SMs, fewer run at once
+    streams = l2_stream.pass_streams(events, rec, resident, {"_bwd_fused_kernel": programs} if programs else None)
     out = {"resident": resident, "ways": ways, "sampled": sample,
            "programs_run": sum(k.recorded for k in rec.launches),
            "programs": sum(len(k.programs) for k in rec.launches),

@@ -95,6 +95,7 @@ class DeviceLimits:
     regs: int = 65536         # 32-bit registers per block
     max_threads: int = 1024
     sms: int = 132
+    l2: int = 50_000_000      # L2 bytes (an H100's 50 MB where unknown)
 
 
 def limits_for_arch(arch: int) -> DeviceLimits:
@@ -109,7 +110,8 @@ def limits_from_props(props) -> DeviceLimits:
     smem = getattr(props, "shared_memory_per_block_optin", 0) or ARCH_SMEM.get(arch, _SMALL_SMEM)
     return DeviceLimits(props.name, arch, int(smem), regs=int(getattr(props, "regs_per_multiprocessor", 65536)),
                         max_threads=int(getattr(props, "max_threads_per_block", 1024)),
-                        sms=int(props.multi_processor_count))
+                        sms=int(props.multi_processor_count),
+                        l2=int(getattr(props, "L2_cache_size", 0) or DeviceLimits.l2))
 
 
 _ASSUMED: List[Optional[DeviceLimits]] = []
@@ -449,12 +451,16 @@ def smem_infer(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
 
 
 # ----------------------------------------------------------------------------- backward owners
-#: The backward's token owners as a percentage of its default program count (one per SM). Each
-#: owner keeps a sample's x (re-read by the second sweep) and its fp32 dqt partial in L2: 132
-#: owners hold about 66 MB at vit_b16 against an H100's 50 MB, and the L2 model counts 1.66x /
-#: 1.58x the floor with 2/3 / 1/2 of the owners against 1.75x (bench/NOTES.md), at the price of
-#: SMs idle in the token stage, which only timing can weigh: the op times these on the GPU.
+#: The backward's token owners as a percentage of one per SM. Each owner keeps a sample in L2
+#: while it works on it (its x, re-read by the second sweep; its gxp rows; its fp32 dqt partial;
+#: the tiled path's scratch): 132 owners hold about 79 MB at vit_b16 against an H100's 50 MB, and
+#: the L2 model counts the backward's DRAM bytes far lower with half of them (bench/NOTES.md), at
+#: the price of SMs idle in the token stage, which only timing can weigh: the op times these on
+#: the GPU. Untimed (the interpreter, fixed configs, tracing) it takes ``default_owners``.
 OWNER_PCTS = (100, 67, 50)
+#: Share of the L2 the owners' samples in flight may fill in ``default_owners`` (the rest: the
+#: weights, qt, the gxp rows of the next round, dx on its way out).
+OWNER_L2_SHARE = 0.8
 
 
 def owner_space() -> List[Dict]:
@@ -465,6 +471,17 @@ def owner_space() -> List[Dict]:
 def owners(programs: int, cfg: Dict) -> int:
     """Token owners for a choice of ``owner_space`` and the default program count."""
     return max(1, -(-programs * cfg["pct"] // 100))
+
+
+def default_owners(programs: int, per_owner: int, l2: Optional[int] = None) -> int:
+    """The owner count taken without timing: the largest choice of ``owner_space`` whose samples
+    in flight (``per_owner`` bytes each) fit ``OWNER_L2_SHARE`` of the L2 (``l2``, default: the
+    device's, else an H100's), else the smallest."""
+    if l2 is None:
+        lim = device_limits()
+        l2 = lim.l2 if lim is not None else DeviceLimits.l2
+    counts = [owners(programs, c) for c in owner_space()]
+    return next((n for n in counts if n * per_owner <= OWNER_L2_SHARE * l2), counts[-1])
 
 
 #: kernel name -> its shared-memory estimate (the spaces above and aot_check's checks)

@@ -79,15 +79,16 @@ from .sparo_readout_fwd import _first_ticket, _next_ticket
 
 @triton.jit
 def _add_partial(PART, offs_l, offs_d, D, dq, ldmask, first):
-    """The program's dqt partial += dq (stored outright for the program's first sample). The
-    read-back may run on other threads than the store of the previous sample (the dot's layout
-    differs from the load's): the token kernel's barrier at the top of each sample orders them."""
+    """The owner's dqt partial += dq (stored outright for its first sample). The read-back may
+    run on other threads than the store of the previous sample (the dot's layout differs from
+    the load's): the barrier at the top of each sample orders them; in the one-launch backward
+    on another SM even (loaded past L1, ``.cg``), after the owner's flag (acquire)."""
     ptrs = PART + offs_l[:, None] * D + offs_d[None, :]
     if first:
         tl.store(ptrs, dq, mask=ldmask, eviction_policy="evict_last")
     else:
-        tl.store(ptrs, tl.load(ptrs, mask=ldmask, other=0.0, eviction_policy="evict_last") + dq, mask=ldmask,
-                 eviction_policy="evict_last")
+        tl.store(ptrs, tl.load(ptrs, mask=ldmask, other=0.0, cache_modifier=".cg", eviction_policy="evict_last")
+                 + dq, mask=ldmask, eviction_policy="evict_last")
 
 
 @triton.jit
@@ -198,43 +199,40 @@ def _bwd_tiled_grads(X, GXP, QT, DX, scr, part, first, x_base, dx_base, g_rows, 
 
 
 @triton.jit
-def _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, owner, scale, B, N, D, L, S, NPROG,
-                 stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
-                 HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr, BL: tl.constexpr,
-                 BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 DISCARD: tl.constexpr):
-    """Samples ``owner, owner + NPROG, ...`` in that order, into the owner's dqt partial. After
-    a sample its gxp rows (and the tiled path's scratch) are dead: discarded from L2
-    (``DISCARD`` bits ``DISCARD_GXP``, ``DISCARD_SCR``) instead of written back when evicted."""
+def _token_sample(X, EOS, LSE, GA, GXP, QT, DX, part, scr, b, first, scale, B, N, D, L, S,
+                  stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                  HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr, BL: tl.constexpr,
+                  BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                  DISCARD: tl.constexpr):
+    """Sample ``b`` (int64) into the dqt partial ``part`` (stored outright when ``first``), with
+    the owner's scratch ``scr`` (tiled path). After it the sample's gxp rows (and the scratch)
+    are dead: discarded from L2 (``DISCARD`` bits ``DISCARD_GXP``, ``DISCARD_SCR``) instead of
+    written back when evicted."""
     offs_l = tl.arange(0, BL)
     lmask = offs_l < L
     qk = scale * 1.4426950408889634
-    part = DQT + owner.to(tl.int64) * L * D
-    scr = SCR + owner.to(tl.int64) * 2 * L * N  # per-owner [2, L, N] (tiled path only)
-    for i in range(0, tl.cdiv(B - owner, NPROG)):
-        b = (owner + i * NPROG).to(tl.int64)  # a fixed order of samples (determinism)
-        # the previous sample's dqt-partial stores and scratch reads (other threads) are done
-        # before this sample reads the partial back or overwrites the scratch
-        tl.debug_barrier()
-        x_base = X + b * stride_xb
-        dx_base = DX + b * N * D
-        g_rows = _xp_rows(offs_l, b, B, S)
-        lse = tl.load(LSE + b * L + offs_l, mask=lmask, other=0.0)
-        n_valid = _n_valid(EOS, b, N, HAS_EOS)
-        if ONE_TILE:
-            _bwd_one_tile(X, GA, GXP, QT, DX, part, i == 0, x_base, dx_base, g_rows, offs_l, lmask, lse, n_valid, b,
-                          qk, scale, N, D, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
-                          HAS_GA, BL, BN, BD, DOT_PREC, UPCAST)
-        else:
-            psum, delta = _bwd_tiled_scores(GA, GXP, QT, scr, x_base, g_rows, offs_l, lmask, lse, n_valid, b, qk,
-                                            N, D, L, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
-                                            HAS_GA, BL, BN, BD, DOT_PREC, UPCAST)
-            tl.debug_barrier()  # scratch written by one thread is read back by another
-            inv = 1.0 / tl.maximum(psum, 1e-30)  # renormalise the recomputed p (see the one-tile path)
-            _bwd_tiled_grads(X, GXP, QT, DX, scr, part, i == 0, x_base, dx_base, g_rows, offs_l, lmask, inv,
-                             delta * inv, n_valid, scale, N, D, L, stride_xn, stride_xd, BL, BN, BD, DOT_PREC, UPCAST)
-            _discard_span(scr, 2 * L * N, (DISCARD & 2) != 0)
-        _discard_rows(GXP, g_rows, lmask, D, (DISCARD & 1) != 0)
+    # the previous sample's dqt-partial stores and scratch reads (other threads) are done
+    # before this sample reads the partial back or overwrites the scratch
+    tl.debug_barrier()
+    x_base = X + b * stride_xb
+    dx_base = DX + b * N * D
+    g_rows = _xp_rows(offs_l, b, B, S)
+    lse = tl.load(LSE + b * L + offs_l, mask=lmask, other=0.0)
+    n_valid = _n_valid(EOS, b, N, HAS_EOS)
+    if ONE_TILE:
+        _bwd_one_tile(X, GA, GXP, QT, DX, part, first, x_base, dx_base, g_rows, offs_l, lmask, lse, n_valid, b,
+                      qk, scale, N, D, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                      HAS_GA, BL, BN, BD, DOT_PREC, UPCAST)
+    else:
+        psum, delta = _bwd_tiled_scores(GA, GXP, QT, scr, x_base, g_rows, offs_l, lmask, lse, n_valid, b, qk,
+                                        N, D, L, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                                        HAS_GA, BL, BN, BD, DOT_PREC, UPCAST)
+        tl.debug_barrier()  # scratch written by one thread is read back by another
+        inv = 1.0 / tl.maximum(psum, 1e-30)  # renormalise the recomputed p (see the one-tile path)
+        _bwd_tiled_grads(X, GXP, QT, DX, scr, part, first, x_base, dx_base, g_rows, offs_l, lmask, inv,
+                         delta * inv, n_valid, scale, N, D, L, stride_xn, stride_xd, BL, BN, BD, DOT_PREC, UPCAST)
+        _discard_span(scr, 2 * L * N, (DISCARD & 2) != 0)
+    _discard_rows(GXP, g_rows, lmask, D, (DISCARD & 1) != 0)
 
 
 @triton.jit
@@ -248,10 +246,15 @@ def _bwd_token_kernel(
     UPCAST: tl.constexpr = False,
 ):
     """Persistent token-level backward, grid ``(P,)``: program pid takes samples pid, pid + P, ...
-    (it discards nothing: its gxp and scratch are the tests' to read)."""
-    _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, tl.program_id(0), scale, B, N, D, L, S, NPROG,
-                 stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
-                 HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, 0)
+    in that order, into its own dqt partial (it discards nothing: its gxp and scratch are the
+    tests' to read)."""
+    owner = tl.program_id(0)
+    part = DQT + owner.to(tl.int64) * L * D
+    scr = SCR + owner.to(tl.int64) * 2 * L * N  # per-owner [2, L, N] (tiled path only)
+    for i in range(0, tl.cdiv(B - owner, NPROG)):
+        _token_sample(X, EOS, LSE, GA, GXP, QT, DX, part, scr, (owner + i * NPROG).to(tl.int64), i == 0, scale,
+                      B, N, D, L, S, stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                      HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, 0)
 
 
 @triton.jit
@@ -281,43 +284,66 @@ def _bwd_fused_kernel(
 ):
     """The whole backward in one persistent launch (grid ``(P,)``): the slot, token and finish
     stages of the three kernels above, so that gxp, dW_V and the dqt partials are read back by
-    the launch that wrote them and the shared k/v weight is read by one launch. One ticket
-    counter (``SYNC[0]``) hands out, in this order, the Hh x STILES slot tiles, the NPROG token
-    owners (owner t: samples t, t + NPROG, ..., as ``_bwd_token_kernel``'s program t) and the
-    Hh x TILES finish tiles. An owner waits until every slot tile is done (``SYNC[2]``), a finish
-    tile until every owner is (``SYNC[1]``). A waiting program holds a later ticket than all it
-    waits for, whose programs are therefore running: no deadlock however many programs are
-    resident; under the CPU interpreter (programs one after another, the first takes every
-    ticket in order) no wait spins. An item's arithmetic does not depend on which program runs
-    it: bitwise the results of the three kernels. Tickets come in order, so the stages are three
-    loops (one loop kept every stage's invariants live in registers: ptxas spilled). Without
-    ``TICKETS`` (the interpreter's default) one program per item, program t running item t, and
-    nothing waits: the interpreter runs programs in grid order, the work order. ``DISCARD``: the
-    bits of the dead scratch dropped from L2 after its last read (gxp, scratch, dqt partials)."""
+    the launch that wrote them and the shared k/v weight is read by one launch. The token stage
+    runs in rounds of NPROG samples (round r: samples r * NPROG + o, o < NPROG), and each round's
+    gxp rows are formed just before its samples, so that they are read while still in L2 (then
+    discarded, ``DISCARD``). One ticket counter (``SYNC[0]``) hands out, in this order: per round
+    r, its Hh x STILES gxp tiles and its NPROG owner items (item (r, o): sample r * NPROG + o into
+    owner o's dqt partial, as ``_bwd_token_kernel``'s program o); then the Hh x STILES batch-sum
+    tiles (dW_V, db_V, the dW_O / db_O partials) and the Hh x TILES finish tiles. Waits: an owner
+    item for its round's gxp tiles (``SYNC[3 + r]``) and for the owner's previous item
+    (``SYNC[3 + R + o]``, rounds done: the partial is read back in sample order, deterministic);
+    a finish tile for every owner item (``SYNC[1]``) and every batch-sum tile (``SYNC[2]``). A
+    waiting program holds a later ticket than all it waits for, whose programs are therefore
+    running: no deadlock however many programs are resident; under the CPU interpreter (programs
+    one after another, the first takes every ticket in order) no wait spins. An item's arithmetic
+    does not depend on which program runs it: bitwise the results of the three kernels. Tickets
+    come in order, so the stages are separate loops (one loop kept every stage's invariants live
+    in registers: ptxas spilled). Without ``TICKETS`` (the interpreter's default) one program per
+    item, program t running item t, and nothing waits: the interpreter runs programs in grid
+    order, the work order. ``DISCARD``: the bits of the dead scratch dropped from L2 after its
+    last read (gxp, scratch, dqt partials)."""
     NSLOT = H * STILES
-    END = NSLOT + NPROG + H * TILES
+    R = tl.cdiv(B, NPROG)
+    RB = NSLOT + NPROG  # items of one round
+    RED = R * RB  # the first batch-sum tile
+    FIN = RED + NSLOT  # the first finish tile
+    END = FIN + H * TILES
     t = _first_ticket(SYNC, TICKETS)
-    while t < NSLOT:
-        _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (t // STILES).to(tl.int64), t % STILES,
-                   B, S, L, D, VD, V, BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST)
-        if TICKETS:
-            tl.debug_barrier()  # every thread's stores precede the release below
-            tl.atomic_add(SYNC + 2, 1, sem="release")
+    while t < RED:
+        r = t // RB
+        b0 = r * NPROG
+        while t < r * RB + NSLOT:  # the round's gxp tiles
+            u = t - r * RB
+            _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (u // STILES).to(tl.int64), u % STILES,
+                       b0, tl.minimum(B, b0 + NPROG), B, S, L, D, VD, V, BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST,
+                       True, False)
+            _count_done(SYNC + 3 + r, TICKETS)
+            t = _next_ticket(SYNC, END, TICKETS)
+        while t < (r + 1) * RB:  # the round's owner items
+            o = t - r * RB - NSLOT
+            if TICKETS:
+                _wait_count(SYNC + 3 + r, NSLOT)
+                _wait_count(SYNC + 3 + R + o, r)
+            if b0 + o < B:
+                _token_sample(X, EOS, LSE, GA, GXP, QT, DX, DQT + o.to(tl.int64) * L * D,
+                              SCR + o.to(tl.int64) * 2 * L * N, (b0 + o).to(tl.int64), r == 0, scale, B, N, D, L, S,
+                              stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                              HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD)
+            _count_done(SYNC + 3 + R + o, TICKETS)
+            _count_done(SYNC + 1, TICKETS)
+            t = _next_ticket(SYNC, END, TICKETS)
+    while t < FIN:
+        u = t - RED
+        _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (u // STILES).to(tl.int64), u % STILES,
+                   0, B, B, S, L, D, VD, V, BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST, False, True)
+        _count_done(SYNC + 2, TICKETS)
         t = _next_ticket(SYNC, END, TICKETS)
-    while t < NSLOT + NPROG:
+    while t < END:
         if TICKETS:
+            _wait_count(SYNC + 1, R * NPROG)
             _wait_count(SYNC + 2, NSLOT)
-        _token_owner(X, EOS, LSE, GA, GXP, QT, SCR, DX, DQT, t - NSLOT, scale, B, N, D, L, S, NPROG,
-                     stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
-                     HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD)
-        if TICKETS:
-            tl.debug_barrier()
-            tl.atomic_add(SYNC + 1, 1, sem="release")
-        t = _next_ticket(SYNC, END, TICKETS)
-    while t < NSLOT + NPROG + H * TILES:
-        if TICKETS:
-            _wait_count(SYNC + 1, NPROG)
-        f = t - NSLOT - NPROG
+        f = t - FIN
         _finish_tile(DQT, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, (f // TILES).to(tl.int64), f % TILES,
                      f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR,
                      (DISCARD & 4) != 0)
@@ -325,9 +351,20 @@ def _bwd_fused_kernel(
 
 
 @triton.jit
-def _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, h, dt, B, S, L, D, VD, V, BM: tl.constexpr,
-               BD: tl.constexpr, BVD: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Head ``h`` (int64), feature tile ``dt`` of ``_bwd_slot_kernel``."""
+def _count_done(CTR, TICKETS: tl.constexpr):
+    """Count an item done on ``CTR`` (release: every thread's stores precede it)."""
+    if TICKETS:
+        tl.debug_barrier()
+        tl.atomic_add(CTR, 1, sem="release")
+
+
+@triton.jit
+def _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, h, dt, b0, b1, B, S, L, D, VD, V, BM: tl.constexpr,
+               BD: tl.constexpr, BVD: tl.constexpr, BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+               GXP_ROWS: tl.constexpr, REDUCE: tl.constexpr):
+    """Head ``h`` (int64), feature tile ``dt`` of ``_bwd_slot_kernel`` over samples [b0, b1):
+    ``GXP_ROWS`` stores their gxp rows, ``REDUCE`` (b0 = 0, b1 = B) forms the batch sums
+    (dW_V, and on the first tile db_V and the head's dW_O / db_O partials)."""
     M = B * S
     offs_d = dt * BD + tl.arange(0, BD)
     dmask = offs_d < D
@@ -336,43 +373,57 @@ def _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, h, dt, B, S, L, D,
     offs_v = tl.arange(0, BV)
     vmask = offs_v < V
     wo = tl.load(WO + offs_v[:, None] * VD + offs_vd[None, :], mask=vmask[:, None] & vdmask[None, :], other=0.0)
-    wv = tl.load(WV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], mask=vdmask[:, None] & dmask[None, :],
-                 other=0.0)
+    if GXP_ROWS:
+        wv = tl.load(WV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], mask=vdmask[:, None] & dmask[None, :],
+                     other=0.0)
+    else:
+        wv = tl.zeros([BVD, BD], WV.dtype.element_ty)  # not read: the batch sums need no W_V
     dwv = tl.zeros([BVD, BD], tl.float32)
+    for m0 in range(b0 * S, b1 * S, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mmask = offs_m < b1 * S
+        row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S  # row of the [B*L, .] tensors
+        hrow = h * M + offs_m  # row of the head-major [Hh*B*S, .] tensors
+        g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
+        goc = _dot(g, wo, None, DOT_PREC, UPCAST).to(G.dtype.element_ty)
+        if GXP_ROWS:
+            gxp = _dot(goc, wv, None, DOT_PREC, UPCAST)
+            tl.store(GXP + hrow[:, None] * D + offs_d[None, :], gxp.to(GXP.dtype.element_ty),
+                     mask=mmask[:, None] & dmask[None, :])
+        if REDUCE:
+            xp = tl.load(XP + hrow[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
+            dwv = _dot(tl.trans(goc), xp, dwv, DOT_PREC, UPCAST)
+    if REDUCE:
+        tl.store(DWV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], dwv.to(DWV.dtype.element_ty),
+                 mask=vdmask[:, None] & dmask[None, :])
+        if dt == 0:  # a separate sweep (not a branch inside the pipelined loop above: triton 3.6 lost it)
+            _slot_head_sums(G, O, WO, DBV, DWO_P, DBO_P, wo, h, B, S, L, VD, V, BM, BVD, BV, DOT_PREC, UPCAST)
+
+
+@triton.jit
+def _slot_head_sums(G, O, WO, DBV, DWO_P, DBO_P, wo, h, B, S, L, VD, V, BM: tl.constexpr, BVD: tl.constexpr,
+                    BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Head h's ``db_V`` and its partials of ``dW_O = g^T o`` and ``db_O`` over the batch."""
+    M = B * S
+    offs_vd = tl.arange(0, BVD)
+    vdmask = offs_vd < VD
+    offs_v = tl.arange(0, BV)
+    vmask = offs_v < V
     dbv = tl.zeros([BVD], tl.float32)
     dwo = tl.zeros([BV, BVD], tl.float32)
     dbo = tl.zeros([BV], tl.float32)
     for m0 in range(0, M, BM):
         offs_m = m0 + tl.arange(0, BM)
         mmask = offs_m < M
-        row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S  # row of the [B*L, .] tensors
-        hrow = h * M + offs_m  # row of the head-major [Hh*B*S, .] tensors
+        row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S
         g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
-        go = _dot(g, wo, None, DOT_PREC, UPCAST)
-        goc = go.to(G.dtype.element_ty)
-        gxp = _dot(goc, wv, None, DOT_PREC, UPCAST)
-        tl.store(GXP + hrow[:, None] * D + offs_d[None, :], gxp.to(GXP.dtype.element_ty),
-                 mask=mmask[:, None] & dmask[None, :])
-        xp = tl.load(XP + hrow[:, None] * D + offs_d[None, :], mask=mmask[:, None] & dmask[None, :], other=0.0)
-        dwv = _dot(tl.trans(goc), xp, dwv, DOT_PREC, UPCAST)
-    tl.store(DWV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :], dwv.to(DWV.dtype.element_ty),
-             mask=vdmask[:, None] & dmask[None, :])
-    if dt == 0:  # a separate sweep (not a branch inside the pipelined loop above: triton 3.6 lost it)
-        for m0 in range(0, M, BM):
-            offs_m = m0 + tl.arange(0, BM)
-            mmask = offs_m < M
-            row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S
-            g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
-            dbv += tl.sum(_dot(g, wo, None, DOT_PREC, UPCAST), axis=0)
-            o = tl.load(O + row[:, None] * VD + offs_vd[None, :], mask=mmask[:, None] & vdmask[None, :], other=0.0)
-            dwo = _dot(tl.trans(g), o, dwo, DOT_PREC, UPCAST)
-            dbo += tl.sum(g.to(tl.float32), axis=0)
-        tl.store(DBV + h * VD + offs_vd, dbv.to(DBV.dtype.element_ty), mask=vdmask)
-        tl.store(DWO_P + h * V * VD + offs_v[:, None] * VD + offs_vd[None, :], dwo,
-                 mask=vmask[:, None] & vdmask[None, :])
-        tl.store(DBO_P + h * V + offs_v, dbo, mask=vmask)
-
-
+        dbv += tl.sum(_dot(g, wo, None, DOT_PREC, UPCAST), axis=0)
+        o = tl.load(O + row[:, None] * VD + offs_vd[None, :], mask=mmask[:, None] & vdmask[None, :], other=0.0)
+        dwo = _dot(tl.trans(g), o, dwo, DOT_PREC, UPCAST)
+        dbo += tl.sum(g.to(tl.float32), axis=0)
+    tl.store(DBV + h * VD + offs_vd, dbv.to(DBV.dtype.element_ty), mask=vdmask)
+    tl.store(DWO_P + h * V * VD + offs_v[:, None] * VD + offs_vd[None, :], dwo, mask=vmask[:, None] & vdmask[None, :])
+    tl.store(DBO_P + h * V + offs_v, dbo, mask=vmask)
 
 
 @triton.jit
@@ -388,7 +439,7 @@ def _bwd_slot_kernel(
     reads it), ``dW_V[h] = go^T xp``; the first feature tile also ``db_V[h]`` and the head's
     partials of ``dW_O = g^T o`` and ``db_O`` (summed over heads by the finish kernel)."""
     _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, tl.program_id(0).to(tl.int64), tl.program_id(1),
-               B, S, L, D, VD, V, BM, BD, BVD, BV, DOT_PREC, UPCAST)
+               0, B, B, S, L, D, VD, V, BM, BD, BVD, BV, DOT_PREC, UPCAST, True, True)
 
 
 @triton.jit
@@ -510,6 +561,12 @@ PROGRAMS_OVERRIDE: Optional[int] = None
 
 def programs_forced() -> bool:
     return PROGRAMS_OVERRIDE is not None
+
+
+def owner_bytes(L: int, N: int, D: int, itemsize: int, tiled: bool) -> int:
+    """Bytes one token owner keeps in L2 while it works on a sample: the sample's x (re-read by
+    the second sweep) and gxp rows, its fp32 dqt partial, and the tiled path's fp32 scratch."""
+    return (N * D + L * D) * itemsize + L * D * 4 + (2 * L * N * 4 if tiled else 0)
 
 
 def num_programs(B: int, device: torch.device) -> int:

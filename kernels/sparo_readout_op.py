@@ -49,7 +49,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import sparo_readout_autotune as at
 from .sparo_readout_bwd import (DISCARD_GXP, DISCARD_PART, DISCARD_SCR, _bwd_finish_kernel, _bwd_slot_kernel,
-                                 _bwd_fused_kernel, _bwd_token_kernel, num_programs,
+                                 _bwd_fused_kernel, _bwd_token_kernel, num_programs, owner_bytes,
                                  programs_forced as bwd_programs_forced)
 from .sparo_readout_common import discard_supported, whole_lines
 from .sparo_readout_fwd import _absorb_kernel, _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
@@ -332,7 +332,10 @@ def launch_bwd_fused(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_we
     dW_O, db_O)."""
     args = (g, o, xp, v_weight, proj_weight, x, eos, lse, ga, qt, scale, q_emb, k_weight, shared_kv)
     tag = _bwd_tag(x, q_emb, v_weight, proj_weight, eos, ga, shared_kv)
-    P = _token_owners(num_programs(x.shape[0], x.device), lambda p: launch_bwd_fused_on(p, tag, *args), args, tag)
+    B, N, D = x.shape
+    tiled = not at.bwd_meta(qt.shape[0], N, D, x.dtype)["ONE_TILE"]
+    P = _token_owners(num_programs(B, x.device), lambda p: launch_bwd_fused_on(p, tag, *args), args, tag,
+                      owner_bytes(qt.shape[0], N, D, x.element_size(), tiled))
     return launch_bwd_fused_on(P, tag, *args)
 
 
@@ -345,18 +348,21 @@ def _bwd_tag(x: Tensor, q_emb: Tensor, v_weight: Tensor, proj_weight: Tensor, eo
             x.dtype, eos is not None, ga is not None, shared_kv)
 
 
-def _token_owners(programs: int, run, tensors, tag: tuple) -> int:
-    """The backward's token-owner count: ``programs`` (one per SM), or fewer where timing the
-    whole backward on this GPU says so (``at.owner_space``; chosen once per key, shared across
-    ranks and cached on disk like a kernel config). Never tuned under the interpreter, with
-    fixed configs, with the program count forced, or while tracing (no choice known: the
-    default)."""
-    if INTERPRETED or FIXED_CONFIGS or bwd_programs_forced() or programs < 2:
+def _token_owners(programs: int, run, tensors, tag: tuple, per_owner: int) -> int:
+    """The backward's token-owner count out of ``programs`` (one per SM): the fastest choice of
+    ``at.owner_space`` when timing the whole backward on this GPU (chosen once per key, shared
+    across ranks and cached on disk like a kernel config); untimed (the interpreter, fixed
+    configs, tracing) the largest choice whose samples in flight (``per_owner`` bytes each)
+    fit the L2 (``at.default_owners``). A forced program count is taken as it is."""
+    if bwd_programs_forced() or programs < 2:
         return programs
+    default = at.default_owners(programs, per_owner)
+    if INTERPRETED or FIXED_CONFIGS:
+        return default
     key = "|".join(["bwd_owners", *map(str, tag)])
     bench = None if at._tracing(tensors) else (lambda cfg: _time(lambda: run(at.owners(programs, cfg))))
     cfg = at.choose("bwd_owners", key, at.owner_space(), bench)
-    return at.owners(programs, cfg) if cfg is not None else programs
+    return at.owners(programs, cfg) if cfg is not None else default
 
 
 def _time(fn) -> float:
@@ -396,10 +402,12 @@ def launch_bwd_fused_on(P: int, tag: tuple, g: Tensor, o: Tensor, xp: Tensor, v_
     part, dq_p = torch.empty((P, L, D), **f32), torch.empty((tiles, L, A), **f32)
     dwk = torch.empty_like(k_weight)
     dwo, dbo = proj_weight.new_empty((V, vd)), proj_weight.new_empty((V,))
-    sync = torch.zeros((3,), device=x.device, dtype=torch.int32)  # ticket counter, owners done, slot tiles done
+    R = triton.cdiv(B, P)  # rounds of P samples
+    # ticket counter, owner items done, batch-sum tiles done, gxp tiles done per round, rounds done per owner
+    sync = torch.zeros((3 + R + P,), device=x.device, dtype=torch.int32)
     has_ga, has_eos = ga is not None, eos is not None
     ga = ga if has_ga else lse.view(B, L, 1)
-    _launch(_bwd_fused_kernel, (P if _tickets() else H * stiles + P + H * tiles,),
+    _launch(_bwd_fused_kernel, (P if _tickets() else R * (H * stiles + P) + H * stiles + H * tiles,),
             (g.contiguous(), o, xp, v_weight, proj_weight.contiguous(), gxp, dwv, dbv, dwo_p, dbo_p,
              x, eos.contiguous() if has_eos else lse, lse, ga, qt, scr, dx, part,
              q_emb.contiguous(), k_weight.contiguous(), dq_p, dwk, dwo, dbo, sync,

@@ -232,10 +232,13 @@ def test_choose_skips_configs_that_spill(fresh, monkeypatch):
 def test_backward_owner_count_is_timed_once_per_key(fresh, monkeypatch):
     """On a GPU the backward times its whole launch at 100%, 67% and 50% of its one-per-SM
     owners once per key (fake timings: 88 owners fastest) and keeps the choice; the
-    interpreter, a forced program count and an unknown key while tracing take the default."""
+    interpreter and an unknown key while tracing take the default (the largest count whose
+    samples in flight fit 80% of the L2), a forced program count is taken as it is."""
     op = importlib.import_module("sparo_fast_kernels.sparo_readout_op")
     bwd = importlib.import_module("sparo_fast_kernels.sparo_readout_bwd")
     assert [at.owners(132, c) for c in at.owner_space()] == [132, 89, 66]
+    small, big = 300_000, 600_000  # bytes per owner: 132 x small and 66 x big fit 40 of 50 MB, 89 x big does not
+    assert [at.default_owners(132, b, 50_000_000) for b in (small, big, 10 * big)] == [132, 66, 66]
     x = torch.empty(4)
     ran = []
 
@@ -244,14 +247,14 @@ def test_backward_owner_count_is_timed_once_per_key(fresh, monkeypatch):
         return p
 
     monkeypatch.setattr(op, "_time", lambda fn: {132: 3.0, 89: 1.0, 66: 2.0}[fn()])
-    assert op._token_owners(132, run, (x,), ("t",)) == 132  # the interpreter: never tuned
-    assert ran == []
+    assert op._token_owners(132, run, (x,), ("t",), big) == 66  # the interpreter: never tuned, the default
+    assert op._token_owners(132, run, (x,), ("t",), small) == 132 and ran == []
     monkeypatch.setattr(op, "INTERPRETED", False)
-    assert op._token_owners(132, run, (x,), ("t",)) == 89 and sorted(ran) == [66, 89, 132]
-    assert op._token_owners(132, run, (x,), ("t",)) == 89 and len(ran) == 3  # cached
-    assert op._token_owners(1, run, (x,), ("u",)) == 1 and len(ran) == 3  # one owner: nothing to choose
+    assert op._token_owners(132, run, (x,), ("t",), big) == 89 and sorted(ran) == [66, 89, 132]
+    assert op._token_owners(132, run, (x,), ("t",), big) == 89 and len(ran) == 3  # cached
+    assert op._token_owners(1, run, (x,), ("u",), big) == 1 and len(ran) == 3  # one owner: nothing to choose
     monkeypatch.setattr(at, "_tracing", lambda args: True)
-    assert op._token_owners(132, run, (x,), ("v",)) == 132 and len(ran) == 3  # tracing: nothing timed
+    assert op._token_owners(132, run, (x,), ("v",), big) == 66 and len(ran) == 3  # tracing: nothing timed
     monkeypatch.setattr(bwd, "PROGRAMS_OVERRIDE", 7)
     monkeypatch.setattr(at, "_tracing", lambda args: False)
-    assert op._token_owners(7, run, (x,), ("w",)) == 7 and len(ran) == 3  # forced by a test or a count
+    assert op._token_owners(7, run, (x,), ("w",), big) == 7 and len(ran) == 3  # forced by a test or a count

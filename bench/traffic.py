@@ -294,13 +294,20 @@ def summarize(launches: List[dict], floor: int) -> dict:
             "h100_pred_us": pred * 1e6, "h100_floor_us": floor_s * 1e6, "h100_pred_x": pred / floor_s}
 
 
-def _plan(batches, check, target: int, knob, programs: int) -> tuple:
-    """Fit points, check point and evaluation point: (B,) or, with a program knob, (B, P)."""
+def _plan(batches, check, target: int, knob, programs: int, rounds: bool = False) -> tuple:
+    """Fit points, check point and evaluation point: (B,) or, with a program knob, (B, P), and
+    with ``rounds`` (the backward: its gxp tiles are formed per round of P samples, each round
+    reading W_V again) (B, P, R) with R = ceil(B / P), which no sum of B and P terms fits."""
     b1, b2 = batches
     if knob is None:
         return [(b1,), (b2,)], (None if check is None else (check,)), (target,)
     pts = [(b1, b1 // 2), (b2, b2 // 2), (b2, b2)]  # P <= B: every program has samples
-    return pts, (None if check is None else (check, check // 2 + 1)), (target, programs)
+    chk, at = (None if check is None else (check, check // 2 + 1)), (target, programs)
+    if rounds:
+        pts.append((b2 - 1, 1))
+        pts, chk, at = ([p + (-(-p[0] // p[1]),) for p in pts], None if chk is None else chk + (-(-chk[0] // chk[1]),),
+                        at + (-(-at[0] // at[1]),))
+    return pts, chk, at
 
 
 def eval_programs(shape: sb.Shape, target: int) -> int:
@@ -322,13 +329,13 @@ def run_case(shape: sb.Shape, backend: str, pass_: str, batches=FIT_BATCHES, che
              target: Optional[int] = None) -> dict:
     target = shape.B if target is None else target
     knob = _programs_knob() if backend == "triton" else None
-    points, check_pt, at = _plan(batches, check, target, knob, eval_programs(shape, target))
+    points, check_pt, at = _plan(batches, check, target, knob, eval_programs(shape, target), pass_ == "fwd_bwd")
     fits = fit(points, [_run(shape, backend, pass_, p) for p in points])
     launches = evaluate(fits, at)
     for e in launches:
         e["h100_pred_us"] = predict_s(e) * 1e6
     row = {"shape": shape.name, "backend": backend, "pass": pass_, "batch": target, "fit_points": points,
-           "eval_point": list(at), "fit_vars": ["B", "P"][:len(at)],
+           "eval_point": list(at), "fit_vars": ["B", "P", "R"][:len(at)],
            **summarize(launches, sb.floor_bytes(shape, target, DTYPE, "fwd" if pass_ == "fwd_train" else pass_)), "launch_detail": launches}
     if check_pt is not None:
         measured = _run(shape, backend, pass_, check_pt)

@@ -222,7 +222,7 @@ def _targets(a: dict, b: dict) -> List[str]:
         va, vb = get(a, value, shape, pass_), get(b, value, shape, pass_)
         if vb is None:
             continue
-        out.append(f"| {label} | {_fmt(bound)} | {_fmt(va)} | {_fmt(vb)} | {'yes' if vb <= bound else 'no'} |")
+        out.append(f"| {label} | {_fmt(bound)} | {_fmt(va)} | {_fmt(vb)} | {'in the count' if vb <= bound else 'no'} |")
     return out + [""]
 
 

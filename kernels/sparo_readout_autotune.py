@@ -146,6 +146,13 @@ def device_limits() -> Optional[DeviceLimits]:
     return _QUERIED[idx]
 
 
+def item_calls() -> bool:
+    """Whether a persistent kernel may run its work items as calls of non-inlined functions:
+    everywhere but on sm_100/103 (Triton cannot call a function that uses tensor memory)."""
+    lim = device_limits()
+    return lim is None or lim.arch // 10 != 10
+
+
 def smem_budget() -> int:
     lim = device_limits()
     return _SMEM if lim is None else lim.smem

@@ -1,10 +1,12 @@
 """Backward Triton kernels of the SPARO read-out: three stages, each with a PyTorch ``*_ref``.
 
 The op launches ``_bwd_fused_kernel``: the three stages below as work items of one persistent
-launch (slot tiles, then token owners, then finish tiles, off one ticket counter), so that
-gxp, dW_V and the dqt partials are read back by the launch that wrote them. The three kernels
-run the same stages as three launches: the fused kernel's peers in the tests (bitwise the same
-results).
+launch off one ticket counter (per round of P samples its gxp tiles and one owner item per
+sample, then the batch sums, then the finish tiles), so that gxp, dW_V and the dqt partials are
+read back by the launch that wrote them, each round's gxp while it is in L2; dead scratch is
+dropped from L2 without a write-back (``sparo_readout_common._discard_lines``). The three
+kernels run the same stages as three launches: the fused kernel's peers in the tests (bitwise
+the same results).
 
 With g = dL/dout and ga = dL/dattn (optional); ``xp`` and ``gxp`` are head-major
 ``[Hh, B*S, D]`` (the layout every kernel reads, no permute copies):
@@ -87,8 +89,8 @@ def _add_partial(PART, offs_l, offs_d, D, dq, ldmask, first):
     if first:
         tl.store(ptrs, dq, mask=ldmask, eviction_policy="evict_last")
     else:
-        tl.store(ptrs, tl.load(ptrs, mask=ldmask, other=0.0, cache_modifier=".cg", eviction_policy="evict_last")
-                 + dq, mask=ldmask, eviction_policy="evict_last")
+        tl.store(ptrs, tl.load(ptrs, mask=ldmask, other=0.0, cache_modifier=".cg") + dq, mask=ldmask,
+                 eviction_policy="evict_last")  # (.cg takes no eviction hint: the store keeps the line)
 
 
 @triton.jit
@@ -280,7 +282,7 @@ def _bwd_fused_kernel(
     SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BDF: tl.constexpr, BH: tl.constexpr,
     BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr,
     BMS: tl.constexpr, BDS: tl.constexpr, BVDS: tl.constexpr, BVS: tl.constexpr, TICKETS: tl.constexpr = True,
-    UPCAST: tl.constexpr = False, DISCARD: tl.constexpr = 0,
+    UPCAST: tl.constexpr = False, DISCARD: tl.constexpr = 0, ITEM_CALLS: tl.constexpr = True,
 ):
     """The whole backward in one persistent launch (grid ``(P,)``): the slot, token and finish
     stages of the three kernels above, so that gxp, dW_V and the dqt partials are read back by
@@ -299,10 +301,10 @@ def _bwd_fused_kernel(
     one after another, the first takes every ticket in order) no wait spins. An item's arithmetic
     does not depend on which program runs it: bitwise the results of the three kernels. Tickets
     come in order, so the stages are separate loops (one loop kept every stage's invariants live
-    in registers: ptxas spilled). Without ``TICKETS`` (the interpreter's default) one program per
+    in registers: ptxas spilled); the rounds' two kinds of item share one loop as calls (x's
+    strides passed in int64). Without ``TICKETS`` (the interpreter's default) one program per
     item, program t running item t, and nothing waits: the interpreter runs programs in grid
-    order, the work order. ``DISCARD``: the bits of the dead scratch dropped from L2 after its
-    last read (gxp, scratch, dqt partials)."""
+    order, the work order. ``DISCARD``: the dead scratch dropped from L2 (gxp, scratch, partials)."""
     NSLOT = H * STILES
     R = tl.cdiv(B, NPROG)
     RB = NSLOT + NPROG  # items of one round
@@ -312,27 +314,26 @@ def _bwd_fused_kernel(
     t = _first_ticket(SYNC, TICKETS)
     while t < RED:
         r = t // RB
-        b0 = r * NPROG
-        while t < r * RB + NSLOT:  # the round's gxp tiles
-            u = t - r * RB
-            _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (u // STILES).to(tl.int64), u % STILES,
-                       b0, tl.minimum(B, b0 + NPROG), B, S, L, D, VD, V, BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST,
-                       True, False)
-            _count_done(SYNC + 3 + r, TICKETS)
-            t = _next_ticket(SYNC, END, TICKETS)
-        while t < (r + 1) * RB:  # the round's owner items
-            o = t - r * RB - NSLOT
-            if TICKETS:
-                _wait_count(SYNC + 3 + r, NSLOT)
-                _wait_count(SYNC + 3 + R + o, r)
-            if b0 + o < B:
-                _token_sample(X, EOS, LSE, GA, GXP, QT, DX, DQT + o.to(tl.int64) * L * D,
-                              SCR + o.to(tl.int64) * 2 * L * N, (b0 + o).to(tl.int64), r == 0, scale, B, N, D, L, S,
-                              stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
-                              HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD)
-            _count_done(SYNC + 3 + R + o, TICKETS)
-            _count_done(SYNC + 1, TICKETS)
-            t = _next_ticket(SYNC, END, TICKETS)
+        u = t - r * RB
+        if u < NSLOT:  # a gxp tile of round r
+            if ITEM_CALLS:
+                _gxp_call(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, SYNC, u, r, B, S, L, D, VD, V, NPROG, STILES,
+                          BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST, TICKETS)
+            else:
+                _gxp_item(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, SYNC, u, r, B, S, L, D, VD, V, NPROG, STILES,
+                          BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST, TICKETS)
+        else:  # an owner item of round r
+            if ITEM_CALLS:
+                _owner_call(X, EOS, LSE, GA, GXP, QT, DX, DQT, SCR, SYNC, u - NSLOT, r, R, NSLOT, scale, B, N, D, L, S,
+                            NPROG, tl.cast(stride_xb, tl.int64), tl.cast(stride_xn, tl.int64), tl.cast(stride_xd, tl.int64),
+                            stride_gab, stride_gal, stride_gan,
+                            HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD, TICKETS)
+            else:
+                _owner_item(X, EOS, LSE, GA, GXP, QT, DX, DQT, SCR, SYNC, u - NSLOT, r, R, NSLOT, scale, B, N, D, L, S,
+                            NPROG, tl.cast(stride_xb, tl.int64), tl.cast(stride_xn, tl.int64), tl.cast(stride_xd, tl.int64),
+                            stride_gab, stride_gal, stride_gan,
+                            HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD, TICKETS)
+        t = _next_ticket(SYNC, END, TICKETS)
     while t < FIN:
         u = t - RED
         _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (u // STILES).to(tl.int64), u % STILES,
@@ -348,6 +349,49 @@ def _bwd_fused_kernel(
                      f, H * TILES, NPROG, H, S, A, D, V, VD, NV, SHARED, BS, BA, BDF, BH, BVD, BP, BSR,
                      (DISCARD & 4) != 0)
         t = _next_ticket(SYNC, END, TICKETS)
+
+
+
+@triton.jit
+def _gxp_item(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, SYNC, u, r, B, S, L, D, VD, V, NPROG, STILES,
+              BMS: tl.constexpr, BDS: tl.constexpr, BVDS: tl.constexpr, BVS: tl.constexpr, DOT_PREC: tl.constexpr,
+              UPCAST: tl.constexpr, TICKETS: tl.constexpr):
+    """Gxp tile u of round r (the rows of samples r * NPROG ...), counted done on ``SYNC[3 + r]``.
+    The kernel calls it and ``_owner_item`` as functions (``_gxp_call``, ``_owner_call``, not
+    inlined) where it can (``ITEM_CALLS``): both share the rounds' loop, and inlined, the
+    invariants the compiler hoisted out of each stayed live through the other (ptxas: 255
+    registers and 60-140 bytes of spills at vit_b16 on sm_90; as calls, 206-222 and none).
+    Triton cannot call a function that uses tensor memory (sm_100's tcgen05 products): there
+    they are inlined."""
+    b0 = r * NPROG
+    _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (u // STILES).to(tl.int64), u % STILES,
+               b0, tl.minimum(B, b0 + NPROG), B, S, L, D, VD, V, BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST, True, False)
+    _count_done(SYNC + 3 + r, TICKETS)
+
+
+@triton.jit
+def _owner_item(X, EOS, LSE, GA, GXP, QT, DX, DQT, SCR, SYNC, o, r, R, NSLOT, scale, B, N, D, L, S, NPROG,
+                stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr, BL: tl.constexpr,
+                BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                DISCARD: tl.constexpr, TICKETS: tl.constexpr):
+    """Owner o's item of round r: after the round's gxp tiles and the owner's previous item,
+    sample r * NPROG + o into its partial; counted done per owner and in all."""
+    b0 = r * NPROG
+    if TICKETS:
+        _wait_count(SYNC + 3 + r, NSLOT)
+        _wait_count(SYNC + 3 + R + o, r)
+    if b0 + o < B:
+        _token_sample(X, EOS, LSE, GA, GXP, QT, DX, DQT + o.to(tl.int64) * L * D,
+                      SCR + o.to(tl.int64) * 2 * L * N, (b0 + o).to(tl.int64), r == 0, scale, B, N, D, L, S,
+                      stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
+                      HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD)
+    _count_done(SYNC + 3 + R + o, TICKETS)
+    _count_done(SYNC + 1, TICKETS)
+
+
+_gxp_call = triton.jit(noinline=True)(_gxp_item.fn)
+_owner_call = triton.jit(noinline=True)(_owner_item.fn)
 
 
 @triton.jit

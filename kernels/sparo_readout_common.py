@@ -134,9 +134,7 @@ def discard_supported(device) -> bool:
     if DISCARD_OVERRIDE is not None:
         return DISCARD_OVERRIDE
     if os.environ.get("TRITON_INTERPRET") == "1":
-        from .testing.interpreter_trace import support_discards
-
-        support_discards()
+        interpreter_discards()
         return True
     dev = torch.device(device)
     return dev.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(dev) >= (8, 0)
@@ -162,3 +160,39 @@ def _wide(t):
     import torch
 
     return t if t.dtype == torch.float64 else t.float()
+
+
+# ----------------------------------------------------------------------------- the interpreter
+#: The PTX instruction of ``_discard_lines`` (how the interpreter's hooks recognise its asm block).
+DISCARD_ASM = "discard.global.L2"
+_INTERPRETER_DISCARDS = []
+
+
+class _AsmResults:
+    """What ``tl.inline_asm_elementwise`` reads back from the builder: ``get_result(i)``."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def get_result(self, i):
+        return self.handle
+
+
+def interpreter_discards() -> None:
+    """Let the Triton interpreter, which runs no assembly, take ``_discard_lines``' asm block as a
+    no-op (installed once; other asm blocks still fail there). ``testing.interpreter_trace``
+    wraps it to show the discards to its listeners."""
+    if _INTERPRETER_DISCARDS:
+        return
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    orig = interp.InterpreterBuilder.create_inline_asm
+
+    def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
+        if DISCARD_ASM not in asm:
+            return orig(self, asm, constraints, values, types, is_pure, pack)
+        return _AsmResults(interp.TensorHandle(np.zeros(np.shape(values[1].data), np.int32), interp.tl.int32))
+
+    interp.InterpreterBuilder.create_inline_asm = create_inline_asm
+    _INTERPRETER_DISCARDS.append(True)

@@ -8,7 +8,9 @@ carry data from the pooling to the value projection. The training forward writes
 to memory in one launch and reads it back in the next (two DRAM passes over 25 MB at vit_b16,
 fp16: 0.6x the forward floor). Here ``xp`` lives in a small **ring** of ``RING = LOOK + 1``
 chunks of ``G`` samples each, rewritten as the batch streams through, so the bytes that reach
-DRAM are x, the weights, y (and ``attn`` when asked) plus one ring.
+DRAM are x, the weights, y (and ``attn`` when asked) plus at most one ring; a projection drops
+its ring rows from L2 once read (``discard.global.L2``, sm_80+), so that a ring line reaches
+DRAM only if it was evicted before its projection.
 
 ``_infer_kernel``, a persistent grid of ``P`` programs, works through one ordered list of items,
 each program taking the next item from an atomic ticket counter:
@@ -42,7 +44,7 @@ Why not one program per sample projecting its own pooled rows: each sample needs
 ``W_V[h]`` ([L*Vd, D], 6.3 MB at vit_b16), 21x its 0.3 MB of tokens, requested from L2 per sample
 (1.6 GB per vit_b16 batch). The chunked projection requests ``W_V`` once per chunk of ``G``
 samples. Why a ring and not all of ``xp`` in L2: the ring bounds what is written to memory by the
-ring's size, not the batch's (the ring's dirty lines are rewritten in L2 while it is resident).
+ring's size, not the batch's (the ring's lines are rewritten in L2 while resident, or dropped).
 
 Limits: the one-tile pooling only (``N`` up to 256 tokens in fp16/bf16, 64 in fp32, at L = 64:
 ``sparo_readout_autotune.pool_meta``); longer sequences use the training forward's kernels

@@ -414,7 +414,8 @@ def launch_bwd_fused_on(P: int, tag: tuple, g: Tensor, o: Tensor, xp: Tensor, v_
              scale, B, N, D, L, S, P, H, A, V, vd, triton.cdiv(V, H * tiles), tiles, stiles,
              x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1), ga.stride(2)),
             dict(HAS_EOS=has_eos, HAS_GA=has_ga, SHARED=shared_kv, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
-                 TICKETS=_tickets(), DISCARD=_bwd_discards(gxp, None if meta["ONE_TILE"] else scr, part), **meta),
+                 TICKETS=_tickets(), DISCARD=_bwd_discards(gxp, None if meta["ONE_TILE"] else scr, part),
+                 ITEM_CALLS=at.item_calls(), **meta),
             at.bwd_fused_space(L, N, D, S, A, H, vd, V, B, x.dtype), ["N", "D", "L"],
             tag)
     # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype

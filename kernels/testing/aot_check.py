@@ -320,7 +320,9 @@ def _i32_stride_uses(launch: Launch, cfg: Dict, arch: int = 90) -> Dict:
         if spec["sig"].get(a) == "i32":
             v = "%" + a
             uses = [ln.strip() for ln in ttir.splitlines() if re.search(re.escape(v) + r"\b", ln) and "tt.func" not in ln]
-            ext = [u for u in uses if re.search(r"arith\.extsi " + re.escape(v) + r"\b.*: i32 to i64", u)]
+            # sign-extended to i64, or already i64 (a called function's copy: the kernel passes it widened)
+            ext = [u for u in uses if re.search(r"arith\.extsi " + re.escape(v) + r"\b.*: i32 to i64", u)
+                   or re.search(re.escape(v) + r"\s*:\s*i64\b", u)]
             out[a] = dict(i64=len(ext), other=[u for u in uses if u not in ext])
     return out
 

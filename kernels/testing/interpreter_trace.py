@@ -29,6 +29,8 @@ from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from ..sparo_readout_common import DISCARD_ASM, interpreter_discards
+
 _listeners: list = []
 _lock = threading.Lock()
 _installed = False
@@ -219,26 +221,15 @@ def _wrap_memory(ib, interpreter) -> None:
     ib.create_inline_asm = _discard_or(ib.create_inline_asm, interpreter)
 
 
-class _Results:
-    """What ``tl.inline_asm_elementwise`` reads back from the builder: ``get_result(i)``."""
-
-    def __init__(self, handle) -> None:
-        self.handle = handle
-
-    def get_result(self, i):
-        return self.handle
-
-
 def _discard_or(orig_asm, interpreter):
     """The interpreter runs no inline assembly; the one asm block the kernels use, the L2 line
-    discard (``sparo_readout_common._discard_lines``: operands ``mask, address``), is a no-op on
-    the CPU's memory and goes to the listeners as a ``"discard"`` of each 128-byte line."""
+    discard (``sparo_readout_common._discard_lines``: operands ``mask, address``; a no-op on the
+    CPU's memory, ``interpreter_discards``), goes to the listeners as a ``"discard"`` of each
+    128-byte line."""
 
     def create_inline_asm(self, asm, constraints, values, types, is_pure, pack):
-        if DISCARD_ASM not in asm:
-            return orig_asm(self, asm, constraints, values, types, is_pure, pack)
-        mask, addrs = values
-        if _listeners and _current is not None:
+        if DISCARD_ASM in asm and _listeners and _current is not None:
+            mask, addrs = values
             lines = np.asarray(addrs.data, np.int64)[np.asarray(mask.data) != 0].astype(np.uint64).ravel()
             for lst in list(_listeners):
                 if lines.size or getattr(lst, "wants_empty", False):
@@ -246,18 +237,15 @@ def _discard_or(orig_asm, interpreter):
                         lst.access(_current, "discard", lines, LINE, hint=None)
                     else:
                         lst.access(_current, "discard", lines, LINE)
-        return _Results(interpreter.TensorHandle(np.zeros(np.shape(addrs.data), np.int32), interpreter.tl.int32))
+        return orig_asm(self, asm, constraints, values, types, is_pure, pack)
 
     return create_inline_asm
 
 
-#: the PTX instruction of ``_discard_lines`` and the bytes one instance drops (its only size)
-DISCARD_ASM, LINE = "discard.global.L2", 128
+#: bytes one discard drops (its only size)
+LINE = 128
 
 
-def support_discards() -> None:
-    """Let interpreted kernels issue L2 line discards (no-ops on the CPU, seen by listeners)."""
-    _install()
 
 
 def _install() -> None:
@@ -268,6 +256,7 @@ def _install() -> None:
             return
         from triton.runtime import interpreter as I
 
+        interpreter_discards()  # wrapped below: the listeners see the discards
         _wrap_launches(I.GridExecutor, I.InterpreterBuilder)
         _wrap_memory(I.InterpreterBuilder, I)
         _installed = True

@@ -156,6 +156,11 @@ KERNELS: Dict[str, Callable] = {"_fwd_pool_kernel": _pool, "_fwd_proj_kernel": _
                                 "_absorb_kernel": _absorb, "_infer_kernel": _infer}
 
 
+#: Persistent kernels launched with fewer programs than SMs on a GPU (the backward: one per
+#: token owner), whose items the interpreter's grid lists one per program.
+PERSISTENT_GRIDS: Dict[str, Callable] = {"_bwd_fused_kernel": lambda s: s.P}
+
+
 @functools.lru_cache(maxsize=None)
 def _matrix_rows(path: Path) -> tuple:
     return tuple(json.loads(path.read_text())["versions"]["3.8.0"]["90"])
@@ -182,8 +187,11 @@ def predict(e: Dict, bandwidth_s: float, dims: Launch, facts: Optional[Dict]) ->
     programs, trips, pipelined = KERNELS[e["name"]](dims, cfg)
     per_sm = resident(facts["regs"], cfg["num_warps"], facts["shared"])
     n = waves(programs, per_sm)
-    chain = n * chain_s(trips, cfg["num_stages"], pipelined)
     util = sm_utilisation(programs, per_sm)
+    if e["name"] in PERSISTENT_GRIDS:  # its items run on its grid's programs only, one per SM
+        grid = min(PERSISTENT_GRIDS[e["name"]](dims), SM["sms"] * per_sm)
+        n, util = math.ceil(programs / grid), min(1.0, grid / SM["sms"])
+    chain = n * chain_s(trips, cfg["num_stages"], pipelined)
     t = max(bandwidth_s / util, chain) + LAUNCH_S
     return {"grid_programs": programs, "per_sm": per_sm, "waves": n, "trips": trips, "chain_us": chain * 1e6,
             "sm_util": util, "latency_pred_us": t * 1e6}
@@ -202,9 +210,11 @@ def annotate(row: Dict, dims: Launch) -> float:
 
 def bench_dims(row: Dict, shapes: Dict) -> Launch:
     """The benchmark read-out's launch dimensions for a traffic row (L = H = 64, one slot per
-    head, A = Vd = V = 64, P = min(B, SMs))."""
+    head, A = Vd = V = 64, P = the row's program count: the backward's owners, else min(B, SMs))."""
     sh = shapes[row["shape"]]
-    return Launch(B=row["batch"], N=sh.N, D=sh.D, L=64, H=64, S=1, VD=1, V=64, P=min(row["batch"], SM["sms"]))
+    at = row.get("eval_point", [])
+    P = at[1] if len(at) > 1 else min(row["batch"], SM["sms"])
+    return Launch(B=row["batch"], N=sh.N, D=sh.D, L=64, H=64, S=1, VD=1, V=64, P=P)
 
 
 def summarize(rows: List[Dict], dims_of: Callable[[Dict], Launch]) -> None:

@@ -45,7 +45,8 @@ LAUNCH_S = 2e-6
 
 class Launch(NamedTuple):
     """Read-out dimensions of one launch: batch, tokens, width, slots, heads, slots per head,
-    value dims per head, output dims and the persistent kernels' program count."""
+    value dims per head, output dims and the persistent kernels' program counts (the backward's
+    token owners, the fused forward's programs)."""
     B: int
     N: int
     D: int
@@ -56,6 +57,7 @@ class Launch(NamedTuple):
     V: int
     P: int
     A: int = 64
+    PF: int = 132
 
 
 def resident(regs: int, num_warps: int, shared: int) -> int:
@@ -157,8 +159,9 @@ KERNELS: Dict[str, Callable] = {"_fwd_pool_kernel": _pool, "_fwd_proj_kernel": _
 
 
 #: Persistent kernels launched with fewer programs than SMs on a GPU (the backward: one per
-#: token owner), whose items the interpreter's grid lists one per program.
-PERSISTENT_GRIDS: Dict[str, Callable] = {"_bwd_fused_kernel": lambda s: s.P}
+#: token owner; the fused forward: its share of the SMs), whose items the interpreter's grid
+#: lists one per program.
+PERSISTENT_GRIDS: Dict[str, Callable] = {"_bwd_fused_kernel": lambda s: s.P, "_fwd_fused_kernel": lambda s: s.PF}
 
 
 @functools.lru_cache(maxsize=None)
@@ -210,11 +213,13 @@ def annotate(row: Dict, dims: Launch) -> float:
 
 def bench_dims(row: Dict, shapes: Dict) -> Launch:
     """The benchmark read-out's launch dimensions for a traffic row (L = H = 64, one slot per
-    head, A = Vd = V = 64, P = the row's program count: the backward's owners, else min(B, SMs))."""
+    head, A = Vd = V = 64, P = the row's program count: the backward's owners, else min(B, SMs);
+    PF = the fused forward's programs in the row's L2 run, else min(B, SMs))."""
     sh = shapes[row["shape"]]
     at = row.get("eval_point", [])
     P = at[1] if len(at) > 1 else min(row["batch"], SM["sms"])
-    return Launch(B=row["batch"], N=sh.N, D=sh.D, L=64, H=64, S=1, VD=1, V=64, P=P)
+    PF = row.get("l2", {}).get("grids", {}).get("_fwd_fused_kernel", min(row["batch"], SM["sms"]))
+    return Launch(B=row["batch"], N=sh.N, D=sh.D, L=64, H=64, S=1, VD=1, V=64, P=P, PF=PF)
 
 
 def summarize(rows: List[Dict], dims_of: Callable[[Dict], Launch]) -> None:

@@ -60,7 +60,8 @@ def test_grid_table_matches_the_grids_the_kernels_launch():
 
 
 def test_persistent_forward_holds_one_program_per_sm_at_the_benchmark_shapes():
-    """The fused forward launches one program per SM and the L2 count interleaves one per SM:
+    """The fused forward launches at most one program per SM and the L2 count interleaves at most
+    one per SM:
     both rest on every half-precision config compiled for the benchmark shapes, on every arch of
     the compile matrix, holding one program per SM (a second could not start until the first
     ended). A lighter config would make two per SM possible, and this test says so."""

@@ -321,6 +321,18 @@ def eval_programs(shape: sb.Shape, target: int) -> int:
     return at.default_owners(min(target, H100["sms"]), per_owner, H100["l2"])
 
 
+def eval_fwd_programs(shape: sb.Shape, batch: int) -> int:
+    """The fused forward's persistent programs on the H100 model at ``batch``, as the op takes
+    them untimed: the largest share of one per SM whose samples in flight (x, the tiled path's
+    scores) fit its 50 MB L2."""
+    from sparo_fast_kernels import sparo_readout_autotune as at
+    from sparo_fast_kernels import sparo_readout_fwd as fwd
+
+    tiled = not at.pool_meta(sb.L_SLOTS, shape.N, shape.D, DTYPE)["ONE_TILE"]
+    per_sample = fwd.sample_bytes(sb.L_SLOTS, shape.N, shape.D, torch.finfo(DTYPE).bits // 8, tiled)
+    return at.default_owners(min(batch, H100["sms"]), per_sample, H100["l2"])
+
+
 def _run(shape, backend, pass_, point) -> List[dict]:
     return count(shape, backend, pass_, point[0], programs=point[1] if len(point) > 1 else None)
 
@@ -359,9 +371,11 @@ def l2_case(shape: sb.Shape, backend: str, pass_: str, batch: int, programs: Opt
                                       item_kernels=ITEM_KERNELS if waits else ())
     events = count(shape, backend, pass_, batch, programs=programs, space=space,
                    extra=lambda: l2_stream.recording(rec))
-    # the backward launches one program per token owner: with fewer owners than SMs, fewer run at once
-    streams = l2_stream.pass_streams(events, rec, resident, {"_bwd_fused_kernel": programs} if programs else None)
-    out = {"resident": resident, "ways": ways, "sampled": sample,
+    # persistent launches with fewer programs than SMs run fewer items at once: the backward one per
+    # token owner, the fused forward its share of the SMs
+    grids = {"_fwd_fused_kernel": eval_fwd_programs(shape, batch), **({"_bwd_fused_kernel": programs} if programs else {})}
+    streams = l2_stream.pass_streams(events, rec, resident, grids)
+    out = {"resident": resident, "ways": ways, "sampled": sample, "grids": grids,
            "programs_run": sum(k.recorded for k in rec.launches),
            "programs": sum(len(k.programs) for k in rec.launches),
            "blocks_recorded_whole": sum(k.full_blocks for k in rec.launches),

@@ -39,9 +39,10 @@ the slot-level kernels enters as a power-of-two bucket capped at 4096):
    above prune what spilled across architectures in the compile matrix; what spills on one
    architecture or Triton version only is caught here, on the user's own GPU.
 
-The backward's token-owner count is chosen the same way (2-5) as the config of a pseudo-kernel
-``bwd_owners`` whose space is ``owner_space`` (a share of one owner per SM), timed by running
-the whole backward launch (``sparo_readout_op._token_owners``).
+The backward's token-owner count and the fused forward's program count are chosen the same way
+(2-5) as the configs of pseudo-kernels ``bwd_owners`` and ``fwd_programs`` whose space is
+``owner_space`` (a share of one program per SM), timed by running the whole launch
+(``sparo_readout_op._program_share``).
 
 A choice made by 4 or 5 is published with the store's ``compare_set`` (first writer wins) and
 every rank then uses the stored value, so all ranks run the same config (bitwise the same
@@ -457,32 +458,35 @@ def smem_infer(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
     return max(smem_pool(dict(meta, ONE_TILE=True), cfg, dtype), smem_proj(meta, proj, dtype))
 
 
-# ----------------------------------------------------------------------------- backward owners
-#: The backward's token owners as a percentage of one per SM. Each owner keeps a sample in L2
-#: while it works on it (its x, re-read by the second sweep; its gxp rows; its fp32 dqt partial;
-#: the tiled path's scratch): 132 owners hold about 79 MB at vit_b16 against an H100's 50 MB, and
-#: the L2 model counts the backward's DRAM bytes far lower with half of them (bench/NOTES.md), at
-#: the price of SMs idle in the token stage, which only timing can weigh: the op times these on
-#: the GPU. Untimed (the interpreter, fixed configs, tracing) it takes ``default_owners``.
-OWNER_PCTS = (100, 67, 50)
-#: Share of the L2 the owners' samples in flight may fill in ``default_owners`` (the rest: the
-#: weights, qt, the gxp rows of the next round, dx on its way out).
+# ----------------------------------------------------------------------------- persistent program counts
+#: The persistent launches' program counts (the backward's token owners, the fused forward's
+#: programs) as a percentage of one per SM. Each program keeps a sample in L2 while it works on
+#: it: the backward's owner its x (re-read by the second sweep), its gxp rows, its fp32 dqt
+#: partial and the tiled path's scratch; the forward's pool its x and the tiled path's scores.
+#: 132 owners hold about 79 MB at vit_b16 against an H100's 50 MB, 132 forward programs 78 MB at
+#: vit_l14, and the L2 model counts far fewer DRAM bytes with a share of them (bench/NOTES.md), at
+#: the price of idle SMs, which only timing can weigh: the op times these on the GPU. Untimed
+#: (the interpreter, fixed configs, tracing) it takes ``default_owners``.
+OWNER_PCTS = (100, 67, 50, 33, 25)
+#: Share of the L2 the samples in flight may fill in ``default_owners`` (the rest: the weights,
+#: qt, the gxp rows of the next round, dx or xp on their way out).
 OWNER_L2_SHARE = 0.8
 
 
 def owner_space() -> List[Dict]:
-    """The owner-count choices, as configs of the pseudo-kernel ``bwd_owners`` for ``choose``."""
+    """The program-count choices, as configs of the pseudo-kernels ``bwd_owners`` and
+    ``fwd_programs`` for ``choose``."""
     return [dict(pct=p) for p in OWNER_PCTS]
 
 
 def owners(programs: int, cfg: Dict) -> int:
-    """Token owners for a choice of ``owner_space`` and the default program count."""
+    """Programs (token owners) for a choice of ``owner_space`` and the default program count."""
     return max(1, -(-programs * cfg["pct"] // 100))
 
 
 def default_owners(programs: int, per_owner: int, l2: Optional[int] = None) -> int:
-    """The owner count taken without timing: the largest choice of ``owner_space`` whose samples
-    in flight (``per_owner`` bytes each) fit ``OWNER_L2_SHARE`` of the L2 (``l2``, default: the
+    """The program count taken without timing: the largest choice of ``owner_space`` whose
+    samples in flight (``per_owner`` bytes each) fit ``OWNER_L2_SHARE`` of the L2 (``l2``, default: the
     device's, else an H100's), else the smallest."""
     if l2 is None:
         lim = device_limits()

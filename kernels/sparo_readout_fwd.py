@@ -7,6 +7,9 @@ projection, as work items of one persistent launch, each row tile of pooled rows
 right after its samples are pooled, while the rows are still in L2. ``_fwd_pool_kernel`` and
 ``_fwd_proj_kernel`` run the same two stages as two launches: the fused kernel's peers in the
 tests (bitwise the same results) and the split that counts as the baseline in bench/NOTES.md.
+Its programs are a share of one per SM (``sparo_readout_op._program_share``, timed on the GPU):
+each keeps a sample in L2 between its two sweeps (``sample_bytes``), and 132 of them overflow a
+50 MB L2 at ViT-L/14 (592 kB each with the tiled path's scores).
 
 The key projection is folded into each slot's query, ``qt_l = W_K[h]^T q_l`` (a [L, D]
 weight-only product, ``_absorb_kernel`` below, launched by the op; its gradient flows to
@@ -396,6 +399,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 _p2 = next_pow2  # the autotune module's name for it
+
+
+def sample_bytes(L: int, N: int, D: int, itemsize: int, tiled: bool) -> int:
+    """Bytes one pool item keeps in L2 while it works on a sample: the sample's x (re-read by the
+    second sweep) and the tiled path's fp32 scores (read back by the pooling pass)."""
+    return N * D * itemsize + (L * N * 4 if tiled else 0)
 
 
 def fused_schedule(B: int, S: int, H: int, BM: int, lag: int = 1) -> list:

@@ -7,10 +7,10 @@ so ``torch.compile`` traces them without graph breaks (Inductor sees the kernels
 ``readout_bwd``; both have allocation-only fake implementations.
 
 On a GPU each kernel is a ``triton.autotune`` over the pruned space of
-``sparo_readout_autotune.py`` for its shape key, and the backward's token-owner count is
-chosen by timing the whole launch at 100%, 67% and 50% of one owner per SM
-(``_token_owners``); under the Triton CPU interpreter (``TRITON_INTERPRET=1``, set before this
-module is imported) the kernels are ``InterpretedFunction`` objects, which cannot be traced: they are
+``sparo_readout_autotune.py`` for its shape key, and the backward's token-owner count and the
+fused forward's program count are chosen by timing the whole launch at 100%, 67%, 50%, 33% and
+25% of one program per SM (``_program_share``); under the Triton CPU interpreter
+(``TRITON_INTERPRET=1``, set before this module is imported) the kernels are ``InterpretedFunction`` objects, which cannot be traced: they are
 launched directly with the space's first (fixed) config (older torch releases' ``wrap_triton``
 reject them), and the ops are kept opaque under ``torch.compile`` (the FunctionalTensorMode
 decomposition is replaced by a plain redispatch).
@@ -52,7 +52,8 @@ from .sparo_readout_bwd import (DISCARD_GXP, DISCARD_PART, DISCARD_SCR, _bwd_fin
                                  _bwd_fused_kernel, _bwd_token_kernel, num_programs, owner_bytes,
                                  programs_forced as bwd_programs_forced)
 from .sparo_readout_common import discard_supported, whole_lines
-from .sparo_readout_fwd import _absorb_kernel, _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision
+from .sparo_readout_fwd import (_absorb_kernel, _fwd_fused_kernel, _fwd_pool_kernel, _fwd_proj_kernel, dot_precision,
+                                 sample_bytes)
 
 try:
     from triton.runtime.jit import JITFunction as _JITFunction
@@ -165,8 +166,8 @@ def _tickets() -> bool:
 
 
 def fused_programs(items: int, device: torch.device) -> int:
-    """Persistent programs of the fused forward: one per SM on a GPU, at most one per work item;
-    2 under the interpreter. One SM cannot hold two: every half-precision config compiled for
+    """The most persistent programs of the fused forward (it runs a share of them:
+    ``_program_share``): one per SM on a GPU, at most one per work item; 2 under the interpreter. One SM cannot hold two: every half-precision config compiled for
     the benchmark shapes takes 192-255 registers a thread at 8 warps (the compile matrix), more
     than half the register file, so a second program per SM would start only when the first
     had finished, find every ticket taken and exit."""
@@ -176,31 +177,37 @@ def fused_programs(items: int, device: torch.device) -> int:
 
 
 def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float, num_heads: int, need_weights: bool,
-                     v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     v_weight: Tensor, v_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
+                     programs: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``_fwd_fused_kernel`` (refs: ``fwd_pool_ref`` then ``fwd_proj_ref``): (attn or an empty
-    tensor, lse, xp head-major, o, out), one launch after a zero-filled work counter."""
+    tensor, lse, xp head-major, o, out), one launch after a zero-filled work counter, on
+    ``programs`` persistent programs (default: ``_program_share``'s choice)."""
     B, N, D = x.shape
     L = qt.shape[0]
     H, S = num_heads, L // num_heads
     vd, V = v_weight.shape[0] // H, proj_weight.shape[0]
     meta = _path_meta(at.fused_meta(L, N, D, vd, V, x.dtype), "pool")
+    items = B + H * triton.cdiv(B * S, meta["BM"])
+    has_eos = eos is not None
+    tag = (at.n_bucket(N), D, L, vd, V, x.dtype, has_eos, need_weights)
+    if programs is None and _tickets():
+        args = (x, eos, qt, scale, num_heads, need_weights, v_weight, v_bias, proj_weight, proj_bias)
+        programs = _program_share("fwd_programs", fused_programs(items, x.device),
+                                  lambda p: launch_fwd_fused(*args, programs=p), (x,), (at.m_bucket(B * S), *tag),
+                                  sample_bytes(L, N, D, x.element_size(), not meta["ONE_TILE"]))
     lse = torch.empty((B, L), device=x.device, dtype=torch.float32)
     scr = lse if meta["ONE_TILE"] else torch.empty((B, L, N), device=x.device, dtype=torch.float32)
     attn = torch.empty((B, L, N) if need_weights else (0,), device=x.device, dtype=x.dtype)
     xp = torch.empty((H, B * S, D), device=x.device, dtype=x.dtype)
     o, out = x.new_empty((B, L, vd)), x.new_empty((B, L, V))
-    items = B + H * triton.cdiv(B * S, meta["BM"])
     sync = torch.zeros((1 + B,), device=x.device, dtype=torch.int32)  # ticket counter, per-sample ready flags
-    has_eos = eos is not None
-    _launch(_fwd_fused_kernel, (fused_programs(items, x.device) if _tickets() else items,),
+    _launch(_fwd_fused_kernel, (programs if _tickets() else items,),
             (x, eos.contiguous() if has_eos else lse, qt, scr, attn if need_weights else lse, lse, xp,
              v_weight.contiguous(), v_bias.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(), o, out,
              sync, scale, B, N, D, L, S, H, vd, V, x.stride(0), x.stride(1), x.stride(2)),
             dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
                  TICKETS=_tickets(), **meta),
-            at.fused_space(L, N, D, vd, V, x.dtype), ["N", "D", "L"],
-            (at.n_bucket(N), D, L, vd, V, x.dtype, has_eos, need_weights))
+            at.fused_space(L, N, D, vd, V, x.dtype), ["N", "D", "L"], tag)
     return attn, lse, xp, o, out
 
 
@@ -334,8 +341,8 @@ def launch_bwd_fused(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_we
     tag = _bwd_tag(x, q_emb, v_weight, proj_weight, eos, ga, shared_kv)
     B, N, D = x.shape
     tiled = not at.bwd_meta(qt.shape[0], N, D, x.dtype)["ONE_TILE"]
-    P = _token_owners(num_programs(B, x.device), lambda p: launch_bwd_fused_on(p, tag, *args), args, tag,
-                      owner_bytes(qt.shape[0], N, D, x.element_size(), tiled))
+    P = _program_share("bwd_owners", num_programs(B, x.device), lambda p: launch_bwd_fused_on(p, tag, *args), args,
+                       tag, owner_bytes(qt.shape[0], N, D, x.element_size(), tiled), bwd_programs_forced())
     return launch_bwd_fused_on(P, tag, *args)
 
 
@@ -348,20 +355,21 @@ def _bwd_tag(x: Tensor, q_emb: Tensor, v_weight: Tensor, proj_weight: Tensor, eo
             x.dtype, eos is not None, ga is not None, shared_kv)
 
 
-def _token_owners(programs: int, run, tensors, tag: tuple, per_owner: int) -> int:
-    """The backward's token-owner count out of ``programs`` (one per SM): the fastest choice of
-    ``at.owner_space`` when timing the whole backward on this GPU (chosen once per key, shared
-    across ranks and cached on disk like a kernel config); untimed (the interpreter, fixed
-    configs, tracing) the largest choice whose samples in flight (``per_owner`` bytes each)
-    fit the L2 (``at.default_owners``). A forced program count is taken as it is."""
-    if bwd_programs_forced() or programs < 2:
+def _program_share(kind: str, programs: int, run, tensors, tag: tuple, per_item: int, forced: bool = False) -> int:
+    """A persistent launch's program count out of ``programs`` (one per SM): the fastest choice of
+    ``at.owner_space`` when timing the whole launch (``run(p)``) on this GPU, chosen once per key
+    (``kind`` and ``tag``), shared across ranks and cached on disk like a kernel config; untimed
+    (the interpreter, fixed configs, tracing) the largest choice whose samples in flight
+    (``per_item`` bytes each) fit the L2 (``at.default_owners``). A ``forced`` count is taken as
+    it is."""
+    if forced or programs < 2:
         return programs
-    default = at.default_owners(programs, per_owner)
+    default = at.default_owners(programs, per_item)
     if INTERPRETED or FIXED_CONFIGS:
         return default
-    key = "|".join(["bwd_owners", *map(str, tag)])
+    key = "|".join([kind, *map(str, tag)])
     bench = None if at._tracing(tensors) else (lambda cfg: _time(lambda: run(at.owners(programs, cfg))))
-    cfg = at.choose("bwd_owners", key, at.owner_space(), bench)
+    cfg = at.choose(kind, key, at.owner_space(), bench)
     return at.owners(programs, cfg) if cfg is not None else default
 
 

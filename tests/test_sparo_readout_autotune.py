@@ -229,16 +229,19 @@ def test_choose_skips_configs_that_spill(fresh, monkeypatch):
     assert at.choose("_fwd_fused_kernel", "sp2", SPACE, bench)["BD"] == 64  # all spill: the fastest
 
 
-def test_backward_owner_count_is_timed_once_per_key(fresh, monkeypatch):
-    """On a GPU the backward times its whole launch at 100%, 67% and 50% of its one-per-SM
-    owners once per key (fake timings: 88 owners fastest) and keeps the choice; the
-    interpreter and an unknown key while tracing take the default (the largest count whose
-    samples in flight fit 80% of the L2), a forced program count is taken as it is."""
+def test_program_share_is_timed_once_per_key(fresh, monkeypatch):
+    """On a GPU a persistent launch (the backward's owners, the fused forward's programs) times
+    the whole launch at 100%, 67%, 50%, 33% and 25% of one program per SM once per key (fake
+    timings: 89 fastest) and keeps the choice; the interpreter and an unknown key while tracing
+    take the default (the largest count whose samples in flight fit 80% of the L2), a forced
+    count is taken as it is."""
     op = importlib.import_module("sparo_fast_kernels.sparo_readout_op")
-    bwd = importlib.import_module("sparo_fast_kernels.sparo_readout_bwd")
-    assert [at.owners(132, c) for c in at.owner_space()] == [132, 89, 66]
-    small, big = 300_000, 600_000  # bytes per owner: 132 x small and 66 x big fit 40 of 50 MB, 89 x big does not
-    assert [at.default_owners(132, b, 50_000_000) for b in (small, big, 10 * big)] == [132, 66, 66]
+    assert [at.owners(132, c) for c in at.owner_space()] == [132, 89, 66, 44, 33]
+    # bytes per sample: 132 x 300k, 66 x 600k, 44 x 900k and 33 x 1.1M fit 40 of 50 MB; 89 x 600k,
+    # 66 x 900k and 44 x 1.1M do not; nothing fits 6 MB a sample: the smallest choice
+    small, big = 300_000, 600_000
+    sizes = (small, big, 900_000, 1_100_000, 10 * big)
+    assert [at.default_owners(132, b, 50_000_000) for b in sizes] == [132, 66, 44, 33, 33]
     x = torch.empty(4)
     ran = []
 
@@ -246,15 +249,18 @@ def test_backward_owner_count_is_timed_once_per_key(fresh, monkeypatch):
         ran.append(p)
         return p
 
-    monkeypatch.setattr(op, "_time", lambda fn: {132: 3.0, 89: 1.0, 66: 2.0}[fn()])
-    assert op._token_owners(132, run, (x,), ("t",), big) == 66  # the interpreter: never tuned, the default
-    assert op._token_owners(132, run, (x,), ("t",), small) == 132 and ran == []
+    monkeypatch.setattr(op, "_time", lambda fn: {132: 3.0, 89: 1.0, 66: 2.0, 44: 4.0, 33: 5.0}[fn()])
+    monkeypatch.setattr(op, "INTERPRETED", True)
+    for kind in ("bwd_owners", "fwd_programs"):
+        assert op._program_share(kind, 132, run, (x,), ("t",), big) == 66  # the interpreter: the default
+        assert op._program_share(kind, 132, run, (x,), ("t",), small) == 132 and ran == []
     monkeypatch.setattr(op, "INTERPRETED", False)
-    assert op._token_owners(132, run, (x,), ("t",), big) == 89 and sorted(ran) == [66, 89, 132]
-    assert op._token_owners(132, run, (x,), ("t",), big) == 89 and len(ran) == 3  # cached
-    assert op._token_owners(1, run, (x,), ("u",), big) == 1 and len(ran) == 3  # one owner: nothing to choose
+    for kind in ("bwd_owners", "fwd_programs"):  # one choice per kind and key
+        share = lambda *a, **k: op._program_share(kind, *a, **k)  # noqa: E731
+        n = len(ran)
+        assert share(132, run, (x,), ("t",), big) == 89 and sorted(ran[n:]) == [33, 44, 66, 89, 132]
+        assert share(132, run, (x,), ("t",), big) == 89 and len(ran) == n + 5  # cached
+        assert share(1, run, (x,), ("u",), big) == 1 and len(ran) == n + 5  # one program: nothing to choose
+        assert share(7, run, (x,), ("w",), big, forced=True) == 7 and len(ran) == n + 5  # forced by a test or a count
     monkeypatch.setattr(at, "_tracing", lambda args: True)
-    assert op._token_owners(132, run, (x,), ("v",), big) == 66 and len(ran) == 3  # tracing: nothing timed
-    monkeypatch.setattr(bwd, "PROGRAMS_OVERRIDE", 7)
-    monkeypatch.setattr(at, "_tracing", lambda args: False)
-    assert op._token_owners(7, run, (x,), ("w",), big) == 7 and len(ran) == 3  # forced by a test or a count
+    assert op._program_share("bwd_owners", 132, run, (x,), ("v",), big) == 66 and len(ran) == 10  # tracing

@@ -213,6 +213,11 @@ def test_fwd_fused(ops, dtype, tickets, tiled, monkeypatch):
     split += ops.launch_fwd_proj(split[2], t["vw"], t["vb"], t["pw"], t["pb"], B)
     for name, a, b in zip(("attn", "lse", "xp", "o", "out"), got, split):
         assert torch.equal(a, b), f"{name}: the fused forward differs from the split kernels (seed {SEED})"
+    if tickets:  # a share of the programs (the L2-bound choice): one program takes every item in order
+        one = ops.launch_fwd_fused(t["x"], t["eos"], t["qt"], scale, t["H"], True, t["vw"], t["vb"], t["pw"],
+                                   t["pb"], programs=1)
+        for name, a, b in zip(("attn", "lse", "xp", "o", "out"), one, got):
+            assert torch.equal(a, b), f"{name}: one forward program differs from two (seed {SEED})"
     w = _wide(t)
     truth = fwd_pool_ref(w["x"], w["eos"], w["qt"], scale, t["H"])
     lo32 = fwd_pool_ref(t["x"], t["eos"], t["qt"], scale, t["H"])

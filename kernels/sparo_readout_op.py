@@ -190,7 +190,7 @@ def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float,
     items = B + H * triton.cdiv(B * S, meta["BM"])
     has_eos = eos is not None
     tag = (at.n_bucket(N), D, L, vd, V, x.dtype, has_eos, need_weights)
-    if programs is None and _tickets():
+    if programs is None and _tickets() and x.device.type == "cuda":
         args = (x, eos, qt, scale, num_heads, need_weights, v_weight, v_bias, proj_weight, proj_bias)
         programs = _program_share("fwd_programs", fused_programs(items, x.device),
                                   lambda p: launch_fwd_fused(*args, programs=p), (x,), (at.m_bucket(B * S), *tag),
@@ -201,7 +201,7 @@ def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float,
     xp = torch.empty((H, B * S, D), device=x.device, dtype=x.dtype)
     o, out = x.new_empty((B, L, vd)), x.new_empty((B, L, V))
     sync = torch.zeros((1 + B,), device=x.device, dtype=torch.int32)  # ticket counter, per-sample ready flags
-    _launch(_fwd_fused_kernel, (programs if _tickets() else items,),
+    _launch(_fwd_fused_kernel, ((programs or fused_programs(items, x.device)) if _tickets() else items,),
             (x, eos.contiguous() if has_eos else lse, qt, scr, attn if need_weights else lse, lse, xp,
              v_weight.contiguous(), v_bias.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(), o, out,
              sync, scale, B, N, D, L, S, H, vd, V, x.stride(0), x.stride(1), x.stride(2)),

@@ -10,7 +10,8 @@ On a GPU each kernel is a ``triton.autotune`` over the pruned space of
 ``sparo_readout_autotune.py`` for its shape key, and the backward's token-owner count and the
 fused forward's program count are chosen by timing the whole launch at 100%, 67%, 50%, 33% and
 25% of one program per SM (``_program_share``); under the Triton CPU interpreter
-(``TRITON_INTERPRET=1``, set before this module is imported) the kernels are ``InterpretedFunction`` objects, which cannot be traced: they are
+(``TRITON_INTERPRET=1``, set before this module is imported) the kernels are
+``InterpretedFunction`` objects, which cannot be traced: they are
 launched directly with the space's first (fixed) config (older torch releases' ``wrap_triton``
 reject them), and the ops are kept opaque under ``torch.compile`` (the FunctionalTensorMode
 decomposition is replaced by a plain redispatch).
@@ -166,8 +167,9 @@ def _tickets() -> bool:
 
 
 def fused_programs(items: int, device: torch.device) -> int:
-    """The most persistent programs of the fused forward (it runs a share of them:
-    ``_program_share``): one per SM on a GPU, at most one per work item; 2 under the interpreter. One SM cannot hold two: every half-precision config compiled for
+    """The most persistent programs of the fused forward (on a GPU it runs a share of them:
+    ``_program_share``): one per SM on a GPU, at most one per work item; 2 under the
+    interpreter. One SM cannot hold two: every half-precision config compiled for
     the benchmark shapes takes 192-255 registers a thread at 8 warps (the compile matrix), more
     than half the register file, so a second program per SM would start only when the first
     had finished, find every ticket taken and exit."""

@@ -342,10 +342,10 @@ def test_a_discarded_scratch_is_not_written_back():
 
 
 def test_the_readout_discards_only_dead_scratch():
-    """The backward's gxp rows, dqt partials and tiled scratch and the inference ring are dropped
-    from L2 after their last read: every discard is a whole line of one of those buffers (offset a
-    multiple of 128 bytes into its storage), and no line is loaded between its discard and a
-    store to it, in any launch of the pass."""
+    """The backward's gxp rows, dqt partials and tiled scratch, the forward's tiled scores and the
+    inference ring are dropped from L2 after their last read: every discard is a whole line of one
+    of those buffers (offset a multiple of 128 bytes into its storage), and no line is loaded
+    between its discard and a store to it, in any launch of the pass."""
     one_tile, tiled = sb.Shape("one_tile", 3, 20, 128, True), sb.Shape("tiled", 2, 260, 64, False)
     seen = {}
     for shape, pass_ in ((one_tile, "fwd_bwd"), (one_tile, "infer"), (tiled, "fwd_bwd")):
@@ -353,8 +353,10 @@ def test_the_readout_discards_only_dead_scratch():
         traffic.count(shape, "triton", pass_, shape.B, programs=2, extra=lambda: trace.listening(watch))
         assert watch.loads_of_dead == 0, (shape.name, pass_)
         seen[shape.name, pass_] = watch.buffers
-    assert seen == {("one_tile", "fwd_bwd"): {"GXP", "DQT"}, ("one_tile", "infer"): {"RING"},
-                    ("tiled", "fwd_bwd"): {"GXP", "DQT", "SCR"}}
+    bwd, fwd = "_bwd_fused_kernel", "_fwd_fused_kernel"
+    assert seen == {("one_tile", "fwd_bwd"): {(bwd, "GXP"), (bwd, "DQT")},
+                    ("one_tile", "infer"): {("_infer_kernel", "RING")},
+                    ("tiled", "fwd_bwd"): {(bwd, "GXP"), (bwd, "DQT"), (bwd, "SCR"), (fwd, "SCR")}}
 
 
 class _DeadLines(trace._Listener):
@@ -370,7 +372,7 @@ class _DeadLines(trace._Listener):
             off = a.base - a.storage.data_ptr() + ad - a.lo
             if kind == "discard":
                 assert off % LINE == 0 and ad + LINE <= a.hi, (launch.kernel, a.name, off)
-                self.buffers.add(a.name)
+                self.buffers.add((launch.kernel, a.name))
             lines.add((a.storage.data_ptr(), off // LINE))
         if kind == "discard":
             self.dead |= lines

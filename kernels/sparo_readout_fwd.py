@@ -81,7 +81,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .sparo_readout_common import LOG2E, _wide, _dot, _n_valid, _score_sweep, _xp_rows, next_pow2
+from .sparo_readout_common import LOG2E, _discard_span, _wide, _dot, _n_valid, _score_sweep, _xp_rows, next_pow2
 
 @triton.jit
 def _absorb_kernel(QE, WK, QT, S, A, D, BS: tl.constexpr, BA: tl.constexpr, BD: tl.constexpr,
@@ -209,8 +209,10 @@ def _fwd_tiled_pool(X, SCR, XP, x_base, row_base, xp_rows, offs_l, lmask, lse, n
 @triton.jit
 def _pool_sample(X, EOS, QT, SCR, ATTN, LSE, XP, b, scale, B, N, D, L, S, stride_xb, stride_xn, stride_xd,
                  HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr, BL: tl.constexpr,
-                 BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    """Softmax pooling of sample ``b`` (int64) for all slots (``BL`` covers them): lse, attn, xp."""
+                 BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+                 DISCARD: tl.constexpr):
+    """Softmax pooling of sample ``b`` (int64) for all slots (``BL`` covers them): lse, attn, xp.
+    ``DISCARD``: the tiled path's scores, dead after the pooling pass, leave L2 unwritten."""
     offs_l = tl.arange(0, BL)
     lmask = offs_l < L
     x_base = X + b * stride_xb
@@ -230,6 +232,7 @@ def _pool_sample(X, EOS, QT, SCR, ATTN, LSE, XP, b, scale, B, N, D, L, S, stride
             _fwd_tiled_attn(SCR, ATTN, row_base, offs_l, lmask, lse, n_valid, N, BN)
         _fwd_tiled_pool(X, SCR, XP, x_base, row_base, xp_rows, offs_l, lmask, lse, n_valid, N, D, stride_xn,
                         stride_xd, BL, BN, BD, DOT_PREC, UPCAST)
+        _discard_span(SCR + row_base, L * N, DISCARD)
 
 
 @triton.jit
@@ -239,11 +242,12 @@ def _fwd_pool_kernel(
     stride_xb, stride_xn, stride_xd,
     HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
-    UPCAST: tl.constexpr = False,
+    UPCAST: tl.constexpr = False, DISCARD: tl.constexpr = False,
 ):
     """Softmax pooling of one sample's tokens for all slots (grid ``(B,)``: ``BL`` covers every slot)."""
     _pool_sample(X, EOS, QT, SCR, ATTN, LSE, XP, tl.program_id(0).to(tl.int64), scale, B, N, D, L, S,
-                 stride_xb, stride_xn, stride_xd, HAS_EOS, NEED_WEIGHTS, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
+                 stride_xb, stride_xn, stride_xd, HAS_EOS, NEED_WEIGHTS, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST,
+                 DISCARD)
 
 
 @triton.jit
@@ -355,7 +359,7 @@ def _fwd_fused_kernel(
     HAS_EOS: tl.constexpr, NEED_WEIGHTS: tl.constexpr, ONE_TILE: tl.constexpr,
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BDP: tl.constexpr,
     BVD: tl.constexpr, BVO: tl.constexpr, DOT_PREC: tl.constexpr, TICKETS: tl.constexpr = True,
-    UPCAST: tl.constexpr = False,
+    UPCAST: tl.constexpr = False, DISCARD: tl.constexpr = False,
 ):
     """Pooling and projections in one persistent launch (grid ``(P,)``), so that each chunk of
     pooled rows is projected while it is still in L2. Work items come from one ticket counter
@@ -369,7 +373,7 @@ def _fwd_fused_kernel(
     item, program t running item t, and nothing waits: the interpreter runs programs in grid
     order, which is the work order (and an L2 model that records only some programs never
     meets a wait for one it skipped); the programs are those an L2 model interleaves as a GPU
-    runs them."""
+    runs them. ``DISCARD``: the tiled path's scores are dropped from L2 after their last read."""
     M = B * S
     NT = B + H * tl.cdiv(M, BM)
     t = _first_ticket(SYNC, TICKETS)
@@ -378,7 +382,7 @@ def _fwd_fused_kernel(
         if item >= 0:
             b = item.to(tl.int64)
             _pool_sample(X, EOS, QT, SCR, ATTN, LSE, XP, b, scale, B, N, D, L, S, stride_xb, stride_xn, stride_xd,
-                         HAS_EOS, NEED_WEIGHTS, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST)
+                         HAS_EOS, NEED_WEIGHTS, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD)
             if TICKETS:
                 tl.debug_barrier()  # every thread's xp stores precede the release below
                 tl.atomic_add(SYNC + 1 + b, 1, sem="release")

@@ -114,6 +114,12 @@ def _path_meta(meta: Dict, kernel: str) -> Dict:
     return meta
 
 
+def _fwd_discard(scr: Tensor, meta: Dict) -> bool:
+    """The forward's ``DISCARD``: its tiled path's per-sample scores ([L, N] fp32) are dead after
+    the pooling pass and may leave L2 without a write-back where they lie on whole lines."""
+    return (not meta["ONE_TILE"]) and discard_supported(scr.device) and whole_lines(scr, scr[0].numel() * 4)
+
+
 def launch_fwd_pool(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float, num_heads: int,
                     need_weights: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``_fwd_pool_kernel`` (ref: ``fwd_pool_ref``): (attn or an empty tensor, lse, xp head-major)."""
@@ -129,7 +135,7 @@ def launch_fwd_pool(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float, 
             (x, eos.contiguous() if has_eos else lse, qt, scr, attn if need_weights else lse, lse, xp, scale,
              B, N, D, L, L // num_heads, x.stride(0), x.stride(1), x.stride(2)),
             dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
-                 **meta),
+                 DISCARD=_fwd_discard(scr, meta), **meta),
             at.pool_space(L, N, D, x.dtype), ["N", "D", "L"], (at.n_bucket(N), D, L, x.dtype, has_eos))
     return attn, lse, xp
 
@@ -208,7 +214,7 @@ def launch_fwd_fused(x: Tensor, eos: Optional[Tensor], qt: Tensor, scale: float,
              v_weight.contiguous(), v_bias.contiguous(), proj_weight.contiguous(), proj_bias.contiguous(), o, out,
              sync, scale, B, N, D, L, S, H, vd, V, x.stride(0), x.stride(1), x.stride(2)),
             dict(HAS_EOS=has_eos, NEED_WEIGHTS=need_weights, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
-                 TICKETS=_tickets(), **meta),
+                 TICKETS=_tickets(), DISCARD=_fwd_discard(scr, meta), **meta),
             at.fused_space(L, N, D, vd, V, x.dtype), ["N", "D", "L"], tag)
     return attn, lse, xp, o, out
 

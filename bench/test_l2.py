@@ -243,6 +243,24 @@ def test_an_item_starts_after_the_items_it_waits_for():
     assert sorted(zip(a.tolist(), ka.tolist())) == sorted(zip(b.tolist(), kb.tolist()))
 
 
+def test_waits_are_the_same_whatever_the_chunk_of_pairs():
+    """The (reader, earlier writer) pairs formed a chunk at a time equal those formed at once, on
+    random blocks (some read by no one, some written by many items)."""
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        m, k = int(rng.integers(1, 40)), int(rng.integers(1, 30))
+        wi, ri = np.sort(rng.integers(0, 30, m)), rng.integers(0, 30, k)
+        lo = rng.integers(0, m, k)
+        n = np.minimum(rng.integers(1, 6, k), m - lo)
+        w, r = wi[st.ranges(lo, n)], np.repeat(ri, n)
+        want = {(int(a), int(b)) for a, b in zip(r, w) if b < a}
+        for chunk in (1, 3, 7, 1 << 24):
+            got = st._writer_pairs(wi, ri, lo, n, chunk)
+            assert sorted(want) == [tuple(p) for p in got.tolist()], chunk
+
+
 def test_work_items_wait_for_the_items_whose_stores_they_load():
     """A kernel run one program per work item in work order: an item waits for the earlier items
     whose stores it loads (4 for 0 and 1, 5 for 2 and 3), not for a later writer (6 reads what 7

@@ -401,15 +401,31 @@ def data_waits(programs: List[Program], grain: int = 32) -> List[List[int]]:
     lo, hi = np.searchsorted(wb, rb, "left"), np.searchsorted(wb, rb, "right")
     has = hi > lo
     rb, ri, lo, hi = rb[has], ri[has], lo[has], hi[has]
-    n = hi - lo  # a block's writers, each paired with each of its readers
-    w = wi[ranges(lo, n)]
-    r = np.repeat(ri, n)
-    pairs = np.unique(np.stack([r[w < r], w[w < r]], 1), axis=0) if (w < r).any() else np.zeros((0, 2), np.int64)
+    pairs = _writer_pairs(wi, ri, lo, hi - lo)
     if pairs.size:  # sorted by reader: one run of writers per reader
         starts = np.flatnonzero(np.r_[True, pairs[1:, 0] != pairs[:-1, 0]])
         for a, b in zip(starts, np.r_[starts[1:], len(pairs)]):
             after[int(pairs[a, 0])] = pairs[a:b, 1].tolist()
     return after
+
+
+def _writer_pairs(wi: np.ndarray, ri: np.ndarray, lo: np.ndarray, n: np.ndarray,
+                  chunk: int = 1 << 24) -> np.ndarray:
+    """Unique (reader, earlier writer) pairs, sorted: each read block's ``n`` writers (``wi[lo:lo+n]``)
+    paired with its reader ``ri``. Blocks that every item touches (a counter, a partial updated by
+    each of many items) pair thousands of writers with thousands of readers, so the pairs are formed
+    ``chunk`` at a time and made unique per chunk: the repeats never sit in memory together."""
+    ends = np.cumsum(n)
+    parts, start = [], 0
+    while start < n.size:
+        stop = max(start + 1, int(np.searchsorted(ends, (ends[start - 1] if start else 0) + chunk, "right")))
+        w = wi[ranges(lo[start:stop], n[start:stop])]
+        r = np.repeat(ri[start:stop], n[start:stop])
+        keep = w < r
+        if keep.any():
+            parts.append(np.unique(np.stack([r[keep], w[keep]], 1), axis=0))
+        start = stop
+    return np.unique(np.concatenate(parts), axis=0) if parts else np.zeros((0, 2), np.int64)
 
 
 def _step(p: Pid, axis: int) -> Pid:

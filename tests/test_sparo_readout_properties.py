@@ -87,7 +87,7 @@ def test_cancelling_gradients_need_the_terms_floor():
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_()
-        ref.k.bias.mul_(10.0)
+        ref.k.bias.mul_(100.0)
     fast = SparoReadout(**cfg, backend="torch", dtype=torch.float64)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(2, 12, 8, dtype=torch.float64)

@@ -245,7 +245,7 @@ def test_an_item_starts_after_the_items_it_waits_for():
 
 def test_waits_are_the_same_whatever_the_chunk_of_pairs():
     """The (reader, earlier writer) pairs formed a chunk at a time equal those formed at once, on
-    random blocks (some read by no one, some written by many items)."""
+    random blocks (some with no earlier writer, some written by many items)."""
     seed = int(np.random.SeedSequence().entropy % 2**32)
     print("seed", seed)
     rng = np.random.default_rng(seed)

@@ -120,16 +120,17 @@ def _fwd_fused(s: Launch, c: Dict):
 
 
 def _bwd_fused(s: Launch, c: Dict):
-    """One program per work item, as ``_fwd_fused``: per round of P samples its gxp tiles and
-    its P owner items (one sample each), then the batch-sum tiles and the finish tiles. Items
-    differ a lot in length (an owner's sample against a gxp tile's few row tiles): the chain is
-    the items' mean trips, so that waves x chain is the work per SM."""
+    """One program per work item, as ``_fwd_fused``: per round of P samples its Hh gxp items
+    (a head's row blocks over every feature tile) and its P owner items (one sample each), then
+    the batch-sum tiles and the finish tiles. Items differ a lot in length (an owner's sample
+    against a gxp item's few row blocks): the chain is the items' mean trips, so that waves x
+    chain is the work per SM."""
     m = at.bwd_fused_meta(s.L, s.N, s.D, s.S, s.A, s.H, s.VD, s.V, s.B, torch.float16)
     _, trips, _ = _token(s, c)
     rounds, slots = _cd(s.B, s.P), s.H * _cd(s.D, m["BDS"])
     finish = s.H * _cd(s.D, m["BDF"])
-    items = rounds * (slots + s.P) + slots + finish
-    work = (rounds * s.P * (trips // rounds) + rounds * slots * _cd(s.P * s.S, m["BMS"])
+    items = rounds * (s.H + s.P) + slots + finish
+    work = (rounds * s.P * (trips // rounds) + rounds * slots * _cd(s.P * s.S, m["BMG"])
             + slots * _cd(s.B * s.S, m["BMS"]) + finish * _cd(s.P, m["BP"]))
     return items, _cd(work, items), False
 

@@ -296,7 +296,7 @@ def summarize(launches: List[dict], floor: int) -> dict:
 
 def _plan(batches, check, target: int, knob, programs: int, rounds: bool = False) -> tuple:
     """Fit points, check point and evaluation point: (B,) or, with a program knob, (B, P), and
-    with ``rounds`` (the backward: its gxp tiles are formed per round of P samples, each round
+    with ``rounds`` (the backward: its gxp rows are formed per round of P samples, each round
     reading W_V again) (B, P, R) with R = ceil(B / P), which no sum of B and P terms fits."""
     b1, b2 = batches
     if knob is None:

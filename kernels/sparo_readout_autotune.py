@@ -427,14 +427,29 @@ def bwd_fused_meta(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: i
     sm = slot_meta(B * S, D, VD, V, dtype)
     sc = slot_space(B * S, D, VD, V, dtype)[0]
     return dict(bwd_meta(L, N, D, dtype), BDF=f["BD"], BP=f["BP"], BSR=f["BSR"], **finish_meta(S, A, H, VD, V),
-                BMS=sc["BM"], BDS=sc["BD"], BVDS=sm["BVD"], BVS=sm["BV"])
+                BMS=sc["BM"], BDS=sc["BD"], BVDS=sm["BVD"], BVS=sm["BV"], BMG=gxp_rows(B * S, dtype))
+
+
+def gxp_rows(M: int, dtype: torch.dtype) -> int:
+    """The gxp item's row block: a round's rows (P x S, P up to the SM count) in one block where
+    the registers allow (a second block re-reads W_V[h]); 128 rows in half precision cover P <= 128
+    at S = 1, as the slot stage's own 128-row tiles do; float32 keeps the slot stage's 64."""
+    return min(128 if _half(dtype) else 64, max(16, _p2(M)))
 
 
 def smem_bwd_fused(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
     """One program runs one stage at a time: the largest of the three allocations."""
     slot = dict(BM=meta["BMS"], BD=meta["BDS"], num_stages=cfg["num_stages"])
+    sm = dict(BVD=meta["BVDS"], BV=meta["BVS"])
     return max(smem_bwd(meta, cfg, dtype), smem_finish(meta, dict(BD=meta["BDF"]), dtype),
-               smem_slot(dict(BVD=meta["BVDS"], BV=meta["BVS"]), slot, dtype))
+               smem_slot(sm, slot, dtype), smem_gxp(meta, cfg, dtype))
+
+
+def smem_gxp(meta: Dict, cfg: Dict, dtype: torch.dtype) -> int:
+    """The gxp item: g, W_O and go ([BMG, BVS], [BVS, BVDS], [BMG, BVDS]) held across its
+    feature tiles, W_V tiles [BVDS, BDS] pipelined, go's fp32 product converted once."""
+    BM, BD, BVD, BV = meta["BMG"], meta["BDS"], meta["BVDS"], meta["BVS"]
+    return (BM * (BV + BVD) + BV * BVD + max(2, cfg["num_stages"]) * BVD * BD) * _esize(dtype) + BM * BVD * 4
 
 
 def bwd_fused_space(L: int, N: int, D: int, S: int, A: int, H: int, VD: int, V: int, B: int,

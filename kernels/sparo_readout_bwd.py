@@ -1,10 +1,10 @@
 """Backward Triton kernels of the SPARO read-out: three stages, each with a PyTorch ``*_ref``.
 
 The op launches ``_bwd_fused_kernel``: the three stages below as work items of one persistent
-launch off one ticket counter (per round of P samples its gxp tiles and one owner item per
-sample, then the batch sums, then the finish tiles), so that gxp, dW_V and the dqt partials are
-read back by the launch that wrote them, each round's gxp while it is in L2; dead scratch is
-dropped from L2 without a write-back (``sparo_readout_common._discard_lines``). The three
+launch off one ticket counter (per round of P samples one gxp item per head and one owner item
+per sample, then the batch sums, then the finish tiles), so that gxp, dW_V and the dqt
+partials are read back by the launch that wrote them, each round's gxp while it is in L2; dead
+scratch is dropped from L2 without a write-back (``sparo_readout_common._discard_lines``). The three
 kernels run the same stages as three launches: the fused kernel's peers in the tests (bitwise
 the same results).
 
@@ -281,7 +281,8 @@ def _bwd_fused_kernel(
     BL: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr,
     SHARED: tl.constexpr, BS: tl.constexpr, BA: tl.constexpr, BDF: tl.constexpr, BH: tl.constexpr,
     BVD: tl.constexpr, BP: tl.constexpr, BSR: tl.constexpr,
-    BMS: tl.constexpr, BDS: tl.constexpr, BVDS: tl.constexpr, BVS: tl.constexpr, TICKETS: tl.constexpr = True,
+    BMS: tl.constexpr, BDS: tl.constexpr, BVDS: tl.constexpr, BVS: tl.constexpr, BMG: tl.constexpr,
+    TICKETS: tl.constexpr = True,
     UPCAST: tl.constexpr = False, DISCARD: tl.constexpr = 0, ITEM_CALLS: tl.constexpr = True,
 ):
     """The whole backward in one persistent launch (grid ``(P,)``): the slot, token and finish
@@ -290,10 +291,11 @@ def _bwd_fused_kernel(
     runs in rounds of NPROG samples (round r: samples r * NPROG + o, o < NPROG), and each round's
     gxp rows are formed just before its samples, so that they are read while still in L2 (then
     discarded, ``DISCARD``). One ticket counter (``SYNC[0]``) hands out, in this order: per round
-    r, its Hh x STILES gxp tiles and its NPROG owner items (item (r, o): sample r * NPROG + o into
-    owner o's dqt partial, as ``_bwd_token_kernel``'s program o); then the Hh x STILES batch-sum
+    r, its Hh gxp items (one head's rows over every feature tile, ``_gxp_rows``) and its NPROG
+    owner items (item (r, o): sample r * NPROG + o into owner o's dqt partial, as
+    ``_bwd_token_kernel``'s program o); then the Hh x STILES batch-sum
     tiles (dW_V, db_V, the dW_O / db_O partials) and the Hh x TILES finish tiles. Waits: an owner
-    item for its round's gxp tiles (``SYNC[3 + r]``) and for the owner's previous item
+    item for its round's gxp items (``SYNC[3 + r]``) and for the owner's previous item
     (``SYNC[3 + R + o]``, rounds done: the partial is read back in sample order, deterministic);
     a finish tile for every owner item (``SYNC[1]``) and every batch-sum tile (``SYNC[2]``). A
     waiting program holds a later ticket than all it waits for, whose programs are therefore
@@ -307,7 +309,7 @@ def _bwd_fused_kernel(
     order, the work order. ``DISCARD``: the dead scratch dropped from L2 (gxp, scratch, partials)."""
     NSLOT = H * STILES
     R = tl.cdiv(B, NPROG)
-    RB = NSLOT + NPROG  # items of one round
+    RB = H + NPROG  # items of one round
     RED = R * RB  # the first batch-sum tile
     FIN = RED + NSLOT  # the first finish tile
     END = FIN + H * TILES
@@ -315,21 +317,21 @@ def _bwd_fused_kernel(
     while t < RED:
         r = t // RB
         u = t - r * RB
-        if u < NSLOT:  # a gxp tile of round r
+        if u < H:  # head u's gxp rows of round r
             if ITEM_CALLS:
-                _gxp_call(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, SYNC, u, r, B, S, L, D, VD, V, NPROG, STILES,
-                          BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST, TICKETS)
+                _gxp_call(G, WV, WO, GXP, SYNC, u, r, B, S, L, D, VD, V, NPROG, BMG, BDS, BVDS, BVS, DOT_PREC, UPCAST,
+                          TICKETS)
             else:
-                _gxp_item(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, SYNC, u, r, B, S, L, D, VD, V, NPROG, STILES,
-                          BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST, TICKETS)
+                _gxp_item(G, WV, WO, GXP, SYNC, u, r, B, S, L, D, VD, V, NPROG, BMG, BDS, BVDS, BVS, DOT_PREC, UPCAST,
+                          TICKETS)
         else:  # an owner item of round r
             if ITEM_CALLS:
-                _owner_call(X, EOS, LSE, GA, GXP, QT, DX, DQT, SCR, SYNC, u - NSLOT, r, R, NSLOT, scale, B, N, D, L, S,
+                _owner_call(X, EOS, LSE, GA, GXP, QT, DX, DQT, SCR, SYNC, u - H, r, R, H, scale, B, N, D, L, S,
                             NPROG, tl.cast(stride_xb, tl.int64), tl.cast(stride_xn, tl.int64), tl.cast(stride_xd, tl.int64),
                             stride_gab, stride_gal, stride_gan,
                             HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD, TICKETS)
             else:
-                _owner_item(X, EOS, LSE, GA, GXP, QT, DX, DQT, SCR, SYNC, u - NSLOT, r, R, NSLOT, scale, B, N, D, L, S,
+                _owner_item(X, EOS, LSE, GA, GXP, QT, DX, DQT, SCR, SYNC, u - H, r, R, H, scale, B, N, D, L, S,
                             NPROG, tl.cast(stride_xb, tl.int64), tl.cast(stride_xn, tl.int64), tl.cast(stride_xd, tl.int64),
                             stride_gab, stride_gal, stride_gan,
                             HAS_EOS, HAS_GA, ONE_TILE, BL, BN, BD, DOT_PREC, UPCAST, DISCARD, TICKETS)
@@ -353,10 +355,10 @@ def _bwd_fused_kernel(
 
 
 @triton.jit
-def _gxp_item(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, SYNC, u, r, B, S, L, D, VD, V, NPROG, STILES,
-              BMS: tl.constexpr, BDS: tl.constexpr, BVDS: tl.constexpr, BVS: tl.constexpr, DOT_PREC: tl.constexpr,
-              UPCAST: tl.constexpr, TICKETS: tl.constexpr):
-    """Gxp tile u of round r (the rows of samples r * NPROG ...), counted done on ``SYNC[3 + r]``.
+def _gxp_item(G, WV, WO, GXP, SYNC, h, r, B, S, L, D, VD, V, NPROG, BMG: tl.constexpr, BDS: tl.constexpr,
+              BVDS: tl.constexpr, BVS: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+              TICKETS: tl.constexpr):
+    """Head h's gxp rows of round r (samples r * NPROG ...), counted done on ``SYNC[3 + r]``.
     The kernel calls it and ``_owner_item`` as functions (``_gxp_call``, ``_owner_call``, not
     inlined) where it can (``ITEM_CALLS``): both share the rounds' loop, and inlined, the
     invariants the compiler hoisted out of each stayed live through the other (ptxas: 255
@@ -364,22 +366,53 @@ def _gxp_item(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, SYNC, u, r, B, S, L
     Triton cannot call a function that uses tensor memory (sm_100's tcgen05 products): there
     they are inlined."""
     b0 = r * NPROG
-    _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, (u // STILES).to(tl.int64), u % STILES,
-               b0, tl.minimum(B, b0 + NPROG), B, S, L, D, VD, V, BMS, BDS, BVDS, BVS, DOT_PREC, UPCAST, True, False)
+    _gxp_rows(G, WV, WO, GXP, h.to(tl.int64), b0, tl.minimum(B, b0 + NPROG), B, S, L, D, VD, V, BMG, BDS, BVDS, BVS,
+              DOT_PREC, UPCAST)
     _count_done(SYNC + 3 + r, TICKETS)
 
 
 @triton.jit
-def _owner_item(X, EOS, LSE, GA, GXP, QT, DX, DQT, SCR, SYNC, o, r, R, NSLOT, scale, B, N, D, L, S, NPROG,
+def _gxp_rows(G, WV, WO, GXP, h, b0, b1, B, S, L, D, VD, V, BM: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr,
+              BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """Head ``h`` (int64)'s gxp rows of samples [b0, b1) over every feature tile, row block by
+    row block: ``go = g W_O`` formed once per block, not once per feature tile (as
+    ``_slot_tile`` must, its dW_V accumulating one tile over the whole batch), so g and W_O are
+    read once per round; BM (``bwd_fused_meta``'s ``BMG``) covers a round's rows where it can,
+    so W_V[h] is read once per round too."""
+    M = B * S
+    offs_vd = tl.arange(0, BVD)
+    vdmask = offs_vd < VD
+    offs_v = tl.arange(0, BV)
+    vmask = offs_v < V
+    wo = tl.load(WO + offs_v[:, None] * VD + offs_vd[None, :], mask=vmask[:, None] & vdmask[None, :], other=0.0)
+    for m0 in range(b0 * S, b1 * S, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        mmask = offs_m < b1 * S
+        row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S  # row of the [B*L, .] tensors
+        hrow = h * M + offs_m  # row of the head-major [Hh*B*S, .] tensors
+        g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
+        goc = _dot(g, wo, None, DOT_PREC, UPCAST).to(G.dtype.element_ty)
+        for d0 in range(0, D, BD):
+            offs_d = d0 + tl.arange(0, BD)
+            dmask = offs_d < D
+            wv = tl.load(WV + (h * VD + offs_vd)[:, None] * D + offs_d[None, :],
+                         mask=vdmask[:, None] & dmask[None, :], other=0.0)
+            gxp = _dot(goc, wv, None, DOT_PREC, UPCAST)
+            tl.store(GXP + hrow[:, None] * D + offs_d[None, :], gxp.to(GXP.dtype.element_ty),
+                     mask=mmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _owner_item(X, EOS, LSE, GA, GXP, QT, DX, DQT, SCR, SYNC, o, r, R, NG, scale, B, N, D, L, S, NPROG,
                 stride_xb, stride_xn, stride_xd, stride_gab, stride_gal, stride_gan,
                 HAS_EOS: tl.constexpr, HAS_GA: tl.constexpr, ONE_TILE: tl.constexpr, BL: tl.constexpr,
                 BN: tl.constexpr, BD: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
                 DISCARD: tl.constexpr, TICKETS: tl.constexpr):
-    """Owner o's item of round r: after the round's gxp tiles and the owner's previous item,
+    """Owner o's item of round r: after the round's gxp items and the owner's previous item,
     sample r * NPROG + o into its partial; counted done per owner and in all."""
     b0 = r * NPROG
     if TICKETS:
-        _wait_count(SYNC + 3 + r, NSLOT)
+        _wait_count(SYNC + 3 + r, NG)
         _wait_count(SYNC + 3 + R + o, r)
     if b0 + o < B:
         _token_sample(X, EOS, LSE, GA, GXP, QT, DX, DQT + o.to(tl.int64) * L * D,

@@ -419,11 +419,11 @@ def launch_bwd_fused_on(P: int, tag: tuple, g: Tensor, o: Tensor, xp: Tensor, v_
     dwk = torch.empty_like(k_weight)
     dwo, dbo = proj_weight.new_empty((V, vd)), proj_weight.new_empty((V,))
     R = triton.cdiv(B, P)  # rounds of P samples
-    # ticket counter, owner items done, batch-sum tiles done, gxp tiles done per round, rounds done per owner
+    # ticket counter, owner items done, batch-sum tiles done, gxp items done per round, rounds done per owner
     sync = torch.zeros((3 + R + P,), device=x.device, dtype=torch.int32)
     has_ga, has_eos = ga is not None, eos is not None
     ga = ga if has_ga else lse.view(B, L, 1)
-    _launch(_bwd_fused_kernel, (P if _tickets() else R * (H * stiles + P) + H * stiles + H * tiles,),
+    _launch(_bwd_fused_kernel, (P if _tickets() else R * (H + P) + H * stiles + H * tiles,),
             (g.contiguous(), o, xp, v_weight, proj_weight.contiguous(), gxp, dwv, dbv, dwo_p, dbo_p,
              x, eos.contiguous() if has_eos else lse, lse, ga, qt, scr, dx, part,
              q_emb.contiguous(), k_weight.contiguous(), dq_p, dwk, dwo, dbo, sync,

@@ -1,6 +1,7 @@
 """The interpreter address sanitizer (kernels/testing/interpreter_trace.py) on toy kernels."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,7 +11,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from sparo_fast_kernels.testing.interpreter_trace import OutOfBoundsAccess, Recorder, listening, sanitize  # noqa: E402
+from sparo_fast_kernels.testing.interpreter_trace import (OutOfBoundsAccess, Recorder, address_runs,  # noqa: E402
+                                                         distinct_bytes, listening, sanitize)
 
 
 @triton.jit
@@ -97,6 +99,24 @@ def test_recorder_counts_unmasked_lanes_and_distinct_bytes():
     assert launch.load_bytes == 4 * n and launch.store_bytes == 4 * n
     assert launch.distinct_bytes == 8 * n
     assert launch.programs == triton.cdiv(n, 32)
+
+
+def test_distinct_bytes_of_address_runs_are_the_bytes_touched():
+    """Runs of consecutive elements (the recorder's compression) give the union of the bytes the
+    lanes touch, whatever the overlaps, gaps, repeats and element sizes of the accesses."""
+    seed = int(torch.randint(0, 2**31, ()).item())
+    print("seed", seed)
+    rng = np.random.default_rng(seed)
+    touched, starts, ends = set(), [], []
+    for _ in range(20):
+        size = int(rng.choice([1, 2, 4, 8]))
+        addrs = size * rng.integers(0, 200, int(rng.integers(1, 60)))  # repeats and gaps
+        s, e = address_runs(addrs.astype(np.uint64), size)
+        assert np.all(s[1:] > e[:-1])  # maximal runs: none touches the next
+        starts.append(s)
+        ends.append(e)
+        touched.update(b for a in addrs.tolist() for b in range(a, a + size))
+    assert distinct_bytes(np.concatenate(starts), np.concatenate(ends)) == len(touched)
 
 
 def test_sanitizer_is_on_in_every_test():

@@ -349,15 +349,26 @@ def sanitize_if_interpreting() -> Iterator[Optional[Sanitizer]]:
 
 
 # ----------------------------------------------------------------------------- recorder
-def distinct_bytes(starts: np.ndarray, itemsizes: np.ndarray) -> int:
-    """Bytes in the union of the ranges [start, start + itemsize)."""
+def distinct_bytes(starts: np.ndarray, ends: np.ndarray) -> int:
+    """Bytes in the union of the ranges [start, end)."""
     if starts.size == 0:
         return 0
     order = np.argsort(starts, kind="stable")
     s = starts[order].astype(np.int64)
-    e = s + itemsizes[order].astype(np.int64)
+    e = ends[order].astype(np.int64)
     prev_end = np.concatenate(([np.iinfo(np.int64).min], np.maximum.accumulate(e)[:-1]))
     return int(np.maximum(0, e - np.maximum(s, prev_end)).sum())
+
+
+def address_runs(addrs: np.ndarray, itemsize: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The accessed elements as runs [start, end) of consecutive elements: a tile's row is one run,
+    so a launch's union is formed from a few runs per access instead of one entry per lane (the
+    backward of a large batch touched some 10^9 lanes: tens of GB as addresses)."""
+    a = np.unique(addrs).astype(np.int64)
+    cut = np.flatnonzero(np.diff(a) != itemsize) + 1
+    first = np.concatenate(([0], cut))
+    last = np.concatenate((cut - 1, [a.size - 1]))
+    return a[first], a[last] + itemsize
 
 
 @dataclass
@@ -400,7 +411,7 @@ class Recorder(_Listener):
         else:
             rec.store_bytes += nbytes
         key = "load" if kind == "load" else "store"
-        rec._chunks[key].append((np.unique(addrs), itemsize))
+        rec._chunks[key].append(address_runs(addrs, itemsize))
 
     def dot(self, launch, flops):
         self.launches[-1].flops += flops
@@ -411,9 +422,9 @@ class Recorder(_Listener):
         rec.grid = tuple(launch.grid)
         parts = {}
         for key, chunks in rec._chunks.items():
-            starts = np.concatenate([c for c, _ in chunks]) if chunks else np.zeros(0, np.uint64)
-            sizes = np.concatenate([np.full(c.size, s, np.int64) for c, s in chunks]) if chunks else np.zeros(0, np.int64)
-            parts[key] = (starts, sizes)
+            starts = np.concatenate([s for s, _ in chunks]) if chunks else np.zeros(0, np.int64)
+            ends = np.concatenate([e for _, e in chunks]) if chunks else np.zeros(0, np.int64)
+            parts[key] = (starts, ends)
         rec.distinct_load_bytes = distinct_bytes(*parts["load"])
         rec.distinct_store_bytes = distinct_bytes(*parts["store"])
         rec.distinct_bytes = distinct_bytes(np.concatenate([parts["load"][0], parts["store"][0]]),

@@ -286,14 +286,13 @@ def _bwd_fused_kernel(
     UPCAST: tl.constexpr = False, DISCARD: tl.constexpr = 0, ITEM_CALLS: tl.constexpr = True,
 ):
     """The whole backward in one persistent launch (grid ``(P,)``): the slot, token and finish
-    stages of the three kernels above, so that gxp, dW_V and the dqt partials are read back by
-    the launch that wrote them and the shared k/v weight is read by one launch. The token stage
+    stages of the three kernels above (gxp, dW_V and the dqt partials read back by the launch
+    that wrote them, the shared k/v weight read by one launch). The token stage
     runs in rounds of NPROG samples (round r: samples r * NPROG + o, o < NPROG), and each round's
     gxp rows are formed just before its samples, so that they are read while still in L2 (then
     discarded, ``DISCARD``). One ticket counter (``SYNC[0]``) hands out, in this order: per round
-    r, its Hh gxp items (one head's rows over every feature tile, ``_gxp_rows``) and its NPROG
-    owner items (item (r, o): sample r * NPROG + o into owner o's dqt partial, as
-    ``_bwd_token_kernel``'s program o); then the Hh x STILES batch-sum
+    r, its Hh gxp items (``_gxp_rows``) and its NPROG owner items (item (r, o): sample
+    r * NPROG + o into owner o's dqt partial, as ``_bwd_token_kernel``'s program o); then the Hh x STILES batch-sum
     tiles (dW_V, db_V, the dW_O / db_O partials) and the Hh x TILES finish tiles. Waits: an owner
     item for its round's gxp items (``SYNC[3 + r]``) and for the owner's previous item
     (``SYNC[3 + R + o]``, rounds done: the partial is read back in sample order, deterministic);
@@ -302,9 +301,8 @@ def _bwd_fused_kernel(
     running: no deadlock however many programs are resident; under the CPU interpreter (programs
     one after another, the first takes every ticket in order) no wait spins. An item's arithmetic
     does not depend on which program runs it: bitwise the results of the three kernels. Tickets
-    come in order, so the stages are separate loops (one loop kept every stage's invariants live
-    in registers: ptxas spilled); the rounds' two kinds of item share one loop as calls (x's
-    strides passed in int64). Without ``TICKETS`` (the interpreter's default) one program per
+    come in order, so the stages are separate loops (one loop spilled); the rounds' two kinds of
+    item share one loop as calls (x's strides passed in int64). Without ``TICKETS`` (the interpreter's default) one program per
     item, program t running item t, and nothing waits: the interpreter runs programs in grid
     order, the work order. ``DISCARD``: the dead scratch dropped from L2 (gxp, scratch, partials)."""
     NSLOT = H * STILES
@@ -372,6 +370,14 @@ def _gxp_item(G, WV, WO, GXP, SYNC, h, r, B, S, L, D, VD, V, NPROG, BMG: tl.cons
 
 
 @triton.jit
+def _head_rows(m0, b1, h, S, L, M, BM: tl.constexpr):
+    """Head h's rows m0 ... m0 + BM of samples up to b1: their mask, their rows of the [B*L, .]
+    tensors and of the head-major [Hh*B*S, .] ones."""
+    offs_m = m0 + tl.arange(0, BM)
+    return offs_m < b1 * S, (offs_m // S).to(tl.int64) * L + h * S + offs_m % S, h * M + offs_m
+
+
+@triton.jit
 def _gxp_rows(G, WV, WO, GXP, h, b0, b1, B, S, L, D, VD, V, BM: tl.constexpr, BD: tl.constexpr, BVD: tl.constexpr,
               BV: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
     """Head ``h`` (int64)'s gxp rows of samples [b0, b1) over every feature tile, row block by
@@ -386,10 +392,7 @@ def _gxp_rows(G, WV, WO, GXP, h, b0, b1, B, S, L, D, VD, V, BM: tl.constexpr, BD
     vmask = offs_v < V
     wo = tl.load(WO + offs_v[:, None] * VD + offs_vd[None, :], mask=vmask[:, None] & vdmask[None, :], other=0.0)
     for m0 in range(b0 * S, b1 * S, BM):
-        offs_m = m0 + tl.arange(0, BM)
-        mmask = offs_m < b1 * S
-        row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S  # row of the [B*L, .] tensors
-        hrow = h * M + offs_m  # row of the head-major [Hh*B*S, .] tensors
+        mmask, row, hrow = _head_rows(m0, b1, h, S, L, M, BM)
         g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
         goc = _dot(g, wo, None, DOT_PREC, UPCAST).to(G.dtype.element_ty)
         for d0 in range(0, D, BD):
@@ -457,10 +460,7 @@ def _slot_tile(G, O, XP, WV, WO, GXP, DWV, DBV, DWO_P, DBO_P, h, dt, b0, b1, B, 
         wv = tl.zeros([BVD, BD], WV.dtype.element_ty)  # not read: the batch sums need no W_V
     dwv = tl.zeros([BVD, BD], tl.float32)
     for m0 in range(b0 * S, b1 * S, BM):
-        offs_m = m0 + tl.arange(0, BM)
-        mmask = offs_m < b1 * S
-        row = (offs_m // S).to(tl.int64) * L + h * S + offs_m % S  # row of the [B*L, .] tensors
-        hrow = h * M + offs_m  # row of the head-major [Hh*B*S, .] tensors
+        mmask, row, hrow = _head_rows(m0, b1, h, S, L, M, BM)
         g = tl.load(G + row[:, None] * V + offs_v[None, :], mask=mmask[:, None] & vmask[None, :], other=0.0)
         goc = _dot(g, wo, None, DOT_PREC, UPCAST).to(G.dtype.element_ty)
         if GXP_ROWS:

@@ -291,9 +291,9 @@ def _bwd_fused_kernel(
     runs in rounds of NPROG samples (round r: samples r * NPROG + o, o < NPROG), and each round's
     gxp rows are formed just before its samples, so that they are read while still in L2 (then
     discarded, ``DISCARD``). One ticket counter (``SYNC[0]``) hands out, in this order: per round
-    r, its Hh gxp items (``_gxp_rows``) and its NPROG owner items (item (r, o): sample
-    r * NPROG + o into owner o's dqt partial, as ``_bwd_token_kernel``'s program o); then the Hh x STILES batch-sum
-    tiles (dW_V, db_V, the dW_O / db_O partials) and the Hh x TILES finish tiles. Waits: an owner
+    r, its Hh gxp items (``_gxp_rows``) and its NPROG owner items (item (r, o): sample r * NPROG
+    + o into owner o's dqt partial, as ``_bwd_token_kernel``'s program o); then the Hh x STILES
+    batch-sum tiles (dW_V, db_V, the dW_O / db_O partials) and the Hh x TILES finish tiles. Waits: an owner
     item for its round's gxp items (``SYNC[3 + r]``) and for the owner's previous item
     (``SYNC[3 + R + o]``, rounds done: the partial is read back in sample order, deterministic);
     a finish tile for every owner item (``SYNC[1]``) and every batch-sum tile (``SYNC[2]``). A
@@ -302,9 +302,9 @@ def _bwd_fused_kernel(
     one after another, the first takes every ticket in order) no wait spins. An item's arithmetic
     does not depend on which program runs it: bitwise the results of the three kernels. Tickets
     come in order, so the stages are separate loops (one loop spilled); the rounds' two kinds of
-    item share one loop as calls (x's strides passed in int64). Without ``TICKETS`` (the interpreter's default) one program per
-    item, program t running item t, and nothing waits: the interpreter runs programs in grid
-    order, the work order. ``DISCARD``: the dead scratch dropped from L2 (gxp, scratch, partials)."""
+    item share one loop as calls (x's strides passed in int64). Without ``TICKETS`` (the
+    interpreter's default) one program per item, program t running item t, and nothing waits (the
+    interpreter runs programs in grid order). ``DISCARD``: the dead scratch dropped from L2."""
     NSLOT = H * STILES
     R = tl.cdiv(B, NPROG)
     RB = H + NPROG  # items of one round

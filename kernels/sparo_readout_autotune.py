@@ -147,11 +147,12 @@ def device_limits() -> Optional[DeviceLimits]:
     return _QUERIED[idx]
 
 
-def item_calls() -> bool:
+def item_calls(dtype: torch.dtype) -> bool:
     """Whether a persistent kernel may run its work items as calls of non-inlined functions:
-    everywhere but on sm_100/103 (Triton cannot call a function that uses tensor memory)."""
+    everywhere but in half precision on sm_100/103 (Triton cannot call a function that uses
+    tensor memory, which only the half-precision products there use; float32 runs FMAs)."""
     lim = device_limits()
-    return lim is None or lim.arch // 10 != 10
+    return lim is None or lim.arch // 10 != 10 or not _half(dtype)
 
 
 def smem_budget() -> int:

@@ -361,8 +361,8 @@ def _gxp_item(G, WV, WO, GXP, SYNC, h, r, B, S, L, D, VD, V, NPROG, BMG: tl.cons
     inlined) where it can (``ITEM_CALLS``): both share the rounds' loop, and inlined, the
     invariants the compiler hoisted out of each stayed live through the other (ptxas: 255
     registers and 60-140 bytes of spills at vit_b16 on sm_90; as calls, 206-222 and none).
-    Triton cannot call a function that uses tensor memory (sm_100's tcgen05 products): there
-    they are inlined."""
+    Triton cannot call a function that uses tensor memory (sm_100's tcgen05 products, half
+    precision only): there they are inlined."""
     b0 = r * NPROG
     _gxp_rows(G, WV, WO, GXP, h.to(tl.int64), b0, tl.minimum(B, b0 + NPROG), B, S, L, D, VD, V, BMG, BDS, BVDS, BVS,
               DOT_PREC, UPCAST)
@@ -570,7 +570,8 @@ def _finish_tile(PART, QE, WK, DWV, DWO_P, DBO_P, DQ, DWK, DWO, DBO, h, t, item,
     """Head ``h`` (int64), feature tile ``t``: the weight gradients of ``_bwd_finish_kernel``;
     ``item`` of ``items`` picks its rows of the dW_O / db_O head sums. Everything the earlier
     stages wrote is loaded past L1 (``.cg``): in the one-launch backward other programs wrote it
-    after the launch began."""
+    after the launch began. ``DWV`` may be ``DWK`` itself (the one-launch op, shared weight): each
+    element is loaded before this program stores it, and no other program touches it."""
     offs_s = tl.arange(0, BS)
     smask = offs_s < S
     offs_a = tl.arange(0, BA)

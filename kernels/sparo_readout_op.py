@@ -344,7 +344,7 @@ def launch_bwd_fused(g: Tensor, o: Tensor, xp: Tensor, v_weight: Tensor, proj_we
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``_bwd_fused_kernel`` (refs: ``bwd_slot_ref``, ``bwd_token_ref``, ``bwd_finish_ref``), then
     the one PyTorch sum of its dq partials: (dx, dq_emb, dW_K (+ dW_V when shared), dW_V, db_V,
-    dW_O, db_O)."""
+    dW_O, db_O); when shared, the dW_V returned is the dW_K tensor itself (formed there in place)."""
     args = (g, o, xp, v_weight, proj_weight, x, eos, lse, ga, qt, scale, q_emb, k_weight, shared_kv)
     tag = _bwd_tag(x, q_emb, v_weight, proj_weight, eos, ga, shared_kv)
     B, N, D = x.shape
@@ -413,10 +413,13 @@ def launch_bwd_fused_on(P: int, tag: tuple, g: Tensor, o: Tensor, xp: Tensor, v_
     scr = lse if meta["ONE_TILE"] else torch.empty((P, 2, L, N), **f32)
     v_weight = v_weight.contiguous()
     gxp, dx = torch.empty_like(xp), torch.empty((B, N, D), device=x.device, dtype=x.dtype)
-    dwv, dbv = torch.empty_like(v_weight), v_weight.new_empty((H * vd,))
+    dwk, dbv = torch.empty_like(k_weight), v_weight.new_empty((H * vd,))
+    # shared weight: the batch sums write dW_V into dW_K's buffer and each finish tile adds its
+    # dW_K tile in place (the same elements, read before written by one program): no separate
+    # dW_V scratch that L2 would write back to DRAM once it is dead
+    dwv = dwk if shared_kv else torch.empty_like(v_weight)
     dwo_p, dbo_p = torch.empty((H, V, vd), **f32), torch.empty((H, V), **f32)
     part, dq_p = torch.empty((P, L, D), **f32), torch.empty((tiles, L, A), **f32)
-    dwk = torch.empty_like(k_weight)
     dwo, dbo = proj_weight.new_empty((V, vd)), proj_weight.new_empty((V,))
     R = triton.cdiv(B, P)  # rounds of P samples
     # ticket counter, owner items done, batch-sum tiles done, gxp items done per round, rounds done per owner
@@ -431,7 +434,7 @@ def launch_bwd_fused_on(P: int, tag: tuple, g: Tensor, o: Tensor, xp: Tensor, v_
              x.stride(0), x.stride(1), x.stride(2), ga.stride(0), ga.stride(1), ga.stride(2)),
             dict(HAS_EOS=has_eos, HAS_GA=has_ga, SHARED=shared_kv, DOT_PREC=dot_precision(x.dtype), UPCAST=_upcast(x),
                  TICKETS=_tickets(), DISCARD=_bwd_discards(gxp, None if meta["ONE_TILE"] else scr, part),
-                 ITEM_CALLS=at.item_calls(), **meta),
+                 ITEM_CALLS=at.item_calls(x.dtype), **meta),
             at.bwd_fused_space(L, N, D, S, A, H, vd, V, B, x.dtype), ["N", "D", "L"],
             tag)
     # a fixed-order sum over the few feature tiles (deterministic), in the parameter's dtype

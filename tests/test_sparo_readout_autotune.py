@@ -72,6 +72,17 @@ def test_fallback_fits_99kb():
             assert at.SMEM_ESTIMATES[name]({**meta, **cfg}, cfg, torch.bfloat16) <= 99 * 1024, (name, cfg)
 
 
+@pytest.mark.parametrize("arch", [80, 90, 100, 103, 120])
+def test_item_calls_only_where_no_tensor_memory_is_used(arch):
+    """The backward's items run as calls of non-inlined functions except where Triton cannot
+    call them: products through tensor memory, half precision on sm_100/103 only."""
+    with at.assume(at.limits_for_arch(arch)):
+        assert at.item_calls(torch.float32)
+        for dtype in (torch.float16, torch.bfloat16):
+            assert at.item_calls(dtype) == (arch // 10 != 10), (arch, dtype)
+    assert at.item_calls(torch.float16)  # no device (the interpreter): calls
+
+
 def test_device_queried_lazily_once(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -315,9 +315,12 @@ def test_bwd_fused(ops, dtype, tickets, shared, tiled, monkeypatch):
     gxp, dwv, dbv, dwo_p, dbo_p = ops.launch_bwd_slot(t["g"], t["o"], t["xp"], t["vw"], t["pw"])
     dx, part = ops.launch_bwd_token(t["x"], t["eos"], lse, t["ga"], gxp, t["qt"], scale)
     dq, dwk, dwo, dbo = ops.launch_bwd_finish(part, q, kw, dwv, dwo_p, dbo_p, shared, dtype)
+    if shared:  # dW_V formed in dW_K's buffer, dW_K's tiles added in place: one gradient, no dW_V of its own
+        assert got[3].data_ptr() == got[2].data_ptr()
     for name, a, b in zip(("dx", "dq", "dW_K", "dW_V", "db_V", "dW_O", "db_O"), got,
                           (dx, dq, dwk, dwv, dbv, dwo, dbo)):
-        assert torch.equal(a, b), f"{name}: the one-launch backward differs from the three kernels (seed {SEED})"
+        if not (shared and name == "dW_V"):
+            assert torch.equal(a, b), f"{name}: the one-launch backward differs from the three kernels (seed {SEED})"
     res = {}
     for key, d in (("truth", _wide(t)), ("lo", t)):
         run = (lambda fn, *a: fn(*a)) if key != "lo" else _lo
